@@ -1,0 +1,50 @@
+# phonebind developer commands. `make run` and `make test` are all a newcomer needs:
+# both install what they use into .venv (and node_modules for buf) first.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+PY      = $(BIN)/python
+PROTOS  = $(wildcard protos/phonebind/v1/*.proto)
+
+# Where `make run` keeps its data and the SMS it "sends".
+RUN_DIR ?= var
+LISTEN  ?= 127.0.0.1:50051
+
+.PHONY: install proto lint run test bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: client/pyproject.toml server/pyproject.toml requirements-dev.txt constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e ./client -e ./server -r requirements-dev.txt
+	touch $@
+
+node_modules/.installed: package.json package-lock.json
+	npm ci --silent --no-audit --no-fund
+	touch $@
+
+# Regenerates the committed Python code (messages, stubs and .pyi type stubs)
+# into the client package, so `from phonebind.v1 import ...` works unchanged.
+proto: install
+	$(PY) -m grpc_tools.protoc -I protos --python_out=client --pyi_out=client \
+		--grpc_python_out=client $(PROTOS)
+
+lint: install node_modules/.installed
+	$(BIN)/ruff check client/phonebind_client server tests
+	$(BIN)/ruff format --check client/phonebind_client server tests
+	node_modules/.bin/buf lint
+
+run: install
+	mkdir -p $(RUN_DIR)
+	$(BIN)/phonebind-server migrate --database-url sqlite:///$(abspath $(RUN_DIR))/phonebind.db
+	$(BIN)/phonebind-server serve --dev --listen $(LISTEN) \
+		--database-url sqlite:///$(abspath $(RUN_DIR))/phonebind.db \
+		--sms-gateway file:$(abspath $(RUN_DIR))/sms.jsonl
+
+test: install lint
+	$(BIN)/pytest
+
+clean:
+	rm -rf $(VENV) node_modules $(RUN_DIR) .pytest_cache .ruff_cache .hypothesis

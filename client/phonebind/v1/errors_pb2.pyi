@@ -1,0 +1,62 @@
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from typing import ClassVar as _ClassVar
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ERROR_REASON_UNSPECIFIED: _ClassVar[ErrorReason]
+    ERROR_REASON_INVALID_ARGUMENT: _ClassVar[ErrorReason]
+    ERROR_REASON_INVALID_PHONE: _ClassVar[ErrorReason]
+    ERROR_REASON_INVALID_ID_NUMBER: _ClassVar[ErrorReason]
+    ERROR_REASON_REQUEST_ID_REUSED: _ClassVar[ErrorReason]
+    ERROR_REASON_CODE_MISMATCH: _ClassVar[ErrorReason]
+    ERROR_REASON_IDENTITY_MISMATCH: _ClassVar[ErrorReason]
+    ERROR_REASON_ACCOUNT_NOT_FOUND: _ClassVar[ErrorReason]
+    ERROR_REASON_REBIND_NOT_FOUND: _ClassVar[ErrorReason]
+    ERROR_REASON_ACCOUNT_EXISTS: _ClassVar[ErrorReason]
+    ERROR_REASON_SAME_PHONE: _ClassVar[ErrorReason]
+    ERROR_REASON_PHONE_IN_USE: _ClassVar[ErrorReason]
+    ERROR_REASON_STEP_REQUIRED: _ClassVar[ErrorReason]
+    ERROR_REASON_STEP_NOT_REQUIRED: _ClassVar[ErrorReason]
+    ERROR_REASON_NO_ACTIVE_CODE: _ClassVar[ErrorReason]
+    ERROR_REASON_CODE_EXPIRED: _ClassVar[ErrorReason]
+    ERROR_REASON_CODE_ATTEMPTS_EXHAUSTED: _ClassVar[ErrorReason]
+    ERROR_REASON_REBIND_EXPIRED: _ClassVar[ErrorReason]
+    ERROR_REASON_REBIND_CLOSED: _ClassVar[ErrorReason]
+    ERROR_REASON_REBIND_LOCKED: _ClassVar[ErrorReason]
+    ERROR_REASON_REVIEW_PENDING: _ClassVar[ErrorReason]
+    ERROR_REASON_RISK_DENIED: _ClassVar[ErrorReason]
+    ERROR_REASON_ACCOUNT_LOCKED: _ClassVar[ErrorReason]
+    ERROR_REASON_STEP_ALREADY_DONE: _ClassVar[ErrorReason]
+    ERROR_REASON_RESEND_TOO_SOON: _ClassVar[ErrorReason]
+    ERROR_REASON_RATE_LIMITED: _ClassVar[ErrorReason]
+    ERROR_REASON_STORE_UNAVAILABLE: _ClassVar[ErrorReason]
+ERROR_REASON_UNSPECIFIED: ErrorReason
+ERROR_REASON_INVALID_ARGUMENT: ErrorReason
+ERROR_REASON_INVALID_PHONE: ErrorReason
+ERROR_REASON_INVALID_ID_NUMBER: ErrorReason
+ERROR_REASON_REQUEST_ID_REUSED: ErrorReason
+ERROR_REASON_CODE_MISMATCH: ErrorReason
+ERROR_REASON_IDENTITY_MISMATCH: ErrorReason
+ERROR_REASON_ACCOUNT_NOT_FOUND: ErrorReason
+ERROR_REASON_REBIND_NOT_FOUND: ErrorReason
+ERROR_REASON_ACCOUNT_EXISTS: ErrorReason
+ERROR_REASON_SAME_PHONE: ErrorReason
+ERROR_REASON_PHONE_IN_USE: ErrorReason
+ERROR_REASON_STEP_REQUIRED: ErrorReason
+ERROR_REASON_STEP_NOT_REQUIRED: ErrorReason
+ERROR_REASON_NO_ACTIVE_CODE: ErrorReason
+ERROR_REASON_CODE_EXPIRED: ErrorReason
+ERROR_REASON_CODE_ATTEMPTS_EXHAUSTED: ErrorReason
+ERROR_REASON_REBIND_EXPIRED: ErrorReason
+ERROR_REASON_REBIND_CLOSED: ErrorReason
+ERROR_REASON_REBIND_LOCKED: ErrorReason
+ERROR_REASON_REVIEW_PENDING: ErrorReason
+ERROR_REASON_RISK_DENIED: ErrorReason
+ERROR_REASON_ACCOUNT_LOCKED: ErrorReason
+ERROR_REASON_STEP_ALREADY_DONE: ErrorReason
+ERROR_REASON_RESEND_TOO_SOON: ErrorReason
+ERROR_REASON_RATE_LIMITED: ErrorReason
+ERROR_REASON_STORE_UNAVAILABLE: ErrorReason

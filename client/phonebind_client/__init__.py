@@ -1,0 +1,25 @@
+"""Typed facade over phonebind's BindingService; the generated stubs are in ``phonebind.v1``."""
+
+from phonebind.v1.errors_pb2 import ErrorReason
+
+from .client import (
+    AccountState,
+    CodeTarget,
+    PhonebindClient,
+    RebindState,
+    RebindStep,
+    RiskDecision,
+)
+from .errors import ERROR_DOMAIN, PhonebindError
+
+__all__ = [
+    "ERROR_DOMAIN",
+    "AccountState",
+    "CodeTarget",
+    "ErrorReason",
+    "PhonebindClient",
+    "PhonebindError",
+    "RebindState",
+    "RebindStep",
+    "RiskDecision",
+]

@@ -1,0 +1,147 @@
+"""Wiring: one phonebind server process, its store, dispatcher and health."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent import futures
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from phonebind.v1 import binding_service_pb2, binding_service_pb2_grpc
+
+from .config import Settings
+from .domain.pii import Vault
+from .domain.ports import Clock
+from .domain.rebind import RebindService
+from .rpc.binding import BindingServicer, PageTokens
+from .rpc.interceptors import ServerInterceptor
+from .sms.gateways import SmsGateway, gateway_from_spec
+from .sms.outbox import OutboxDispatcher
+from .store.db import describe
+from .store.repository import PeeweeStore
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = (binding_service_pb2.DESCRIPTOR.services_by_name["BindingService"].full_name,)
+
+
+class SystemClock:
+    def now(self) -> datetime:
+        return datetime.now(UTC)
+
+
+@dataclass
+class App:
+    """A started server and what it owns; `stop()` drains and closes all of it."""
+
+    server: grpc.Server
+    port: int
+    store: PeeweeStore
+    dispatcher: OutboxDispatcher
+    health: health.HealthServicer
+    service: RebindService
+    settings: Settings
+    _stopped: threading.Event = field(default_factory=threading.Event)
+    _watch: threading.Thread | None = None
+
+    def set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", *SERVICE_NAMES):
+            self.health.set(name, status)
+
+    def _watch_store(self) -> None:
+        last = None
+        while not self._stopped.wait(self.settings.health_interval_seconds):
+            up = self.store.ping()
+            if up != last:
+                log.warning("store is %s", "reachable" if up else "unreachable")
+                self.set_serving(up)
+                last = up
+
+    def stop(self, grace: float | None = None) -> None:
+        """Stops taking calls (health NOT_SERVING first), lets in-flight ones finish."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        self.health.enter_graceful_shutdown()
+        self.server.stop(self.settings.grace_seconds if grace is None else grace).wait()
+        self.dispatcher.stop()
+        self.store.close()
+
+    def wait(self) -> None:
+        self.server.wait_for_termination()
+
+
+def create_server(
+    settings: Settings,
+    *,
+    clock: Clock | None = None,
+    gateway: SmsGateway | None = None,
+    migrate: bool = False,
+) -> App:
+    """Builds and starts a server on settings.listen (port 0 picks a free one)."""
+    clock = clock or SystemClock()
+    store = PeeweeStore(settings.database_url, max_connections=settings.threads + 4)
+    if migrate:
+        store.migrate()
+    missing = store.pending_migrations()
+    if missing:
+        raise RuntimeError(
+            f"the database lacks migrations {missing}; run `phonebind-server migrate`"
+        )
+    keys = settings.keys()
+    vault = Vault(keys)
+    dispatcher = OutboxDispatcher(
+        store,
+        vault,
+        gateway or gateway_from_spec(settings.sms_gateway),
+        clock,
+        max_attempts=settings.sms_max_attempts,
+    )
+    service = RebindService(store, vault, settings.policy, clock, outbox=dispatcher)
+
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=settings.threads, thread_name_prefix="rpc"),
+        interceptors=[ServerInterceptor()],
+        options=[
+            ("grpc.max_receive_message_length", settings.max_receive_bytes),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    binding_service_pb2_grpc.add_BindingServiceServicer_to_server(
+        BindingServicer(service, PageTokens(keys.index_key)), server
+    )
+    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    if settings.reflection:
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+    port = server.add_insecure_port(settings.listen)
+    if port == 0:
+        raise RuntimeError(f"cannot listen on {settings.listen}")
+    app = App(server, port, store, dispatcher, health_servicer, service, settings)
+    app.set_serving(store.ping())
+    server.start()
+    dispatcher.start()
+    app._watch = threading.Thread(target=app._watch_store, name="health", daemon=True)
+    app._watch.start()
+    log.info(
+        "phonebind serving",
+        extra={
+            "port": port,
+            "database": describe(settings.database_url),
+            "sms_gateway": settings.sms_gateway.split(":", 1)[0],
+            "dev": settings.dev,
+        },
+    )
+    return app

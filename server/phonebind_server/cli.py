@@ -1,0 +1,104 @@
+"""`phonebind-server migrate | serve`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+
+from . import logs
+from .config import ConfigError, Settings, load
+
+log = logging.getLogger("phonebind.cli")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="phonebind-server", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def common(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--config", help="TOML file with [server] and [policy] tables")
+        sub.add_argument(
+            "--database-url",
+            dest="database_url",
+            help="sqlite:////abs/path.db or postgresql://user@host:port/db",
+        )
+        sub.add_argument("--log-level", dest="log_level")
+        sub.add_argument(
+            "--dev",
+            action="store_const",
+            const=True,
+            help="development mode: reflection on, development keys, file/log gateways",
+        )
+
+    migrate = commands.add_parser("migrate", help="apply pending schema migrations")
+    common(migrate)
+
+    serve = commands.add_parser("serve", help="run the gRPC server")
+    common(serve)
+    serve.add_argument("--listen", help="HOST:PORT (default 127.0.0.1:50051)")
+    serve.add_argument("--sms-gateway", dest="sms_gateway", help="file:PATH or log")
+    serve.add_argument("--threads", type=int, help="RPC worker threads")
+    serve.add_argument(
+        "--reflection", action="store_const", const=True, help="enable server reflection"
+    )
+    serve.add_argument(
+        "--migrate",
+        action="store_const",
+        const=True,
+        help="apply pending migrations before serving (always on with --dev)",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    flags = {k: v for k, v in vars(args).items() if k not in ("command", "migrate")}
+    try:
+        settings = load(flags)
+    except ConfigError as error:
+        print(f"phonebind-server: {error}", file=sys.stderr)
+        return 2
+    logs.configure(settings.log_level)
+    if args.command == "migrate":
+        return _migrate(settings)
+    return _serve(settings, migrate=bool(getattr(args, "migrate", False) or settings.dev))
+
+
+def _migrate(settings: Settings) -> int:
+    from .store.repository import PeeweeStore
+
+    store = PeeweeStore(settings.database_url)
+    try:
+        applied = store.migrate()
+    finally:
+        store.close()
+    print(f"applied migrations: {applied or 'none pending'}")
+    return 0
+
+
+def _serve(settings: Settings, *, migrate: bool) -> int:
+    from .app import create_server
+
+    try:
+        app = create_server(settings, migrate=migrate)
+    except (RuntimeError, ValueError) as error:
+        print(f"phonebind-server: {error}", file=sys.stderr)
+        return 2
+
+    def drain(signum: int, _frame: object) -> None:
+        log.info("draining", extra={"signal": signal.Signals(signum).name})
+        threading.Thread(target=app.stop, name="drain").start()
+
+    signal.signal(signal.SIGTERM, drain)
+    signal.signal(signal.SIGINT, drain)
+    print(f"phonebind listening on port {app.port}", flush=True)
+    app.wait()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

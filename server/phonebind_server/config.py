@@ -1,0 +1,199 @@
+"""Settings from flags, environment and a TOML file, in that order of precedence.
+
+Every server setting `name` is the flag `--name`, the variable PHONEBIND_NAME
+and the key `name` of the file's [server] table; every policy value `name` is
+PHONEBIND_POLICY_NAME and the key `name` of the [policy] table. Durations take
+a number of seconds or a number with s, m, h or d ("90s", "5m", "24h", "90d").
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import hashlib
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from .domain.pii import Keys
+from .domain.policy import Policy
+
+ENV_PREFIX = "PHONEBIND_"
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+class ConfigError(ValueError):
+    """A setting is missing, malformed or unsafe; the message says which."""
+
+
+def _dev_key(purpose: str) -> str:
+    return base64.b64encode(hashlib.sha256(f"phonebind-dev-{purpose}".encode()).digest()).decode()
+
+
+# Well-known development keys: anyone can read them here, so production refuses them.
+DEV_KEYS = {
+    "index_key": _dev_key("index"),
+    "code_key": _dev_key("code"),
+    "seal_keys": "dev1:" + _dev_key("seal"),
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    listen: str = "127.0.0.1:50051"
+    database_url: str = "sqlite:///phonebind.db"
+    sms_gateway: str = "log"
+    dev: bool = False
+    reflection: bool = False
+    log_level: str = "INFO"
+    threads: int = 16
+    grace_seconds: float = 10.0
+    max_receive_bytes: int = 64 * 1024
+    health_interval_seconds: float = 2.0
+    sms_max_attempts: int = 8
+    index_key: str = ""
+    code_key: str = ""
+    seal_keys: str = ""
+    active_seal_key: str = ""
+    policy: Policy = field(default_factory=Policy)
+
+    def keys(self) -> Keys:
+        seal: dict[str, bytes] = {}
+        for item in filter(None, (s.strip() for s in self.seal_keys.split(","))):
+            kid, _, encoded = item.partition(":")
+            seal[kid] = _key_bytes(f"seal key {kid}", encoded)
+        active = self.active_seal_key or (next(iter(seal)) if seal else "")
+        try:
+            return Keys(
+                index_key=_key_bytes("index_key", self.index_key),
+                code_key=_key_bytes("code_key", self.code_key),
+                seal_keys=seal,
+                active_seal_key=active,
+            )
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+
+    def uses_dev_keys(self) -> bool:
+        return any(getattr(self, name) == value for name, value in DEV_KEYS.items())
+
+
+def _key_bytes(name: str, encoded: str) -> bytes:
+    if not encoded:
+        raise ConfigError(f"{name} is not set")
+    try:
+        return base64.b64decode(encoded, validate=True)
+    except ValueError:
+        raise ConfigError(f"{name} must be base64") from None
+
+
+def parse_duration(value: Any) -> timedelta:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return timedelta(seconds=value)
+    match = _DURATION.match(str(value))
+    if not match:
+        raise ConfigError(f"not a duration: {value!r} (use e.g. 90s, 5m, 24h, 90d)")
+    return timedelta(seconds=float(match.group(1)) * _UNITS[match.group(2)])
+
+
+def _coerce(name: str, current: Any, value: Any) -> Any:
+    try:
+        if isinstance(current, bool):
+            if isinstance(value, bool):
+                return value
+            lowered = str(value).strip().lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if isinstance(current, timedelta):
+            return parse_duration(value)
+        if isinstance(current, int):
+            return int(value)
+        if isinstance(current, float):
+            return float(value)
+        if isinstance(current, tuple):
+            items = value if isinstance(value, list) else str(value).split(",")
+            return tuple(str(item).strip() for item in items if str(item).strip())
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}: cannot use {value!r}") from None
+
+
+def _apply(target: Any, values: Mapping[str, Any], where: str) -> Any:
+    known = {f.name: f for f in dataclasses.fields(target) if f.name not in ("policy", "extra")}
+    changes = {}
+    for key, value in values.items():
+        if key not in known:
+            raise ConfigError(f"unknown setting {key!r} in {where}")
+        changes[key] = _coerce(key, getattr(target, key), value)
+    try:
+        return dataclasses.replace(target, **changes)
+    except ValueError as error:
+        raise ConfigError(f"{where}: {error}") from None
+
+
+def load(
+    flags: Mapping[str, Any] | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    config_file: str | None = None,
+) -> Settings:
+    env = os.environ if env is None else env
+    flags = {k: v for k, v in (flags or {}).items() if v is not None}
+    settings = Settings()
+    policy = Policy()
+    path = flags.get("config") or env.get(ENV_PREFIX + "CONFIG") or config_file
+    if path:
+        try:
+            with open(path, "rb") as handle:
+                document = tomllib.load(handle)
+        except (OSError, tomllib.TOMLDecodeError) as error:
+            raise ConfigError(f"cannot read config file {path}: {error}") from None
+        settings = _apply(settings, document.get("server", {}), path)
+        policy = _apply(policy, document.get("policy", {}), path)
+
+    server_names = {f.name for f in dataclasses.fields(Settings)} - {"policy"}
+    policy_names = {f.name for f in dataclasses.fields(Policy)} - {"extra"}
+    from_env = {
+        name: env[ENV_PREFIX + name.upper()]
+        for name in server_names
+        if ENV_PREFIX + name.upper() in env
+    }
+    settings = _apply(settings, from_env, "environment")
+    policy_env = {
+        name: env[ENV_PREFIX + "POLICY_" + name.upper()]
+        for name in policy_names
+        if ENV_PREFIX + "POLICY_" + name.upper() in env
+    }
+    policy = _apply(policy, policy_env, "environment")
+    settings = _apply(settings, {k: v for k, v in flags.items() if k in server_names}, "flags")
+
+    if settings.dev:
+        settings = dataclasses.replace(
+            settings,
+            reflection=True,
+            **{name: getattr(settings, name) or value for name, value in DEV_KEYS.items()},
+        )
+    settings = dataclasses.replace(settings, policy=policy)
+    check(settings)
+    return settings
+
+
+def check(settings: Settings) -> None:
+    """Refuses settings that would be unsafe outside a developer's machine."""
+    settings.keys()
+    if settings.dev:
+        return
+    problems = []
+    if settings.uses_dev_keys():
+        problems.append("development keys are configured (set index_key, code_key, seal_keys)")
+    if settings.sms_gateway == "log" or settings.sms_gateway.startswith("file:"):
+        problems.append("the file and log SMS gateways are for development only")
+    if problems:
+        raise ConfigError("refusing to start outside --dev: " + "; ".join(problems))

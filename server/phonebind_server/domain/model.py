@@ -1,0 +1,166 @@
+"""The entities of the rebind flow, as the domain sees them.
+
+Personal data appears here only as keyed hashes, sealed (encrypted) numbers and
+masked forms: the domain never holds a clear phone number longer than one call.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+
+
+class RebindState(enum.Enum):
+    PENDING = "PENDING"
+    AWAITING_REVIEW = "AWAITING_REVIEW"
+    READY = "READY"
+    COMPLETED = "COMPLETED"
+    CANCELLED = "CANCELLED"
+    EXPIRED = "EXPIRED"
+    REJECTED = "REJECTED"
+
+    @property
+    def is_open(self) -> bool:
+        return self in OPEN_STATES
+
+
+OPEN_STATES = frozenset({RebindState.PENDING, RebindState.AWAITING_REVIEW, RebindState.READY})
+
+
+class Step(enum.Enum):
+    IDENTITY = "IDENTITY"
+    OLD_PHONE_CODE = "OLD_PHONE_CODE"
+    NEW_PHONE_CODE = "NEW_PHONE_CODE"
+    REVIEW = "REVIEW"
+
+
+class CodeTarget(enum.Enum):
+    OLD_PHONE = "OLD_PHONE"
+    NEW_PHONE = "NEW_PHONE"
+
+    @property
+    def step(self) -> Step:
+        return Step.OLD_PHONE_CODE if self is CodeTarget.OLD_PHONE else Step.NEW_PHONE_CODE
+
+
+class RiskDecision(enum.Enum):
+    ALLOW = "ALLOW"
+    REVIEW = "REVIEW"
+    DENY = "DENY"
+
+
+class ChallengeState(enum.Enum):
+    LIVE = "LIVE"
+    USED = "USED"
+    BURNT = "BURNT"
+
+
+@dataclass(frozen=True)
+class RiskAssessment:
+    decision: RiskDecision
+    score: int
+    reasons: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class SealedPhone:
+    """A phone number as the store keeps it: blind index, ciphertext, mask."""
+
+    index: str
+    sealed: str
+    masked: str
+
+
+@dataclass(frozen=True)
+class Account:
+    account_id: str
+    phone: SealedPhone
+    holder_name_hash: str
+    holder_name_masked: str
+    id_number_hash: str
+    id_number_masked: str
+    id_province: str
+    bound_at: datetime
+    created_at: datetime
+    hold_until: datetime | None = None
+
+    def with_changes(self, **changes: object) -> Account:
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class Rebind:
+    rebind_id: str
+    account_id: str
+    state: RebindState
+    new_phone: SealedPhone
+    old_phone_lost: bool
+    required: tuple[Step, ...]
+    completed: tuple[Step, ...]
+    risk: RiskAssessment
+    failures: int
+    created_at: datetime
+    expires_at: datetime
+    updated_at: datetime
+    completed_at: datetime | None = None
+
+    @property
+    def outstanding(self) -> tuple[Step, ...]:
+        return tuple(s for s in self.required if s not in self.completed)
+
+    def with_changes(self, **changes: object) -> Rebind:
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class Challenge:
+    """The one live one-time code of a rebind and target (only its MAC is kept)."""
+
+    rebind_id: str
+    target: CodeTarget
+    code_mac: str
+    state: ChallengeState
+    attempts: int
+    created_at: datetime
+    expires_at: datetime
+    resend_at: datetime
+
+    def with_changes(self, **changes: object) -> Challenge:
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class BindingChange:
+    rebind_id: str
+    account_id: str
+    old_phone: SealedPhone
+    new_phone: SealedPhone
+    old_phone_lost: bool
+    completed_at: datetime
+
+
+@dataclass(frozen=True)
+class OutboundSms:
+    """A message queued in the outbox in the same transaction as its cause."""
+
+    message_id: str
+    to: SealedPhone
+    purpose: str
+    text: str
+    created_at: datetime
+    not_after: datetime | None = None
+    account_id: str = ""
+    rebind_id: str = ""
+
+
+@dataclass(frozen=True)
+class IdempotencyRecord:
+    """The remembered outcome of a mutating call, keyed by its request_id."""
+
+    operation: str
+    account_id: str
+    request_id: str
+    fingerprint: str
+    result: dict[str, str] = field(default_factory=dict)
+    created_at: datetime | None = None

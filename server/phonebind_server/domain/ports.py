@@ -1,0 +1,88 @@
+"""What the domain needs from the outside world, as interfaces.
+
+The store and the clock are injected; adapters live in phonebind_server.store
+and are tested against these protocols on SQLite and PostgreSQL alike.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from datetime import datetime
+from typing import Protocol
+
+from .model import (
+    Account,
+    BindingChange,
+    Challenge,
+    CodeTarget,
+    IdempotencyRecord,
+    OutboundSms,
+    Rebind,
+)
+
+
+class Clock(Protocol):
+    def now(self) -> datetime:
+        """The current time, timezone-aware UTC."""
+        ...
+
+
+class Conflict(Exception):
+    """A uniqueness rule of the store refused a write (a concurrent writer won).
+
+    `constraint` names the rule: "account_id", "phone", "open_rebind",
+    "idempotency". The transaction that raised it is rolled back.
+    """
+
+    def __init__(self, constraint: str) -> None:
+        super().__init__(constraint)
+        self.constraint = constraint
+
+
+class StoreUnavailable(Exception):
+    """The store cannot be reached; nothing was written."""
+
+
+class Tx(Protocol):
+    """One unit of work: every call inside one database transaction."""
+
+    def get_account(self, account_id: str, *, lock: bool = False) -> Account | None: ...
+    def account_id_for_phone(self, phone_index: str) -> str | None: ...
+    def insert_account(self, account: Account) -> None: ...
+    def update_account(self, account: Account) -> None: ...
+
+    def get_rebind(self, rebind_id: str, *, lock: bool = False) -> Rebind | None: ...
+    def open_rebinds(self, account_id: str) -> list[Rebind]: ...
+    def insert_rebind(self, rebind: Rebind) -> None: ...
+    def update_rebind(self, rebind: Rebind) -> None: ...
+
+    def get_challenge(self, rebind_id: str, target: CodeTarget) -> Challenge | None: ...
+    def save_challenge(self, challenge: Challenge) -> None: ...
+
+    def insert_change(self, change: BindingChange) -> None: ...
+    def list_changes(
+        self, account_id: str, *, before_seq: int | None, limit: int
+    ) -> list[tuple[int, BindingChange]]: ...
+    def count_changes(self, account_id: str, *, since: datetime) -> int: ...
+    def phone_released_by_other(
+        self, phone_index: str, *, account_id: str, since: datetime
+    ) -> bool: ...
+
+    def enqueue_sms(self, message: OutboundSms) -> None: ...
+
+    def get_idempotency(
+        self, operation: str, account_id: str, request_id: str
+    ) -> IdempotencyRecord | None: ...
+    def put_idempotency(self, record: IdempotencyRecord) -> None: ...
+
+
+class Store(Protocol):
+    def transaction(self, *, write: bool = True) -> AbstractContextManager[Tx]:
+        """A unit of work; commits on normal exit, rolls back on an exception."""
+        ...
+
+
+class Outbox(Protocol):
+    def wake(self) -> None:
+        """New messages were committed: deliver them soon."""
+        ...

@@ -1,0 +1,679 @@
+"""The rebind flow: every use case of BindingService, and the rules it enforces.
+
+Read this file to know the whole policy. It talks to the outside only through
+injected ports (store, clock, outbox, random source) and never imports grpc or
+SQL. Each use case is one unit of work in the store; a verification failure is
+committed (the attempt counts) before it is raised.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from . import identity, messages, otp
+from .errors import DomainError, Reason, invalid
+from .model import (
+    Account,
+    BindingChange,
+    Challenge,
+    ChallengeState,
+    CodeTarget,
+    IdempotencyRecord,
+    OutboundSms,
+    Rebind,
+    RebindState,
+    RiskDecision,
+    SealedPhone,
+    Step,
+)
+from .phone import PhoneNumber, is_virtual_operator, parse_phone, province_of
+from .pii import Vault
+from .policy import Policy
+from .ports import Clock, Conflict, Outbox, Store, Tx
+from .regions import PROVINCE_NAMES
+from .risk import RiskSignals, assess
+
+_ID_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:-")
+_TOKEN_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
+_REBIND_PREFIX = "rb_"
+MAX_PAGE_SIZE = 100
+DEFAULT_PAGE_SIZE = 20
+
+
+@dataclass(frozen=True)
+class CodeSent:
+    expires_at: datetime
+    resend_at: datetime
+    attempts_left: int
+
+
+@dataclass(frozen=True)
+class Completion:
+    rebind: Rebind
+    account: Account
+
+
+@dataclass(frozen=True)
+class HistoryPage:
+    changes: list[BindingChange]
+    next_cursor: int | None
+
+
+def check_account_id(value: str, field: str = "account_id") -> str:
+    if not 1 <= len(value) <= 64 or any(c not in _ID_CHARS for c in value):
+        raise invalid(
+            Reason.INVALID_ARGUMENT, field, "account_id must be 1-64 of A-Z a-z 0-9 . _ : -"
+        )
+    return value
+
+
+def check_rebind_id(value: str) -> str:
+    body = value[len(_REBIND_PREFIX) :]
+    if (
+        not value.startswith(_REBIND_PREFIX)
+        or not 1 <= len(body) <= 61
+        or any(c not in _TOKEN_CHARS for c in body)
+    ):
+        raise invalid(
+            Reason.INVALID_ARGUMENT, "rebind_id", "rebind_id is not a phonebind rebind id"
+        )
+    return value
+
+
+def check_request_id(value: str) -> str:
+    """An AIP-155 request id: empty (no idempotency) or 1-64 ID characters."""
+    if value and (len(value) > 64 or any(c not in _ID_CHARS for c in value)):
+        raise invalid(
+            Reason.INVALID_ARGUMENT, "request_id", "request_id must be 1-64 of A-Z a-z 0-9 . _ : -"
+        )
+    return value
+
+
+def effective(rebind: Rebind, now: datetime) -> Rebind:
+    """The rebind as it stands now: an open rebind past its lifetime is EXPIRED."""
+    if rebind.state.is_open and now >= rebind.expires_at:
+        return rebind.with_changes(state=RebindState.EXPIRED)
+    return rebind
+
+
+def state_for(required: tuple[Step, ...], completed: tuple[Step, ...]) -> RebindState:
+    outstanding = [s for s in required if s not in completed]
+    if not outstanding:
+        return RebindState.READY
+    if outstanding == [Step.REVIEW]:
+        return RebindState.AWAITING_REVIEW
+    return RebindState.PENDING
+
+
+def _fingerprint(*parts: object) -> str:
+    return hashlib.sha256(json.dumps(parts, ensure_ascii=True).encode()).hexdigest()
+
+
+class RebindService:
+    def __init__(
+        self,
+        store: Store,
+        vault: Vault,
+        policy: Policy,
+        clock: Clock,
+        outbox: Outbox | None = None,
+        randbelow: Callable[[int], int] = secrets.randbelow,
+    ) -> None:
+        self._store = store
+        self._vault = vault
+        self._policy = policy
+        self._clock = clock
+        self._outbox = outbox
+        self._randbelow = randbelow
+
+    @property
+    def policy(self) -> Policy:
+        return self._policy
+
+    def now(self) -> datetime:
+        return self._clock.now()
+
+    # -- accounts ---------------------------------------------------------------
+
+    def register_account(
+        self, account_id: str, holder_name: str, id_number: str, phone: str, request_id: str = ""
+    ) -> Account:
+        now = self._clock.now()
+        check_account_id(account_id)
+        check_request_id(request_id)
+        name = identity.normalize_name(holder_name)
+        id_norm = identity.normalize_id_number(id_number, today=now.date())
+        number = self._parse(phone, "phone")
+        name_hash = self._vault.name_hash(name)
+        id_hash = self._vault.id_number_hash(id_norm)
+        phone_index = self._vault.phone_index(number.e164)
+        fingerprint = _fingerprint("register", account_id, name_hash, id_hash, phone_index)
+        try:
+            with self._store.transaction() as tx:
+                if replay := self._replay(
+                    tx, "RegisterAccount", account_id, request_id, fingerprint
+                ):
+                    return self._account(tx, replay.account_id)
+                existing = tx.get_account(account_id)
+                if existing is not None:
+                    same = (
+                        self._vault.same(existing.holder_name_hash, name_hash)
+                        and self._vault.same(existing.id_number_hash, id_hash)
+                        and self._vault.same(existing.phone.index, phone_index)
+                    )
+                    if not same:
+                        raise DomainError(
+                            Reason.ACCOUNT_EXISTS, "the account is registered with other data"
+                        )
+                    return existing
+                if tx.account_id_for_phone(phone_index) is not None:
+                    raise _phone_in_use()
+                account = Account(
+                    account_id=account_id,
+                    phone=self._vault.seal_phone(number),
+                    holder_name_hash=name_hash,
+                    holder_name_masked=identity.mask_name(name),
+                    id_number_hash=id_hash,
+                    id_number_masked=identity.mask_id_number(id_norm),
+                    id_province=identity.id_province(id_norm),
+                    bound_at=now,
+                    created_at=now,
+                )
+                tx.insert_account(account)
+                self._remember(tx, "RegisterAccount", account_id, request_id, fingerprint, {}, now)
+                return account
+        except Conflict as conflict:
+            if conflict.constraint == "phone":
+                raise _phone_in_use() from None
+            # The same account_id (or request_id) was registered concurrently:
+            # answer as the retry would.
+            return self.register_account(account_id, holder_name, id_number, phone, request_id)
+
+    def get_account(self, account_id: str) -> Account:
+        check_account_id(account_id)
+        with self._store.transaction(write=False) as tx:
+            return self._account(tx, account_id)
+
+    # -- starting ---------------------------------------------------------------
+
+    def start_rebind(
+        self, account_id: str, new_phone: str, old_phone_lost: bool = False, request_id: str = ""
+    ) -> Rebind:
+        now = self._clock.now()
+        check_account_id(account_id)
+        check_request_id(request_id)
+        number = self._parse(new_phone, "new_phone")
+        new_index = self._vault.phone_index(number.e164)
+        fingerprint = _fingerprint("start", account_id, new_index, old_phone_lost)
+        p = self._policy
+        try:
+            with self._store.transaction() as tx:
+                if replay := self._replay(tx, "StartRebind", account_id, request_id, fingerprint):
+                    return self._owned_rebind(tx, account_id, replay.result["rebind_id"], now)
+                account = tx.get_account(account_id, lock=True)
+                if account is None:
+                    raise _account_not_found()
+                if self._vault.same(account.phone.index, new_index):
+                    raise DomainError(Reason.SAME_PHONE, "the new number is the bound number")
+                if tx.account_id_for_phone(new_index) is not None:
+                    raise _phone_in_use()
+
+                signals = RiskSignals(
+                    changes_in_review_window=tx.count_changes(
+                        account_id, since=now - p.review_change_window
+                    ),
+                    changes_in_deny_window=tx.count_changes(
+                        account_id, since=now - p.deny_change_window
+                    ),
+                    number_recently_released=tx.phone_released_by_other(
+                        new_index, account_id=account_id, since=now - p.recycled_number_window
+                    ),
+                    virtual_operator=is_virtual_operator(number, p.virtual_operator_prefixes),
+                    old_phone_lost=old_phone_lost,
+                    in_cool_off=account.hold_until is not None and account.hold_until > now,
+                    province_mismatch=_province_mismatch(number, account.id_province),
+                )
+                risk = assess(signals, p)
+                if risk.decision is RiskDecision.DENY:
+                    raise DomainError(
+                        Reason.RISK_DENIED,
+                        "the change is refused by risk policy",
+                        metadata={"reasons": ",".join(risk.reasons)},
+                    )
+
+                for previous in tx.open_rebinds(account_id):
+                    closed = effective(previous, now).state
+                    if closed is not RebindState.EXPIRED:
+                        closed = RebindState.CANCELLED
+                    tx.update_rebind(previous.with_changes(state=closed, updated_at=now))
+
+                required = [Step.IDENTITY]
+                if not old_phone_lost:
+                    required.append(Step.OLD_PHONE_CODE)
+                required.append(Step.NEW_PHONE_CODE)
+                if risk.decision is RiskDecision.REVIEW:
+                    required.append(Step.REVIEW)
+                rebind = Rebind(
+                    rebind_id=_REBIND_PREFIX + secrets.token_urlsafe(16),
+                    account_id=account_id,
+                    state=RebindState.PENDING,
+                    new_phone=self._vault.seal_phone(number),
+                    old_phone_lost=old_phone_lost,
+                    required=tuple(required),
+                    completed=(),
+                    risk=risk,
+                    failures=0,
+                    created_at=now,
+                    expires_at=now + p.rebind_ttl,
+                    updated_at=now,
+                )
+                tx.insert_rebind(rebind)
+                self._remember(
+                    tx,
+                    "StartRebind",
+                    account_id,
+                    request_id,
+                    fingerprint,
+                    {"rebind_id": rebind.rebind_id},
+                    now,
+                )
+                return rebind
+        except Conflict as conflict:
+            if conflict.constraint == "idempotency":
+                return self.start_rebind(account_id, new_phone, old_phone_lost, request_id)
+            raise DomainError(
+                Reason.STORE_UNAVAILABLE,
+                "another rebind of this account started at the same moment; retry",
+                retry_after=timedelta(milliseconds=100),
+            ) from None
+
+    # -- proving ----------------------------------------------------------------
+
+    def verify_identity(
+        self, account_id: str, rebind_id: str, holder_name: str, id_number: str
+    ) -> Rebind:
+        now = self._clock.now()
+        self._check_ids(account_id, rebind_id)
+        name = identity.normalize_name(holder_name)
+        id_norm = identity.normalize_id_number(id_number, today=now.date())
+        failure: DomainError | None = None
+        with self._store.transaction() as tx:
+            rebind = self._open_rebind(tx, account_id, rebind_id, now)
+            self._require_step(rebind, Step.IDENTITY)
+            account = self._account(tx, account_id)
+            # Both hashes are compared every time, so timing does not tell which failed.
+            matches = self._vault.same(
+                account.holder_name_hash, self._vault.name_hash(name)
+            ) & self._vault.same(account.id_number_hash, self._vault.id_number_hash(id_norm))
+            if matches:
+                rebind = self._complete_step(tx, rebind, Step.IDENTITY, now)
+            else:
+                rebind, failure = self._count_failure(
+                    tx, rebind, now, Reason.IDENTITY_MISMATCH, "holder name or ID number mismatch"
+                )
+        if failure:
+            raise failure
+        return rebind
+
+    def send_code(
+        self, account_id: str, rebind_id: str, target: CodeTarget, request_id: str = ""
+    ) -> CodeSent:
+        now = self._clock.now()
+        self._check_ids(account_id, rebind_id)
+        check_request_id(request_id)
+        p = self._policy
+        fingerprint = _fingerprint("send", account_id, rebind_id, target.value)
+        try:
+            with self._store.transaction() as tx:
+                if replay := self._replay(tx, "SendCode", account_id, request_id, fingerprint):
+                    return CodeSent(
+                        expires_at=datetime.fromisoformat(replay.result["expires_at"]),
+                        resend_at=datetime.fromisoformat(replay.result["resend_at"]),
+                        attempts_left=int(replay.result["attempts_left"]),
+                    )
+                rebind = self._open_rebind(tx, account_id, rebind_id, now)
+                self._require_step(rebind, target.step)
+                current = tx.get_challenge(rebind_id, target)
+                if current is not None and now < current.resend_at:
+                    wait = current.resend_at - now
+                    raise DomainError(
+                        Reason.RESEND_TOO_SOON,
+                        "a code was sent to this number moments ago",
+                        metadata={"retry_after_seconds": str(_ceil_seconds(wait))},
+                        retry_after=wait,
+                    )
+                if target is CodeTarget.OLD_PHONE:
+                    to = self._account(tx, account_id).phone
+                else:
+                    to = rebind.new_phone
+                code = otp.new_code(p.code_length, self._randbelow)
+                challenge = Challenge(
+                    rebind_id=rebind_id,
+                    target=target,
+                    code_mac=self._vault.code_mac(rebind_id, target.value, code),
+                    state=ChallengeState.LIVE,
+                    attempts=0,
+                    created_at=now,
+                    expires_at=now + p.code_ttl,
+                    resend_at=now + p.resend_cooldown,
+                )
+                tx.save_challenge(challenge)
+                text = messages.code_text(
+                    code, p.code_ttl, language=p.sms_language, signature=p.sms_signature
+                )
+                self._queue_sms(tx, to, messages.PURPOSE_REBIND_CODE, text, now, rebind)
+                sent = CodeSent(
+                    expires_at=challenge.expires_at,
+                    resend_at=challenge.resend_at,
+                    attempts_left=min(p.code_max_attempts, p.rebind_max_failures - rebind.failures),
+                )
+                result = {
+                    "expires_at": sent.expires_at.isoformat(),
+                    "resend_at": sent.resend_at.isoformat(),
+                    "attempts_left": str(sent.attempts_left),
+                }
+                self._remember(tx, "SendCode", account_id, request_id, fingerprint, result, now)
+        except Conflict:
+            return self.send_code(account_id, rebind_id, target, request_id)
+        self._wake_outbox()
+        return sent
+
+    def verify_code(self, account_id: str, rebind_id: str, target: CodeTarget, code: str) -> Rebind:
+        now = self._clock.now()
+        self._check_ids(account_id, rebind_id)
+        p = self._policy
+        otp.check_code_format(code, p.code_length)
+        failure: DomainError | None = None
+        with self._store.transaction() as tx:
+            rebind = self._open_rebind(tx, account_id, rebind_id, now)
+            self._require_step(rebind, target.step)
+            challenge = tx.get_challenge(rebind_id, target)
+            if challenge is None or challenge.state is ChallengeState.USED:
+                raise DomainError(Reason.NO_ACTIVE_CODE, "no code is waiting; send one first")
+            if challenge.state is ChallengeState.BURNT or challenge.attempts >= p.code_max_attempts:
+                raise DomainError(
+                    Reason.CODE_ATTEMPTS_EXHAUSTED,
+                    "this code took too many wrong tries; send a new one",
+                )
+            if now >= challenge.expires_at:
+                raise DomainError(Reason.CODE_EXPIRED, "the code has expired; send a new one")
+            # Count the attempt before comparing, under the rebind's row lock, so
+            # parallel guesses can never exceed the cap.
+            attempts = challenge.attempts + 1
+            expected = self._vault.code_mac(rebind_id, target.value, code)
+            if self._vault.same(challenge.code_mac, expected):
+                tx.save_challenge(
+                    challenge.with_changes(attempts=attempts, state=ChallengeState.USED)
+                )
+                rebind = self._complete_step(tx, rebind, target.step, now)
+            else:
+                burnt = attempts >= p.code_max_attempts
+                tx.save_challenge(
+                    challenge.with_changes(
+                        attempts=attempts,
+                        state=ChallengeState.BURNT if burnt else ChallengeState.LIVE,
+                    )
+                )
+                rebind, failure = self._count_failure(
+                    tx,
+                    rebind,
+                    now,
+                    Reason.CODE_MISMATCH,
+                    "the code does not match",
+                    code_attempts_left=p.code_max_attempts - attempts,
+                )
+        if failure:
+            raise failure
+        return rebind
+
+    # -- finishing --------------------------------------------------------------
+
+    def complete_rebind(self, account_id: str, rebind_id: str, request_id: str = "") -> Completion:
+        now = self._clock.now()
+        self._check_ids(account_id, rebind_id)
+        check_request_id(request_id)
+        p = self._policy
+        fingerprint = _fingerprint("complete", account_id, rebind_id)
+        try:
+            with self._store.transaction() as tx:
+                if self._replay(tx, "CompleteRebind", account_id, request_id, fingerprint):
+                    return Completion(
+                        rebind=self._owned_rebind(tx, account_id, rebind_id, now),
+                        account=self._account(tx, account_id),
+                    )
+                rebind = self._open_rebind(tx, account_id, rebind_id, now)
+                if rebind.state is RebindState.AWAITING_REVIEW:
+                    raise DomainError(Reason.REVIEW_PENDING, "the change waits for a reviewer")
+                if rebind.state is not RebindState.READY:
+                    missing = ",".join(s.value for s in rebind.outstanding)
+                    raise DomainError(
+                        Reason.STEP_REQUIRED,
+                        f"steps outstanding: {missing}",
+                        metadata={"missing_steps": missing},
+                    )
+                account = self._account(tx, account_id, lock=True)
+                if self._vault.same(account.phone.index, rebind.new_phone.index):
+                    raise DomainError(Reason.SAME_PHONE, "the new number is the bound number")
+                if tx.account_id_for_phone(rebind.new_phone.index) is not None:
+                    raise _phone_in_use()
+                hold = p.hold_old_phone_lost if rebind.old_phone_lost else p.hold
+                moved = account.with_changes(
+                    phone=rebind.new_phone, bound_at=now, hold_until=now + hold
+                )
+                tx.update_account(moved)
+                done = rebind.with_changes(
+                    state=RebindState.COMPLETED, completed_at=now, updated_at=now
+                )
+                tx.update_rebind(done)
+                tx.insert_change(
+                    BindingChange(
+                        rebind_id=rebind_id,
+                        account_id=account_id,
+                        old_phone=account.phone,
+                        new_phone=rebind.new_phone,
+                        old_phone_lost=rebind.old_phone_lost,
+                        completed_at=now,
+                    )
+                )
+                notice = messages.change_notice_text(
+                    rebind.new_phone.masked, language=p.sms_language, signature=p.sms_signature
+                )
+                self._queue_sms(
+                    tx, account.phone, messages.PURPOSE_CHANGE_NOTICE, notice, now, rebind
+                )
+                self._remember(tx, "CompleteRebind", account_id, request_id, fingerprint, {}, now)
+        except Conflict as conflict:
+            if conflict.constraint == "phone":
+                raise _phone_in_use() from None
+            return self.complete_rebind(account_id, rebind_id, request_id)
+        self._wake_outbox()
+        return Completion(rebind=done, account=moved)
+
+    def cancel_rebind(self, account_id: str, rebind_id: str) -> Rebind:
+        now = self._clock.now()
+        self._check_ids(account_id, rebind_id)
+        with self._store.transaction() as tx:
+            rebind = self._open_rebind(tx, account_id, rebind_id, now)
+            cancelled = rebind.with_changes(state=RebindState.CANCELLED, updated_at=now)
+            tx.update_rebind(cancelled)
+            return cancelled
+
+    def get_rebind(self, account_id: str, rebind_id: str) -> Rebind:
+        now = self._clock.now()
+        self._check_ids(account_id, rebind_id)
+        with self._store.transaction(write=False) as tx:
+            return self._owned_rebind(tx, account_id, rebind_id, now)
+
+    def list_history(self, account_id: str, page_size: int, cursor: int | None) -> HistoryPage:
+        check_account_id(account_id)
+        if page_size < 0:
+            raise invalid(Reason.INVALID_ARGUMENT, "page_size", "page_size must not be negative")
+        size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        with self._store.transaction(write=False) as tx:
+            self._account(tx, account_id)
+            rows = tx.list_changes(account_id, before_seq=cursor, limit=size + 1)
+        more = len(rows) > size
+        rows = rows[:size]
+        return HistoryPage(
+            changes=[change for _, change in rows],
+            next_cursor=rows[-1][0] if more and rows else None,
+        )
+
+    # -- helpers ----------------------------------------------------------------
+
+    def _parse(self, raw: str, field: str) -> PhoneNumber:
+        return parse_phone(raw, allowed_regions=self._policy.allowed_regions, field=field)
+
+    def _check_ids(self, account_id: str, rebind_id: str) -> None:
+        check_account_id(account_id)
+        check_rebind_id(rebind_id)
+
+    def _account(self, tx: Tx, account_id: str, *, lock: bool = False) -> Account:
+        account = tx.get_account(account_id, lock=lock)
+        if account is None:
+            raise _account_not_found()
+        return account
+
+    def _owned_rebind(self, tx: Tx, account_id: str, rebind_id: str, now: datetime) -> Rebind:
+        rebind = tx.get_rebind(rebind_id)
+        # Another account's rebind answers exactly like a missing one.
+        if rebind is None or rebind.account_id != account_id:
+            raise DomainError(Reason.REBIND_NOT_FOUND, "no such rebind for this account")
+        return effective(rebind, now)
+
+    def _open_rebind(self, tx: Tx, account_id: str, rebind_id: str, now: datetime) -> Rebind:
+        """The caller's rebind, locked for this unit of work, and still open."""
+        rebind = tx.get_rebind(rebind_id, lock=True)
+        if rebind is None or rebind.account_id != account_id:
+            raise DomainError(Reason.REBIND_NOT_FOUND, "no such rebind for this account")
+        rebind = effective(rebind, now)
+        if rebind.state is RebindState.EXPIRED:
+            raise DomainError(Reason.REBIND_EXPIRED, "the rebind has expired; start again")
+        if not rebind.state.is_open:
+            raise DomainError(
+                Reason.REBIND_CLOSED,
+                f"the rebind is {rebind.state.value.lower()}",
+                metadata={"state": rebind.state.value},
+            )
+        if rebind.failures >= self._policy.rebind_max_failures:
+            raise DomainError(Reason.REBIND_LOCKED, "too many wrong answers; start a new rebind")
+        return rebind
+
+    @staticmethod
+    def _require_step(rebind: Rebind, step: Step) -> None:
+        if step not in rebind.required:
+            raise DomainError(
+                Reason.STEP_NOT_REQUIRED,
+                f"this rebind does not need {step.value}",
+                metadata={"step": step.value},
+            )
+        if step in rebind.completed:
+            raise DomainError(
+                Reason.STEP_ALREADY_DONE,
+                f"{step.value} is already done",
+                metadata={"step": step.value},
+            )
+
+    def _complete_step(self, tx: Tx, rebind: Rebind, step: Step, now: datetime) -> Rebind:
+        completed = tuple(s for s in rebind.required if s in rebind.completed or s == step)
+        updated = rebind.with_changes(
+            completed=completed, state=state_for(rebind.required, completed), updated_at=now
+        )
+        tx.update_rebind(updated)
+        return updated
+
+    def _count_failure(
+        self,
+        tx: Tx,
+        rebind: Rebind,
+        now: datetime,
+        reason: Reason,
+        message: str,
+        code_attempts_left: int | None = None,
+    ) -> tuple[Rebind, DomainError]:
+        failures = rebind.failures + 1
+        updated = rebind.with_changes(failures=failures, updated_at=now)
+        tx.update_rebind(updated)
+        rebind_left = max(0, self._policy.rebind_max_failures - failures)
+        if rebind_left == 0:
+            return updated, DomainError(
+                Reason.REBIND_LOCKED, "too many wrong answers; start a new rebind"
+            )
+        left = rebind_left if code_attempts_left is None else min(rebind_left, code_attempts_left)
+        return updated, DomainError(reason, message, metadata={"attempts_left": str(left)})
+
+    def _queue_sms(
+        self, tx: Tx, to: SealedPhone, purpose: str, text: str, now: datetime, rebind: Rebind
+    ) -> None:
+        not_after = now + self._policy.code_ttl if purpose == messages.PURPOSE_REBIND_CODE else None
+        tx.enqueue_sms(
+            OutboundSms(
+                message_id=str(uuid.uuid4()),
+                to=to,
+                purpose=purpose,
+                text=text,
+                created_at=now,
+                not_after=not_after,
+                account_id=rebind.account_id,
+                rebind_id=rebind.rebind_id,
+            )
+        )
+
+    def _wake_outbox(self) -> None:
+        if self._outbox is not None:
+            self._outbox.wake()
+
+    @staticmethod
+    def _replay(
+        tx: Tx, operation: str, account_id: str, request_id: str, fingerprint: str
+    ) -> IdempotencyRecord | None:
+        if not request_id:
+            return None
+        record = tx.get_idempotency(operation, account_id, request_id)
+        if record is not None and record.fingerprint != fingerprint:
+            raise invalid(
+                Reason.REQUEST_ID_REUSED,
+                "request_id",
+                "request_id was already used for a different request",
+            )
+        return record
+
+    @staticmethod
+    def _remember(
+        tx: Tx,
+        operation: str,
+        account_id: str,
+        request_id: str,
+        fingerprint: str,
+        result: dict[str, str],
+        now: datetime,
+    ) -> None:
+        if request_id:
+            tx.put_idempotency(
+                IdempotencyRecord(operation, account_id, request_id, fingerprint, result, now)
+            )
+
+
+def _ceil_seconds(delta: timedelta) -> int:
+    seconds = delta.total_seconds()
+    return int(seconds) + (0 if seconds == int(seconds) else 1)
+
+
+def _province_mismatch(number: PhoneNumber, id_province_code: str) -> bool:
+    province = province_of(number)
+    expected = PROVINCE_NAMES.get(id_province_code)
+    return province is not None and expected is not None and not province.startswith(expected)
+
+
+def _phone_in_use() -> DomainError:
+    return DomainError(Reason.PHONE_IN_USE, "the number is bound to another account")
+
+
+def _account_not_found() -> DomainError:
+    return DomainError(Reason.ACCOUNT_NOT_FOUND, "no such account")

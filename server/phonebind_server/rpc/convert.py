@@ -1,0 +1,88 @@
+"""Domain entities to and from phonebind.v1 messages. Nothing else."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from google.protobuf import timestamp_pb2
+
+from phonebind.v1 import resources_pb2 as pb
+
+from ..domain.errors import Reason, invalid
+from ..domain.model import Account, BindingChange, CodeTarget, Rebind, RebindState, Step
+from ..domain.policy import Policy
+
+
+def timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
+    if value is None:
+        return None
+    ts = timestamp_pb2.Timestamp()
+    ts.FromDatetime(value)
+    return ts
+
+
+def account(entity: Account, now: datetime, policy: Policy) -> pb.Account:
+    if entity.hold_until is not None and entity.hold_until > now:
+        state = pb.ACCOUNT_STATE_COOL_OFF
+    else:
+        state = pb.ACCOUNT_STATE_ACTIVE
+    return pb.Account(
+        account_id=entity.account_id,
+        phone_masked=entity.phone.masked,
+        holder_name_masked=entity.holder_name_masked,
+        id_number_masked=entity.id_number_masked,
+        state=state,
+        bound_time=timestamp(entity.bound_at),
+        hold_until=timestamp(entity.hold_until),
+        create_time=timestamp(entity.created_at),
+    )
+
+
+_STATE = {s: pb.RebindState.Value(f"REBIND_STATE_{s.value}") for s in RebindState}
+_STEP = {s: pb.RebindStep.Value(f"REBIND_STEP_{s.value}") for s in Step}
+_TARGET = {
+    pb.CODE_TARGET_OLD_PHONE: CodeTarget.OLD_PHONE,
+    pb.CODE_TARGET_NEW_PHONE: CodeTarget.NEW_PHONE,
+}
+
+
+def rebind(entity: Rebind, policy: Policy) -> pb.Rebind:
+    return pb.Rebind(
+        rebind_id=entity.rebind_id,
+        account_id=entity.account_id,
+        state=_STATE[entity.state],
+        new_phone_masked=entity.new_phone.masked,
+        required_steps=[_STEP[s] for s in entity.required],
+        completed_steps=[_STEP[s] for s in entity.completed],
+        risk=pb.RiskAssessment(
+            decision=pb.RiskDecision.Value(f"RISK_DECISION_{entity.risk.decision.value}"),
+            score=entity.risk.score,
+            reasons=list(entity.risk.reasons),
+        ),
+        create_time=timestamp(entity.created_at),
+        expire_time=timestamp(entity.expires_at),
+        complete_time=timestamp(entity.completed_at),
+        old_phone_lost=entity.old_phone_lost,
+        attempts_left=max(0, policy.rebind_max_failures - entity.failures),
+    )
+
+
+def binding_change(entity: BindingChange) -> pb.BindingChange:
+    return pb.BindingChange(
+        rebind_id=entity.rebind_id,
+        old_phone_masked=entity.old_phone.masked,
+        new_phone_masked=entity.new_phone.masked,
+        complete_time=timestamp(entity.completed_at),
+        old_phone_lost=entity.old_phone_lost,
+    )
+
+
+def code_target(value: int) -> CodeTarget:
+    try:
+        return _TARGET[value]
+    except KeyError:
+        raise invalid(
+            Reason.INVALID_ARGUMENT,
+            "target",
+            "target must be CODE_TARGET_OLD_PHONE or CODE_TARGET_NEW_PHONE",
+        ) from None

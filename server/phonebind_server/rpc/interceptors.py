@@ -1,0 +1,82 @@
+"""Cross-cutting concerns of every RPC: request ids, access logs, error mapping."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import grpc
+
+from ..domain.errors import DomainError, Reason
+from ..domain.ports import StoreUnavailable
+from ..logs import request_id_var, safe_header
+from .errors import plain_status, to_status
+
+log = logging.getLogger("phonebind.rpc")
+
+
+class ServerInterceptor(grpc.ServerInterceptor):
+    """Wraps each unary handler: request id in, errors out as rich statuses, one log line."""
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        method = handler_call_details.method
+        incoming = dict(handler_call_details.invocation_metadata or ())
+        behaviour = handler.unary_unary
+
+        def wrapped(request: Any, context: grpc.ServicerContext) -> Any:
+            request_id = safe_header(incoming.get("x-request-id", "")) or uuid.uuid4().hex
+            token = request_id_var.set(request_id)
+            context.set_trailing_metadata((("x-request-id", request_id),))
+            started = time.perf_counter()
+            outcome = "OK"
+            try:
+                return behaviour(request, context)
+            except DomainError as error:
+                outcome = error.reason.value
+                context.abort_with_status(to_status(error))
+            except StoreUnavailable:
+                outcome = Reason.STORE_UNAVAILABLE.value
+                context.abort_with_status(
+                    to_status(
+                        DomainError(
+                            Reason.STORE_UNAVAILABLE,
+                            "the store is unavailable; retry shortly",
+                            retry_after=timedelta(seconds=1),
+                        )
+                    )
+                )
+            except Exception:
+                if context.code() is not None:  # aborted by a handler on purpose
+                    raise
+                outcome = "INTERNAL"
+                log.exception("unhandled error", extra={"method": method})
+                context.abort_with_status(
+                    plain_status(grpc.StatusCode.INTERNAL, "internal error", "INTERNAL")
+                )
+            finally:
+                log.info(
+                    "rpc",
+                    extra={
+                        "method": method,
+                        "outcome": outcome,
+                        "duration_ms": round((time.perf_counter() - started) * 1000, 3),
+                    },
+                )
+                request_id_var.reset(token)
+
+        return grpc.unary_unary_rpc_method_handler(
+            wrapped,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )

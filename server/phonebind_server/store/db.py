@@ -1,0 +1,41 @@
+"""Opening the database named by a URL, for SQLite (WAL) or PostgreSQL.
+
+The models are declared without a database (deferred initialisation, as in
+peewee's docs) and bound to the one opened here when the store starts.
+"""
+
+from __future__ import annotations
+
+import peewee
+from playhouse.db_url import connect
+
+SQLITE_PRAGMAS = {
+    "journal_mode": "wal",
+    "synchronous": "normal",
+    "busy_timeout": 10_000,
+    "foreign_keys": 1,
+}
+
+
+def open_database(url: str, *, max_connections: int = 32) -> peewee.Database:
+    if url.startswith("sqlite:"):
+        return connect(url, pragmas=SQLITE_PRAGMAS)
+    if url.startswith(("postgres://", "postgresql://")):
+        url = url.replace("postgres://", "postgresql://", 1)
+        pooled = "postgresql+pool://" + url[len("postgresql://") :]
+        return connect(pooled, max_connections=max_connections, stale_timeout=300, timeout=10)
+    raise ValueError("database URL must start with sqlite:/// or postgresql://")
+
+
+def is_postgres(db: peewee.Database) -> bool:
+    return isinstance(db, peewee.PostgresqlDatabase)
+
+
+def describe(url: str) -> str:
+    """The URL without a password, for logs."""
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        user = creds.split(":", 1)[0]
+        return f"{scheme}://{user}@{host}"
+    return url

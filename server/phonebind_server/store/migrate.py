@@ -1,0 +1,71 @@
+"""Applies the numbered migrations in store/migrations, each once, in order.
+
+Safe to run from several processes at once: PostgreSQL serialises runners with
+an advisory lock, SQLite with an immediate (write-locking) transaction.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import pkgutil
+import re
+from datetime import UTC, datetime
+
+import peewee
+
+from . import migrations
+from .db import is_postgres
+from .fields import to_micros
+
+log = logging.getLogger(__name__)
+
+_NAME = re.compile(r"^m(\d{4})_\w+$")
+_LOCK_KEY = 0x70686F6E  # "phon"
+
+
+def available() -> list[tuple[int, str]]:
+    found = []
+    for info in pkgutil.iter_modules(migrations.__path__):
+        if match := _NAME.match(info.name):
+            found.append((int(match.group(1)), info.name))
+    return sorted(found)
+
+
+def applied(db: peewee.Database) -> set[int]:
+    if "schema_migrations" not in db.get_tables():
+        return set()
+    return {row[0] for row in db.execute_sql("SELECT version FROM schema_migrations")}
+
+
+def pending(db: peewee.Database) -> list[int]:
+    done = applied(db)
+    return [version for version, _ in available() if version not in done]
+
+
+def migrate(db: peewee.Database) -> list[int]:
+    """Applies what is pending; returns the versions it applied."""
+    dialect = "postgresql" if is_postgres(db) else "sqlite"
+    done: list[int] = []
+    with db.atomic(**({} if is_postgres(db) else {"lock_type": "IMMEDIATE"})):
+        if is_postgres(db):
+            db.execute_sql("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
+        db.execute_sql(
+            "CREATE TABLE IF NOT EXISTS schema_migrations "
+            "(version INTEGER PRIMARY KEY, name VARCHAR(128) NOT NULL, applied_at BIGINT NOT NULL)"
+        )
+        already = applied(db)
+        for version, name in available():
+            if version in already:
+                continue
+            module = importlib.import_module(f"{migrations.__name__}.{name}")
+            module.upgrade(db, dialect)
+            db.execute_sql(
+                "INSERT INTO schema_migrations (version, name, applied_at) VALUES (%s, %s, %s)"
+                if is_postgres(db)
+                else "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
+                (version, name, to_micros(datetime.now(UTC))),
+            )
+            log.info("applied migration", extra={"version": version, "migration": name})
+            done.append(version)
+    return done

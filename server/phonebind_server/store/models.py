@@ -1,0 +1,130 @@
+"""Peewee models of the tables that migrations create (store/migrations)."""
+
+from __future__ import annotations
+
+import peewee
+
+from .fields import UtcTimestampField
+
+
+class BaseModel(peewee.Model):
+    class Meta:
+        database = None  # bound by PeeweeStore when it opens the database
+
+
+class AccountRow(BaseModel):
+    account_id = peewee.CharField(max_length=64, primary_key=True)
+    phone_index = peewee.CharField(max_length=64, unique=True)
+    phone_sealed = peewee.TextField()
+    phone_masked = peewee.CharField(max_length=32)
+    holder_name_hash = peewee.CharField(max_length=64)
+    holder_name_masked = peewee.CharField(max_length=256)
+    id_number_hash = peewee.CharField(max_length=64)
+    id_number_masked = peewee.CharField(max_length=32)
+    id_province = peewee.CharField(max_length=2)
+    bound_at = UtcTimestampField()
+    hold_until = UtcTimestampField(null=True)
+    created_at = UtcTimestampField()
+
+    class Meta:
+        table_name = "accounts"
+
+
+class RebindRow(BaseModel):
+    rebind_id = peewee.CharField(max_length=64, primary_key=True)
+    account_id = peewee.CharField(max_length=64)
+    state = peewee.CharField(max_length=16)
+    new_phone_index = peewee.CharField(max_length=64)
+    new_phone_sealed = peewee.TextField()
+    new_phone_masked = peewee.CharField(max_length=32)
+    old_phone_lost = peewee.BooleanField()
+    required_steps = peewee.CharField(max_length=128)
+    completed_steps = peewee.CharField(max_length=128)
+    risk_decision = peewee.CharField(max_length=16)
+    risk_score = peewee.IntegerField()
+    risk_reasons = peewee.CharField(max_length=256)
+    failures = peewee.IntegerField()
+    created_at = UtcTimestampField()
+    expires_at = UtcTimestampField()
+    updated_at = UtcTimestampField()
+    completed_at = UtcTimestampField(null=True)
+
+    class Meta:
+        table_name = "rebinds"
+
+
+class ChallengeRow(BaseModel):
+    rebind_id = peewee.CharField(max_length=64)
+    target = peewee.CharField(max_length=16)
+    code_mac = peewee.CharField(max_length=64)
+    state = peewee.CharField(max_length=8)
+    attempts = peewee.IntegerField()
+    created_at = UtcTimestampField()
+    expires_at = UtcTimestampField()
+    resend_at = UtcTimestampField()
+
+    class Meta:
+        table_name = "challenges"
+        primary_key = peewee.CompositeKey("rebind_id", "target")
+
+
+class BindingChangeRow(BaseModel):
+    seq = peewee.BigAutoField()
+    rebind_id = peewee.CharField(max_length=64, unique=True)
+    account_id = peewee.CharField(max_length=64)
+    old_phone_index = peewee.CharField(max_length=64)
+    old_phone_sealed = peewee.TextField()
+    old_phone_masked = peewee.CharField(max_length=32)
+    new_phone_index = peewee.CharField(max_length=64)
+    new_phone_sealed = peewee.TextField()
+    new_phone_masked = peewee.CharField(max_length=32)
+    old_phone_lost = peewee.BooleanField()
+    completed_at = UtcTimestampField()
+
+    class Meta:
+        table_name = "binding_changes"
+
+
+class SmsOutboxRow(BaseModel):
+    seq = peewee.BigAutoField()
+    message_id = peewee.CharField(max_length=36, unique=True)
+    to_index = peewee.CharField(max_length=64)
+    to_sealed = peewee.TextField()
+    to_masked = peewee.CharField(max_length=32)
+    purpose = peewee.CharField(max_length=32)
+    text = peewee.TextField()
+    state = peewee.CharField(max_length=8)
+    attempts = peewee.IntegerField()
+    created_at = UtcTimestampField()
+    next_attempt_at = UtcTimestampField()
+    not_after = UtcTimestampField(null=True)
+    sent_at = UtcTimestampField(null=True)
+    last_error = peewee.CharField(max_length=256)
+    account_id = peewee.CharField(max_length=64)
+    rebind_id = peewee.CharField(max_length=64)
+
+    class Meta:
+        table_name = "sms_outbox"
+
+
+class IdempotencyRow(BaseModel):
+    operation = peewee.CharField(max_length=32)
+    account_id = peewee.CharField(max_length=64)
+    request_id = peewee.CharField(max_length=64)
+    fingerprint = peewee.CharField(max_length=64)
+    result = peewee.TextField()
+    created_at = UtcTimestampField()
+
+    class Meta:
+        table_name = "idempotency_keys"
+        primary_key = peewee.CompositeKey("operation", "account_id", "request_id")
+
+
+ALL_MODELS: list[type[BaseModel]] = [
+    AccountRow,
+    RebindRow,
+    ChallengeRow,
+    BindingChangeRow,
+    SmsOutboxRow,
+    IdempotencyRow,
+]

@@ -1,0 +1,503 @@
+"""The store adapter: the domain's Store and Tx ports on Peewee.
+
+Each domain use case runs in one `transaction()`, which is `db.atomic()`:
+on SQLite a write transaction begins IMMEDIATE (takes the write lock up front,
+so read-check-write sequences cannot interleave); on PostgreSQL rows read with
+`lock=True` are taken FOR UPDATE.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import peewee
+
+from ..domain.model import (
+    Account,
+    BindingChange,
+    Challenge,
+    ChallengeState,
+    CodeTarget,
+    IdempotencyRecord,
+    OutboundSms,
+    Rebind,
+    RebindState,
+    RiskAssessment,
+    RiskDecision,
+    SealedPhone,
+    Step,
+)
+from ..domain.ports import Conflict, StoreUnavailable
+from .db import is_postgres, open_database
+from .migrate import migrate, pending
+from .models import (
+    ALL_MODELS,
+    AccountRow,
+    BindingChangeRow,
+    ChallengeRow,
+    IdempotencyRow,
+    RebindRow,
+    SmsOutboxRow,
+)
+
+log = logging.getLogger(__name__)
+
+_OPEN = [s.value for s in RebindState if s.is_open]
+_UNAVAILABLE = (peewee.OperationalError, peewee.InterfaceError)
+
+
+def _conflict_name(error: peewee.IntegrityError) -> str:
+    text = str(error)
+    for needle, name in (
+        ("uq_accounts_phone", "phone"),
+        ("accounts.phone_index", "phone"),
+        ("accounts", "account_id"),
+        ("uq_rebinds_open_account", "open_rebind"),
+        ("rebinds.account_id", "open_rebind"),
+        ("idempotency_keys", "idempotency"),
+        ("binding_changes", "binding_change"),
+    ):
+        if needle in text:
+            return name
+    return "unknown"
+
+
+def _steps(text: str) -> tuple[Step, ...]:
+    return tuple(Step(s) for s in text.split(",") if s)
+
+
+class PeeweeTx:
+    """The domain's Tx port over the tables of models.py."""
+
+    def __init__(self, db: peewee.Database) -> None:
+        self._lock_rows = is_postgres(db)
+
+    def _select(self, model: type[peewee.Model], lock: bool) -> peewee.ModelSelect:
+        query = model.select()
+        return query.for_update() if lock and self._lock_rows else query
+
+    # accounts
+
+    def get_account(self, account_id: str, *, lock: bool = False) -> Account | None:
+        row = self._select(AccountRow, lock).where(AccountRow.account_id == account_id).first()
+        return None if row is None else _account(row)
+
+    def account_id_for_phone(self, phone_index: str) -> str | None:
+        row = (
+            AccountRow.select(AccountRow.account_id)
+            .where(AccountRow.phone_index == phone_index)
+            .tuples()
+            .first()
+        )
+        return None if row is None else row[0]
+
+    def insert_account(self, account: Account) -> None:
+        AccountRow.insert(**_account_columns(account)).execute()
+
+    def update_account(self, account: Account) -> None:
+        columns = _account_columns(account)
+        columns.pop("account_id")
+        AccountRow.update(**columns).where(AccountRow.account_id == account.account_id).execute()
+
+    # rebinds
+
+    def get_rebind(self, rebind_id: str, *, lock: bool = False) -> Rebind | None:
+        row = self._select(RebindRow, lock).where(RebindRow.rebind_id == rebind_id).first()
+        return None if row is None else _rebind(row)
+
+    def open_rebinds(self, account_id: str) -> list[Rebind]:
+        query = self._select(RebindRow, True).where(
+            (RebindRow.account_id == account_id) & (RebindRow.state.in_(_OPEN))
+        )
+        return [_rebind(row) for row in query]
+
+    def insert_rebind(self, rebind: Rebind) -> None:
+        RebindRow.insert(**_rebind_columns(rebind)).execute()
+
+    def update_rebind(self, rebind: Rebind) -> None:
+        columns = _rebind_columns(rebind)
+        columns.pop("rebind_id")
+        RebindRow.update(**columns).where(RebindRow.rebind_id == rebind.rebind_id).execute()
+
+    # challenges
+
+    def get_challenge(self, rebind_id: str, target: CodeTarget) -> Challenge | None:
+        row = (
+            ChallengeRow.select()
+            .where((ChallengeRow.rebind_id == rebind_id) & (ChallengeRow.target == target.value))
+            .first()
+        )
+        if row is None:
+            return None
+        return Challenge(
+            rebind_id=row.rebind_id,
+            target=CodeTarget(row.target),
+            code_mac=row.code_mac,
+            state=ChallengeState(row.state),
+            attempts=row.attempts,
+            created_at=row.created_at,
+            expires_at=row.expires_at,
+            resend_at=row.resend_at,
+        )
+
+    def save_challenge(self, challenge: Challenge) -> None:
+        columns = {
+            "rebind_id": challenge.rebind_id,
+            "target": challenge.target.value,
+            "code_mac": challenge.code_mac,
+            "state": challenge.state.value,
+            "attempts": challenge.attempts,
+            "created_at": challenge.created_at,
+            "expires_at": challenge.expires_at,
+            "resend_at": challenge.resend_at,
+        }
+        ChallengeRow.insert(**columns).on_conflict(
+            conflict_target=[ChallengeRow.rebind_id, ChallengeRow.target],
+            update={
+                getattr(ChallengeRow, k): v
+                for k, v in columns.items()
+                if k not in ("rebind_id", "target")
+            },
+        ).execute()
+
+    # history
+
+    def insert_change(self, change: BindingChange) -> None:
+        BindingChangeRow.insert(
+            rebind_id=change.rebind_id,
+            account_id=change.account_id,
+            old_phone_index=change.old_phone.index,
+            old_phone_sealed=change.old_phone.sealed,
+            old_phone_masked=change.old_phone.masked,
+            new_phone_index=change.new_phone.index,
+            new_phone_sealed=change.new_phone.sealed,
+            new_phone_masked=change.new_phone.masked,
+            old_phone_lost=change.old_phone_lost,
+            completed_at=change.completed_at,
+        ).execute()
+
+    def list_changes(
+        self, account_id: str, *, before_seq: int | None, limit: int
+    ) -> list[tuple[int, BindingChange]]:
+        query = BindingChangeRow.select().where(BindingChangeRow.account_id == account_id)
+        if before_seq is not None:
+            query = query.where(BindingChangeRow.seq < before_seq)
+        rows = query.order_by(BindingChangeRow.seq.desc()).limit(limit)
+        return [
+            (
+                row.seq,
+                BindingChange(
+                    rebind_id=row.rebind_id,
+                    account_id=row.account_id,
+                    old_phone=SealedPhone(
+                        row.old_phone_index, row.old_phone_sealed, row.old_phone_masked
+                    ),
+                    new_phone=SealedPhone(
+                        row.new_phone_index, row.new_phone_sealed, row.new_phone_masked
+                    ),
+                    old_phone_lost=bool(row.old_phone_lost),
+                    completed_at=row.completed_at,
+                ),
+            )
+            for row in rows
+        ]
+
+    def count_changes(self, account_id: str, *, since: datetime) -> int:
+        return (
+            BindingChangeRow.select()
+            .where(
+                (BindingChangeRow.account_id == account_id)
+                & (BindingChangeRow.completed_at >= since)
+            )
+            .count()
+        )
+
+    def phone_released_by_other(
+        self, phone_index: str, *, account_id: str, since: datetime
+    ) -> bool:
+        return (
+            BindingChangeRow.select()
+            .where(
+                (BindingChangeRow.old_phone_index == phone_index)
+                & (BindingChangeRow.account_id != account_id)
+                & (BindingChangeRow.completed_at >= since)
+            )
+            .exists()
+        )
+
+    # outbox
+
+    def enqueue_sms(self, message: OutboundSms) -> None:
+        SmsOutboxRow.insert(
+            message_id=message.message_id,
+            to_index=message.to.index,
+            to_sealed=message.to.sealed,
+            to_masked=message.to.masked,
+            purpose=message.purpose,
+            text=message.text,
+            state="PENDING",
+            attempts=0,
+            created_at=message.created_at,
+            next_attempt_at=message.created_at,
+            not_after=message.not_after,
+            last_error="",
+            account_id=message.account_id,
+            rebind_id=message.rebind_id,
+        ).execute()
+
+    # idempotency
+
+    def get_idempotency(
+        self, operation: str, account_id: str, request_id: str
+    ) -> IdempotencyRecord | None:
+        row = (
+            IdempotencyRow.select()
+            .where(
+                (IdempotencyRow.operation == operation)
+                & (IdempotencyRow.account_id == account_id)
+                & (IdempotencyRow.request_id == request_id)
+            )
+            .first()
+        )
+        if row is None:
+            return None
+        return IdempotencyRecord(
+            operation=row.operation,
+            account_id=row.account_id,
+            request_id=row.request_id,
+            fingerprint=row.fingerprint,
+            result=json.loads(row.result),
+            created_at=row.created_at,
+        )
+
+    def put_idempotency(self, record: IdempotencyRecord) -> None:
+        IdempotencyRow.insert(
+            operation=record.operation,
+            account_id=record.account_id,
+            request_id=record.request_id,
+            fingerprint=record.fingerprint,
+            result=json.dumps(record.result),
+            created_at=record.created_at,
+        ).execute()
+
+
+@dataclass(frozen=True)
+class OutboxItem:
+    seq: int
+    message_id: str
+    to_sealed: str
+    to_masked: str
+    purpose: str
+    text: str
+    attempts: int
+
+
+class PeeweeStore:
+    """Opens the database, binds the models and hands out units of work."""
+
+    def __init__(self, url: str, *, max_connections: int = 32) -> None:
+        self.url = url
+        self.db = open_database(url, max_connections=max_connections)
+        self.db.bind(ALL_MODELS, bind_refs=False, bind_backrefs=False)
+        self._postgres = is_postgres(self.db)
+
+    @property
+    def dialect(self) -> str:
+        return "postgresql" if self._postgres else "sqlite"
+
+    def migrate(self) -> list[int]:
+        with self._connected():
+            return migrate(self.db)
+
+    def pending_migrations(self) -> list[int]:
+        with self._connected():
+            return pending(self.db)
+
+    def close(self) -> None:
+        if not self.db.is_closed():
+            self.db.close()
+        close_all = getattr(self.db, "close_all", None)
+        if close_all is not None:
+            close_all()
+
+    @contextmanager
+    def _connected(self) -> Iterator[None]:
+        try:
+            self.db.connect(reuse_if_open=True)
+            yield
+        except _UNAVAILABLE as error:
+            self._drop_connection()
+            raise StoreUnavailable(type(error).__name__) from error
+
+    def _drop_connection(self) -> None:
+        try:
+            if not self.db.is_closed():
+                self.db.close()
+        except Exception:
+            log.debug("closing a broken connection failed", exc_info=True)
+
+    @contextmanager
+    def transaction(self, *, write: bool = True) -> Iterator[PeeweeTx]:
+        options = {"lock_type": "IMMEDIATE"} if write and not self._postgres else {}
+        with self._connected():
+            try:
+                with self.db.atomic(**options):
+                    yield PeeweeTx(self.db)
+            except peewee.IntegrityError as error:
+                raise Conflict(_conflict_name(error)) from error
+
+    def ping(self) -> bool:
+        try:
+            with self._connected():
+                self.db.execute_sql("SELECT 1")
+            return True
+        except StoreUnavailable:
+            return False
+
+    # -- outbox dispatcher --------------------------------------------------------
+
+    def claim_sms(self, now: datetime, *, limit: int, lease: timedelta) -> list[OutboxItem]:
+        """Takes due messages for delivery by leasing them for `lease`.
+
+        On PostgreSQL concurrent dispatchers skip each other's rows (FOR UPDATE
+        SKIP LOCKED); on SQLite the immediate transaction serialises them.
+        """
+        with self.transaction():
+            query = (
+                SmsOutboxRow.select()
+                .where((SmsOutboxRow.state == "PENDING") & (SmsOutboxRow.next_attempt_at <= now))
+                .order_by(SmsOutboxRow.next_attempt_at)
+                .limit(limit)
+            )
+            if self._postgres:
+                query = query.for_update(skip_locked=True)
+            rows = list(query)
+            items = []
+            for row in rows:
+                if row.not_after is not None and row.not_after <= now:
+                    SmsOutboxRow.update(state="EXPIRED", text="").where(
+                        SmsOutboxRow.seq == row.seq
+                    ).execute()
+                    continue
+                SmsOutboxRow.update(
+                    next_attempt_at=now + lease, attempts=SmsOutboxRow.attempts + 1
+                ).where(SmsOutboxRow.seq == row.seq).execute()
+                items.append(
+                    OutboxItem(
+                        row.seq,
+                        row.message_id,
+                        row.to_sealed,
+                        row.to_masked,
+                        row.purpose,
+                        row.text,
+                        row.attempts + 1,
+                    )
+                )
+            return items
+
+    def mark_sms_sent(self, seq: int, now: datetime) -> None:
+        with self.transaction():
+            # The text (which may hold a code) is erased once delivered.
+            SmsOutboxRow.update(state="SENT", sent_at=now, text="", last_error="").where(
+                SmsOutboxRow.seq == seq
+            ).execute()
+
+    def mark_sms_failed(self, seq: int, error: str, *, retry_at: datetime | None) -> None:
+        with self.transaction():
+            if retry_at is None:
+                SmsOutboxRow.update(state="DEAD", text="", last_error=error[:256]).where(
+                    SmsOutboxRow.seq == seq
+                ).execute()
+            else:
+                SmsOutboxRow.update(next_attempt_at=retry_at, last_error=error[:256]).where(
+                    SmsOutboxRow.seq == seq
+                ).execute()
+
+    def outbox_pending(self) -> int:
+        with self.transaction(write=False):
+            return SmsOutboxRow.select().where(SmsOutboxRow.state == "PENDING").count()
+
+    def prune_idempotency(self, before: datetime) -> int:
+        with self.transaction():
+            return IdempotencyRow.delete().where(IdempotencyRow.created_at < before).execute()
+
+
+def _account_columns(account: Account) -> dict[str, object]:
+    return {
+        "account_id": account.account_id,
+        "phone_index": account.phone.index,
+        "phone_sealed": account.phone.sealed,
+        "phone_masked": account.phone.masked,
+        "holder_name_hash": account.holder_name_hash,
+        "holder_name_masked": account.holder_name_masked,
+        "id_number_hash": account.id_number_hash,
+        "id_number_masked": account.id_number_masked,
+        "id_province": account.id_province,
+        "bound_at": account.bound_at,
+        "hold_until": account.hold_until,
+        "created_at": account.created_at,
+    }
+
+
+def _account(row: AccountRow) -> Account:
+    return Account(
+        account_id=row.account_id,
+        phone=SealedPhone(row.phone_index, row.phone_sealed, row.phone_masked),
+        holder_name_hash=row.holder_name_hash,
+        holder_name_masked=row.holder_name_masked,
+        id_number_hash=row.id_number_hash,
+        id_number_masked=row.id_number_masked,
+        id_province=row.id_province,
+        bound_at=row.bound_at,
+        hold_until=row.hold_until,
+        created_at=row.created_at,
+    )
+
+
+def _rebind_columns(rebind: Rebind) -> dict[str, object]:
+    return {
+        "rebind_id": rebind.rebind_id,
+        "account_id": rebind.account_id,
+        "state": rebind.state.value,
+        "new_phone_index": rebind.new_phone.index,
+        "new_phone_sealed": rebind.new_phone.sealed,
+        "new_phone_masked": rebind.new_phone.masked,
+        "old_phone_lost": rebind.old_phone_lost,
+        "required_steps": ",".join(s.value for s in rebind.required),
+        "completed_steps": ",".join(s.value for s in rebind.completed),
+        "risk_decision": rebind.risk.decision.value,
+        "risk_score": rebind.risk.score,
+        "risk_reasons": ",".join(rebind.risk.reasons),
+        "failures": rebind.failures,
+        "created_at": rebind.created_at,
+        "expires_at": rebind.expires_at,
+        "updated_at": rebind.updated_at,
+        "completed_at": rebind.completed_at,
+    }
+
+
+def _rebind(row: RebindRow) -> Rebind:
+    return Rebind(
+        rebind_id=row.rebind_id,
+        account_id=row.account_id,
+        state=RebindState(row.state),
+        new_phone=SealedPhone(row.new_phone_index, row.new_phone_sealed, row.new_phone_masked),
+        old_phone_lost=bool(row.old_phone_lost),
+        required=_steps(row.required_steps),
+        completed=_steps(row.completed_steps),
+        risk=RiskAssessment(
+            decision=RiskDecision(row.risk_decision),
+            score=row.risk_score,
+            reasons=tuple(r for r in row.risk_reasons.split(",") if r),
+        ),
+        failures=row.failures,
+        created_at=row.created_at,
+        expires_at=row.expires_at,
+        updated_at=row.updated_at,
+        completed_at=row.completed_at,
+    )
