@@ -58,8 +58,7 @@ class App:
         for name in ("", *SERVICE_NAMES):
             self.health.set(name, status)
 
-    def _watch_store(self) -> None:
-        last = None
+    def _watch_store(self, last: bool) -> None:
         while not self._stopped.wait(self.settings.health_interval_seconds):
             up = self.store.ping()
             if up != last:
@@ -130,10 +129,13 @@ def create_server(
     if port == 0:
         raise RuntimeError(f"cannot listen on {settings.listen}")
     app = App(server, port, store, dispatcher, health_servicer, service, settings)
-    app.set_serving(store.ping())
+    store_up = store.ping()
+    app.set_serving(store_up)
     server.start()
     dispatcher.start()
-    app._watch = threading.Thread(target=app._watch_store, name="health", daemon=True)
+    app._watch = threading.Thread(
+        target=app._watch_store, args=(store_up,), name="health", daemon=True
+    )
     app._watch.start()
     log.info(
         "phonebind serving",

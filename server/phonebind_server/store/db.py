@@ -6,8 +6,14 @@ peewee's docs) and bound to the one opened here when the store starts.
 
 from __future__ import annotations
 
+import logging
+
 import peewee
 from playhouse.db_url import connect
+
+# Peewee logs each statement with its parameters at DEBUG; those include sealed
+# numbers and outbox texts with codes, so its logger never goes below INFO.
+logging.getLogger("peewee").setLevel(logging.INFO)
 
 SQLITE_PRAGMAS = {
     "journal_mode": "wal",

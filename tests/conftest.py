@@ -1,0 +1,189 @@
+"""Fixtures: a real server on a free port, on SQLite and on PostgreSQL.
+
+PostgreSQL tests need PHONEBIND_TEST_DATABASE_URL (e.g.
+postgresql://postgres@127.0.0.1:5432/test). Each run creates its own database
+from it and drops it at the end; without the variable those tests are skipped
+and say so.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets as pysecrets
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from urllib.parse import urlsplit, urlunsplit
+
+import grpc
+import psycopg2
+import pytest
+from support import Api, FakeClock, Inbox, Secrets
+
+from phonebind_server.app import App, create_server
+from phonebind_server.config import load
+from phonebind_server.logs import JsonFormatter
+from phonebind_server.store.repository import PeeweeStore
+
+PG_ENV = "PHONEBIND_TEST_DATABASE_URL"
+TABLES = [
+    "accounts",
+    "rebinds",
+    "challenges",
+    "binding_changes",
+    "sms_outbox",
+    "idempotency_keys",
+]
+
+
+# -- log capture: nothing secret may be logged ------------------------------------
+
+
+class _Capture(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(level=logging.DEBUG)
+        self.setFormatter(JsonFormatter())
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.name == "phonebind.sms.dev":  # the log gateway prints SMS on purpose
+            return
+        self.lines.append(self.format(record))
+
+
+_capture = _Capture()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    root = logging.getLogger()
+    root.addHandler(_capture)
+    root.setLevel(logging.DEBUG)
+    config.addinivalue_line("markers", "postgres_only: needs PostgreSQL")
+
+
+@pytest.fixture
+def secrets_seen() -> Iterator[Secrets]:
+    """Collects the test's secrets; afterwards, no log line may contain one."""
+    seen = Secrets()
+    start = len(_capture.lines)
+    yield seen
+    lines = _capture.lines[start:]
+    for value in seen.values:
+        leaked = [line for line in lines if value in line]
+        assert not leaked, f"a secret reached the logs: {leaked[0][:200]}"
+
+
+# -- databases --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    base = os.environ.get(PG_ENV)
+    if not base:
+        if os.environ.get("PHONEBIND_REQUIRE_POSTGRES"):
+            pytest.fail(f"{PG_ENV} must be set when PHONEBIND_REQUIRE_POSTGRES is")
+        pytest.skip(f"PostgreSQL tests skipped: {PG_ENV} is not set")
+    name = f"phonebind_test_{os.getpid()}_{pysecrets.token_hex(4)}"
+    admin = psycopg2.connect(base)
+    admin.autocommit = True
+    with admin.cursor() as cursor:
+        cursor.execute(f'CREATE DATABASE "{name}"')
+    parts = urlsplit(base)
+    url = urlunsplit(parts._replace(path="/" + name))
+    store = PeeweeStore(url)
+    store.migrate()
+    store.close()
+    yield url
+    with admin.cursor() as cursor:
+        cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    admin.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/phonebind.db"
+    url = request.getfixturevalue("postgres_url")
+    connection = psycopg2.connect(url)
+    connection.autocommit = True
+    with connection.cursor() as cursor:
+        cursor.execute(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY")
+    connection.close()
+    return url
+
+
+# -- the server -------------------------------------------------------------------
+
+
+@dataclass
+class Running:
+    app: App
+    target: str
+    channel: grpc.Channel
+    api: Api
+    inbox: Inbox
+    clock: FakeClock
+    secrets: Secrets
+    database_url: str
+
+    def snapshot(self) -> dict[str, list[tuple]]:
+        """Every row of every table, once the outbox has delivered what it can."""
+        deadline = time.monotonic() + 10
+        while self.app.store.outbox_pending() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        db = self.app.store.db
+        with self.app.store.transaction(write=False):
+            return {
+                table: sorted(
+                    map(tuple, db.execute_sql(f"SELECT * FROM {table}").fetchall()), key=repr
+                )
+                for table in TABLES
+            }
+
+
+def start_server(
+    database_url: str, tmp_path, clock: FakeClock, secrets_seen: Secrets, **settings
+) -> Running:
+    sms_path = str(tmp_path / "sms.jsonl")
+    config = load(
+        {
+            "listen": "127.0.0.1:0",
+            "database_url": database_url,
+            "sms_gateway": f"file:{sms_path}",
+            "dev": True,
+            "threads": 24,
+            **settings,
+        },
+        env={},
+    )
+    app = create_server(config, clock=clock, migrate=True)
+    target = f"127.0.0.1:{app.port}"
+    channel = grpc.insecure_channel(target)
+    grpc.channel_ready_future(channel).result(timeout=10)
+    inbox = Inbox(sms_path, secrets_seen)
+    return Running(
+        app,
+        target,
+        channel,
+        Api(channel, inbox, secrets_seen),
+        inbox,
+        clock,
+        secrets_seen,
+        database_url,
+    )
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def server(
+    database_url: str, tmp_path, clock: FakeClock, secrets_seen: Secrets
+) -> Iterator[Running]:
+    running = start_server(database_url, tmp_path, clock, secrets_seen)
+    yield running
+    running.channel.close()
+    running.app.stop(grace=0)

@@ -1,0 +1,237 @@
+"""Helpers the tests share: a controllable clock, the SMS inbox, store snapshots."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from phonebind.v1 import binding_service_pb2 as api
+from phonebind.v1 import binding_service_pb2_grpc as api_grpc
+from phonebind.v1 import resources_pb2 as res
+
+OLD = res.CODE_TARGET_OLD_PHONE
+NEW = res.CODE_TARGET_NEW_PHONE
+
+# A valid GB 11643 number (from the standard's own example) and the holder name.
+ID_NUMBER = "11010519491231002X"
+HOLDER = "张三"
+
+
+def id_check_char(first17: str) -> str:
+    weights = [7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2]
+    total = sum(int(d) * w for d, w in zip(first17, weights, strict=True))
+    return "10X98765432"[total % 11]
+
+
+def make_id_number(region: str = "440305", birth: str = "19900307", seq: str = "123") -> str:
+    first17 = region + birth + seq
+    return first17 + id_check_char(first17)
+
+
+class FakeClock:
+    """The server's clock in tests: starts at a fixed instant, moves only when told."""
+
+    def __init__(self, start: datetime | None = None) -> None:
+        self._now = start or datetime(2026, 3, 1, 9, 0, tzinfo=UTC)
+        self._lock = threading.Lock()
+
+    def now(self) -> datetime:
+        with self._lock:
+            return self._now
+
+    def advance(self, delta: timedelta) -> None:
+        with self._lock:
+            self._now += delta
+
+
+class Secrets:
+    """Every code, full number and ID number a test used: none may reach a log."""
+
+    def __init__(self) -> None:
+        self.values: set[str] = set()
+
+    def add_phone(self, raw: str) -> None:
+        digits = "".join(c for c in raw if c in "0123456789")
+        national = digits[2:] if digits.startswith("86") and len(digits) == 13 else digits
+        self.values.update({national, "+86" + national})
+
+    def add(self, value: str) -> None:
+        if len(value) >= 6:
+            self.values.add(value)
+
+
+_CODE = re.compile(r"(?<![0-9])([0-9]{6})(?![0-9])")
+
+
+@dataclass
+class Inbox:
+    """Reads what the file gateway delivered, as a handset would."""
+
+    path: str
+    secrets: Secrets
+    _consumed: dict[str, int] = field(default_factory=dict)
+
+    def messages(self) -> list[dict[str, str]]:
+        if not os.path.exists(self.path):
+            return []
+        with open(self.path, encoding="utf-8") as handle:
+            return [json.loads(line) for line in handle if line.strip()]
+
+    def to(self, e164: str, purpose: str | None = None) -> list[dict[str, str]]:
+        return [
+            m
+            for m in self.messages()
+            if m["to"] == e164 and (purpose is None or m["purpose"] == purpose)
+        ]
+
+    def wait_for(
+        self, e164: str, count: int, purpose: str | None = None, timeout: float = 10.0
+    ) -> list[dict[str, str]]:
+        """Waits for the outbox dispatcher to deliver (it runs in the background)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = self.to(e164, purpose)
+            if len(found) >= count or time.monotonic() > deadline:
+                return found
+            time.sleep(0.01)
+
+    def next_code(self, e164: str, timeout: float = 10.0) -> str:
+        """The code of the next REBIND_CODE message to this number."""
+        seen = self._consumed.get(e164, 0)
+        found = self.wait_for(e164, seen + 1, "REBIND_CODE", timeout)
+        assert len(found) > seen, f"no new code delivered to {e164[:5]}…"
+        self._consumed[e164] = seen + 1
+        match = _CODE.search(found[seen]["text"])
+        assert match, "code message without a 6-digit code"
+        self.secrets.add(match.group(1))
+        return match.group(1)
+
+
+def e164(national: str) -> str:
+    return "+86" + national
+
+
+def error_details(error: grpc.RpcError) -> tuple[grpc.StatusCode, str, dict[str, object]]:
+    """(status, ErrorInfo reason, the other details) of a failed call."""
+    status = rpc_status.from_call(error)
+    assert status is not None, f"no rich status on {error.code()}: {error.details()}"
+    found: dict[str, object] = {}
+    reason = ""
+    for detail in status.details:
+        for kind in (
+            error_details_pb2.ErrorInfo,
+            error_details_pb2.BadRequest,
+            error_details_pb2.RetryInfo,
+            error_details_pb2.QuotaFailure,
+            error_details_pb2.LocalizedMessage,
+        ):
+            if detail.Is(kind.DESCRIPTOR):
+                message = kind()
+                detail.Unpack(message)
+                found[kind.DESCRIPTOR.name] = message
+    info = found.get("ErrorInfo")
+    assert info is not None, "every error must carry ErrorInfo"
+    assert info.domain == "phonebind.v1"
+    reason = info.reason
+    return error.code(), reason, found
+
+
+class Api:
+    """The generated stub with short helpers for the common steps."""
+
+    def __init__(self, channel: grpc.Channel, inbox: Inbox, secrets: Secrets) -> None:
+        self.stub = api_grpc.BindingServiceStub(channel)
+        self.inbox = inbox
+        self.secrets = secrets
+
+    def register(
+        self,
+        account_id: str,
+        phone: str,
+        *,
+        name: str = HOLDER,
+        id_number: str = ID_NUMBER,
+        request_id: str = "",
+    ) -> res.Account:
+        self.secrets.add_phone(phone)
+        self.secrets.add(id_number)
+        return self.stub.RegisterAccount(
+            api.RegisterAccountRequest(
+                account_id=account_id,
+                holder_name=name,
+                id_number=id_number,
+                phone=phone,
+                request_id=request_id,
+            )
+        ).account
+
+    def start(self, account_id: str, new_phone: str, *, lost: bool = False, request_id: str = ""):
+        self.secrets.add_phone(new_phone)
+        return self.stub.StartRebind(
+            api.StartRebindRequest(
+                account_id=account_id,
+                new_phone=new_phone,
+                old_phone_lost=lost,
+                request_id=request_id,
+            )
+        ).rebind
+
+    def identity(
+        self, account_id: str, rebind_id: str, name: str = HOLDER, id_number: str = ID_NUMBER
+    ):
+        return self.stub.VerifyIdentity(
+            api.VerifyIdentityRequest(
+                account_id=account_id, rebind_id=rebind_id, holder_name=name, id_number=id_number
+            )
+        ).rebind
+
+    def send(self, account_id: str, rebind_id: str, target: int, request_id: str = ""):
+        return self.stub.SendCode(
+            api.SendCodeRequest(
+                account_id=account_id, rebind_id=rebind_id, target=target, request_id=request_id
+            )
+        )
+
+    def verify(self, account_id: str, rebind_id: str, target: int, code: str):
+        return self.stub.VerifyCode(
+            api.VerifyCodeRequest(
+                account_id=account_id, rebind_id=rebind_id, target=target, code=code
+            )
+        ).rebind
+
+    def complete(self, account_id: str, rebind_id: str, request_id: str = ""):
+        return self.stub.CompleteRebind(
+            api.CompleteRebindRequest(
+                account_id=account_id, rebind_id=rebind_id, request_id=request_id
+            )
+        )
+
+    def get_rebind(self, account_id: str, rebind_id: str):
+        return self.stub.GetRebind(
+            api.GetRebindRequest(account_id=account_id, rebind_id=rebind_id)
+        ).rebind
+
+    def get_account(self, account_id: str):
+        return self.stub.GetAccount(api.GetAccountRequest(account_id=account_id)).account
+
+    def send_and_verify(self, account_id: str, rebind_id: str, target: int, phone: str):
+        self.send(account_id, rebind_id, target)
+        return self.verify(account_id, rebind_id, target, self.inbox.next_code(e164(phone)))
+
+    def ready_rebind(self, account_id: str, old_phone: str, new_phone: str) -> res.Rebind:
+        """Registers nothing; starts a rebind and does every step up to READY."""
+        rebind = self.start(account_id, new_phone)
+        self.identity(account_id, rebind.rebind_id)
+        self.send_and_verify(account_id, rebind.rebind_id, OLD, old_phone)
+        rebind = self.send_and_verify(account_id, rebind.rebind_id, NEW, new_phone)
+        assert rebind.state == res.REBIND_STATE_READY
+        return rebind

@@ -1,0 +1,111 @@
+"""The shipped client library against a real server."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import grpc
+import pytest
+from support import HOLDER, ID_NUMBER, e164
+
+from phonebind_client import PhonebindClient, PhonebindError, RebindState
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def test_facade_runs_a_complete_rebind(server):
+    inbox = server.inbox
+    server.secrets.add_phone("13800138100")
+    server.secrets.add_phone("13900139100")
+    with PhonebindClient(server.target) as pb:
+        account = pb.register_account("loan-c1", HOLDER, ID_NUMBER, "13800138100")
+        assert account.phone_masked == "138****8100"
+        rebind = pb.start_rebind("loan-c1", "13900139100")
+        pb.verify_identity("loan-c1", rebind.rebind_id, HOLDER, ID_NUMBER)
+        pb.send_code("loan-c1", rebind.rebind_id, "old")
+        pb.send_code("loan-c1", rebind.rebind_id, "new")
+        pb.verify_code("loan-c1", rebind.rebind_id, "old", inbox.next_code(e164("13800138100")))
+        ready = pb.verify_code(
+            "loan-c1", rebind.rebind_id, "new", inbox.next_code(e164("13900139100"))
+        )
+        assert ready.state == RebindState.Value("REBIND_STATE_READY")
+        done = pb.complete_rebind("loan-c1", rebind.rebind_id)
+        assert done.account.phone_masked == "139****9100"
+        history = list(pb.iter_binding_history("loan-c1", page_size=1))
+        assert [c.rebind_id for c in history] == [rebind.rebind_id]
+
+
+def test_facade_raises_errors_with_reason_and_attempts_left(server):
+    server.secrets.add_phone("13800138101")
+    with PhonebindClient(server.target) as pb:
+        pb.register_account("loan-c2", HOLDER, ID_NUMBER, "13800138101")
+        rebind = pb.start_rebind("loan-c2", "13900139101")
+        pb.send_code("loan-c2", rebind.rebind_id, "new")
+        with pytest.raises(PhonebindError) as caught:
+            pb.verify_code("loan-c2", rebind.rebind_id, "new", "000000")
+        if caught.value.reason != "CODE_MISMATCH":  # the one-in-a-million right guess
+            pytest.skip("the random code was 000000")
+        assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert caught.value.attempts_left == 4
+        with pytest.raises(PhonebindError) as again:
+            pb.send_code("loan-c2", rebind.rebind_id, "new")
+        assert again.value.reason == "RESEND_TOO_SOON"
+        assert again.value.retry_delay is not None
+        assert again.value.retry_delay.total_seconds() == 60
+        with pytest.raises(PhonebindError) as bad:
+            pb.start_rebind("loan-c2", "not a phone")
+        assert bad.value.reason == "INVALID_PHONE"
+        assert bad.value.field_violations[0][0] == "new_phone"
+
+
+def test_facade_retries_unavailable_with_backoff_then_gives_up():
+    delays: list[float] = []
+    with (
+        PhonebindClient("127.0.0.1:1", timeout=1.0, max_attempts=3, sleep=delays.append) as pb,
+        pytest.raises(PhonebindError) as caught,
+    ):
+        pb.get_account("loan-none")
+    assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+    assert len(delays) == 2
+    assert all(0 <= d <= 2.0 for d in delays)
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_client_package_installs_and_works_on_its_own(server, tmp_path):
+    """`pip install ./client` into an empty venv is all a caller needs."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    subprocess.run(
+        [
+            str(python),
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "-c",
+            str(ROOT / "constraints.txt"),
+            str(ROOT / "client"),
+        ],
+        check=True,
+        env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"},
+    )
+    server.api.register("loan-c3", "13800138102")
+    script = textwrap.dedent(
+        f"""
+        import importlib.util, sys
+        from phonebind_client import PhonebindClient
+        assert importlib.util.find_spec("peewee") is None, "peewee must not be installed"
+        assert importlib.util.find_spec("phonebind_server") is None
+        with PhonebindClient("{server.target}") as pb:
+            print(pb.get_account("loan-c3").phone_masked)
+        """
+    )
+    out = subprocess.run(
+        [str(python), "-c", script], check=True, capture_output=True, text=True, cwd=tmp_path
+    )
+    assert out.stdout.strip() == "138****8102"
