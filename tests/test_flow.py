@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from datetime import timedelta
 
 from support import ID_NUMBER, NEW, OLD, e164
@@ -89,7 +90,7 @@ def test_history_pages_newest_first(server, clock):
     pb = server.api
     phones = ["13800138010", "13900139010", "13700137010"]
     pb.register("loan-3", phones[0])
-    for old, new in zip(phones, phones[1:], strict=False):
+    for old, new in itertools.pairwise(phones):
         rebind = pb.ready_rebind("loan-3", old, new)
         pb.complete("loan-3", rebind.rebind_id)
         clock.advance(timedelta(days=40))

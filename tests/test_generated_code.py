@@ -44,7 +44,6 @@ def test_committed_generated_code_is_current(tmp_path):
 
 def test_error_reasons_in_proto_match_the_domain():
     from phonebind.v1 import errors_pb2
-
     from phonebind_server.domain.errors import Reason
     from phonebind_server.rpc.errors import STATUS_FOR_REASON
 

@@ -126,7 +126,7 @@ def _coerce(name: str, current: Any, value: Any) -> Any:
 
 
 def _apply(target: Any, values: Mapping[str, Any], where: str) -> Any:
-    known = {f.name: f for f in dataclasses.fields(target) if f.name not in ("policy", "extra")}
+    known = {f.name: f for f in dataclasses.fields(target) if f.name != "policy"}
     changes = {}
     for key, value in values.items():
         if key not in known:
@@ -159,7 +159,7 @@ def load(
         policy = _apply(policy, document.get("policy", {}), path)
 
     server_names = {f.name for f in dataclasses.fields(Settings)} - {"policy"}
-    policy_names = {f.name for f in dataclasses.fields(Policy)} - {"extra"}
+    policy_names = {f.name for f in dataclasses.fields(Policy)}
     from_env = {
         name: env[ENV_PREFIX + name.upper()]
         for name in server_names

@@ -6,7 +6,7 @@ onto these names); the comments give the standard behind each default.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 
 
@@ -47,8 +47,6 @@ class Policy:
 
     # Idempotency records are kept this long.
     idempotency_ttl: timedelta = timedelta(hours=24)
-
-    extra: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not 6 <= self.code_length <= 10:
