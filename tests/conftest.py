@@ -34,6 +34,7 @@ TABLES = [
     "binding_changes",
     "sms_outbox",
     "idempotency_keys",
+    "identity_failures",
 ]
 
 

@@ -12,14 +12,22 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from phonebind.v1 import binding_service_pb2, binding_service_pb2_grpc
+from phonebind.v1 import (
+    binding_service_pb2,
+    binding_service_pb2_grpc,
+    review_service_pb2,
+    review_service_pb2_grpc,
+)
 
 from .config import Settings
 from .domain.pii import Vault
 from .domain.ports import Clock
 from .domain.rebind import RebindService
-from .rpc.binding import BindingServicer, PageTokens
+from .domain.review import ReviewDesk
+from .rpc.binding import BindingServicer
 from .rpc.interceptors import ServerInterceptor
+from .rpc.pagination import PageTokens
+from .rpc.review import ReviewServicer
 from .sms.gateways import SmsGateway, gateway_from_spec
 from .sms.outbox import OutboxDispatcher
 from .store.db import describe
@@ -27,7 +35,10 @@ from .store.repository import PeeweeStore
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAMES = (binding_service_pb2.DESCRIPTOR.services_by_name["BindingService"].full_name,)
+SERVICE_NAMES = (
+    binding_service_pb2.DESCRIPTOR.services_by_name["BindingService"].full_name,
+    review_service_pb2.DESCRIPTOR.services_by_name["ReviewService"].full_name,
+)
 
 
 class SystemClock:
@@ -113,11 +124,17 @@ def create_server(
         interceptors=[ServerInterceptor()],
         options=[
             ("grpc.max_receive_message_length", settings.max_receive_bytes),
-            ("grpc.so_reuseport", 0),
+            # Several worker processes share one port only when asked to.
+            ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
         ],
     )
+    page_tokens = PageTokens(keys.index_key)
     binding_service_pb2_grpc.add_BindingServiceServicer_to_server(
-        BindingServicer(service, PageTokens(keys.index_key)), server
+        BindingServicer(service, page_tokens), server
+    )
+    review_service_pb2_grpc.add_ReviewServiceServicer_to_server(
+        ReviewServicer(ReviewDesk(store, settings.policy, clock), settings.policy, page_tokens),
+        server,
     )
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

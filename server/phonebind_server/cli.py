@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import multiprocessing
+import os
 import signal
 import sys
 import threading
@@ -41,7 +43,10 @@ def _parser() -> argparse.ArgumentParser:
     common(serve)
     serve.add_argument("--listen", help="HOST:PORT (default 127.0.0.1:50051)")
     serve.add_argument("--sms-gateway", dest="sms_gateway", help="file:PATH or log")
-    serve.add_argument("--threads", type=int, help="RPC worker threads")
+    serve.add_argument("--threads", type=int, help="RPC worker threads per process")
+    serve.add_argument(
+        "--workers", type=int, help="server processes sharing the port (SO_REUSEPORT)"
+    )
     serve.add_argument(
         "--reflection", action="store_const", const=True, help="enable server reflection"
     )
@@ -81,6 +86,20 @@ def _migrate(settings: Settings) -> int:
 
 
 def _serve(settings: Settings, *, migrate: bool) -> int:
+    if settings.workers < 1:
+        print("phonebind-server: --workers must be at least 1", file=sys.stderr)
+        return 2
+    if settings.workers == 1:
+        return _serve_one(settings, migrate=migrate)
+    if settings.listen.rsplit(":", 1)[-1] == "0":
+        print("phonebind-server: several workers need a fixed port", file=sys.stderr)
+        return 2
+    if migrate:
+        _migrate(settings)
+    return _supervise(settings)
+
+
+def _serve_one(settings: Settings, *, migrate: bool) -> int:
     from .app import create_server
 
     try:
@@ -97,6 +116,48 @@ def _serve(settings: Settings, *, migrate: bool) -> int:
     signal.signal(signal.SIGINT, drain)
     print(f"phonebind listening on port {app.port}", flush=True)
     app.wait()
+    return 0
+
+
+def _worker(settings: Settings) -> None:
+    logs.configure(settings.log_level)
+    sys.exit(_serve_one(settings, migrate=False))
+
+
+def _supervise(settings: Settings) -> int:
+    """Runs `workers` server processes on one port; restarts one that dies.
+
+    Each worker is a fresh interpreter (spawn), so no gRPC or database state
+    crosses a fork. SIGTERM is passed on, and the supervisor waits for every
+    worker to drain.
+    """
+    context = multiprocessing.get_context("spawn")
+    stopping = threading.Event()
+    workers: list[multiprocessing.process.BaseProcess] = []
+
+    def spawn() -> multiprocessing.process.BaseProcess:
+        process = context.Process(target=_worker, args=(settings,), name="phonebind-worker")
+        process.start()
+        return process
+
+    def stop(signum: int, _frame: object) -> None:
+        log.info("draining workers", extra={"signal": signal.Signals(signum).name})
+        stopping.set()
+        for process in workers:
+            if process.is_alive() and process.pid is not None:
+                os.kill(process.pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    workers.extend(spawn() for _ in range(settings.workers))
+    while not stopping.is_set():
+        for index, process in enumerate(workers):
+            if not process.is_alive() and not stopping.is_set():
+                log.error("worker died, restarting", extra={"exitcode": process.exitcode})
+                workers[index] = spawn()
+        stopping.wait(0.5)
+    for process in workers:
+        process.join(settings.grace_seconds + 5)
     return 0
 
 

@@ -52,6 +52,7 @@ class Settings:
     reflection: bool = False
     log_level: str = "INFO"
     threads: int = 16
+    workers: int = 1
     grace_seconds: float = 10.0
     max_receive_bytes: int = 64 * 1024
     health_interval_seconds: float = 2.0

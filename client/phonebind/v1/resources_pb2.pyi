@@ -17,6 +17,13 @@ class AccountState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ACCOUNT_STATE_COOL_OFF: _ClassVar[AccountState]
     ACCOUNT_STATE_REBIND_LOCKED: _ClassVar[AccountState]
 
+class ReviewState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    REVIEW_STATE_UNSPECIFIED: _ClassVar[ReviewState]
+    REVIEW_STATE_PENDING: _ClassVar[ReviewState]
+    REVIEW_STATE_APPROVED: _ClassVar[ReviewState]
+    REVIEW_STATE_REJECTED: _ClassVar[ReviewState]
+
 class RebindState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     REBIND_STATE_UNSPECIFIED: _ClassVar[RebindState]
@@ -52,6 +59,10 @@ ACCOUNT_STATE_UNSPECIFIED: AccountState
 ACCOUNT_STATE_ACTIVE: AccountState
 ACCOUNT_STATE_COOL_OFF: AccountState
 ACCOUNT_STATE_REBIND_LOCKED: AccountState
+REVIEW_STATE_UNSPECIFIED: ReviewState
+REVIEW_STATE_PENDING: ReviewState
+REVIEW_STATE_APPROVED: ReviewState
+REVIEW_STATE_REJECTED: ReviewState
 REBIND_STATE_UNSPECIFIED: RebindState
 REBIND_STATE_PENDING: RebindState
 REBIND_STATE_AWAITING_REVIEW: RebindState
@@ -94,7 +105,7 @@ class Account(_message.Message):
     def __init__(self, account_id: _Optional[str] = ..., phone_masked: _Optional[str] = ..., holder_name_masked: _Optional[str] = ..., id_number_masked: _Optional[str] = ..., state: _Optional[_Union[AccountState, str]] = ..., bound_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., hold_until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class Rebind(_message.Message):
-    __slots__ = ("rebind_id", "account_id", "state", "new_phone_masked", "required_steps", "completed_steps", "risk", "create_time", "expire_time", "complete_time", "old_phone_lost", "attempts_left")
+    __slots__ = ("rebind_id", "account_id", "state", "new_phone_masked", "required_steps", "completed_steps", "risk", "create_time", "expire_time", "complete_time", "old_phone_lost", "attempts_left", "review", "update_time")
     REBIND_ID_FIELD_NUMBER: _ClassVar[int]
     ACCOUNT_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -107,6 +118,8 @@ class Rebind(_message.Message):
     COMPLETE_TIME_FIELD_NUMBER: _ClassVar[int]
     OLD_PHONE_LOST_FIELD_NUMBER: _ClassVar[int]
     ATTEMPTS_LEFT_FIELD_NUMBER: _ClassVar[int]
+    REVIEW_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_TIME_FIELD_NUMBER: _ClassVar[int]
     rebind_id: str
     account_id: str
     state: RebindState
@@ -119,7 +132,21 @@ class Rebind(_message.Message):
     complete_time: _timestamp_pb2.Timestamp
     old_phone_lost: bool
     attempts_left: int
-    def __init__(self, rebind_id: _Optional[str] = ..., account_id: _Optional[str] = ..., state: _Optional[_Union[RebindState, str]] = ..., new_phone_masked: _Optional[str] = ..., required_steps: _Optional[_Iterable[_Union[RebindStep, str]]] = ..., completed_steps: _Optional[_Iterable[_Union[RebindStep, str]]] = ..., risk: _Optional[_Union[RiskAssessment, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., complete_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., old_phone_lost: _Optional[bool] = ..., attempts_left: _Optional[int] = ...) -> None: ...
+    review: Review
+    update_time: _timestamp_pb2.Timestamp
+    def __init__(self, rebind_id: _Optional[str] = ..., account_id: _Optional[str] = ..., state: _Optional[_Union[RebindState, str]] = ..., new_phone_masked: _Optional[str] = ..., required_steps: _Optional[_Iterable[_Union[RebindStep, str]]] = ..., completed_steps: _Optional[_Iterable[_Union[RebindStep, str]]] = ..., risk: _Optional[_Union[RiskAssessment, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., complete_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., old_phone_lost: _Optional[bool] = ..., attempts_left: _Optional[int] = ..., review: _Optional[_Union[Review, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class Review(_message.Message):
+    __slots__ = ("state", "reviewer", "note", "decide_time")
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    REVIEWER_FIELD_NUMBER: _ClassVar[int]
+    NOTE_FIELD_NUMBER: _ClassVar[int]
+    DECIDE_TIME_FIELD_NUMBER: _ClassVar[int]
+    state: ReviewState
+    reviewer: str
+    note: str
+    decide_time: _timestamp_pb2.Timestamp
+    def __init__(self, state: _Optional[_Union[ReviewState, str]] = ..., reviewer: _Optional[str] = ..., note: _Optional[str] = ..., decide_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class RiskAssessment(_message.Message):
     __slots__ = ("decision", "score", "reasons")

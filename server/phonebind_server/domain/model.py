@@ -84,6 +84,8 @@ class Account:
     bound_at: datetime
     created_at: datetime
     hold_until: datetime | None = None
+    # Rebinding (not the binding) is locked until then after identity failures.
+    rebind_locked_until: datetime | None = None
 
     def with_changes(self, **changes: object) -> Account:
         return replace(self, **changes)
@@ -104,6 +106,9 @@ class Rebind:
     expires_at: datetime
     updated_at: datetime
     completed_at: datetime | None = None
+    reviewer: str = ""
+    review_note: str = ""
+    reviewed_at: datetime | None = None
 
     @property
     def outstanding(self) -> tuple[Step, ...]:

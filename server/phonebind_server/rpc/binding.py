@@ -6,47 +6,14 @@ raised as DomainError and turned into statuses by the error interceptor.
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
-
 import grpc
 
 from phonebind.v1 import binding_service_pb2 as api
 from phonebind.v1 import binding_service_pb2_grpc as api_grpc
 
-from ..domain.errors import Reason, invalid
 from ..domain.rebind import RebindService
 from . import convert
-
-
-class PageTokens:
-    """Opaque, tamper-evident page tokens bound to the account they page (AIP-158)."""
-
-    def __init__(self, key: bytes) -> None:
-        self._key = key
-
-    def _sign(self, payload: bytes) -> bytes:
-        return hmac.new(self._key, b"page\x00" + payload, hashlib.sha256).digest()[:12]
-
-    def encode(self, account_id: str, cursor: int) -> str:
-        payload = f"{account_id}\x00{cursor}".encode()
-        return base64.urlsafe_b64encode(self._sign(payload) + payload).decode().rstrip("=")
-
-    def decode(self, account_id: str, token: str) -> int | None:
-        if not token:
-            return None
-        try:
-            raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-            mac, payload = raw[:12], raw[12:]
-            owner, cursor = payload.decode().split("\x00")
-            if hmac.compare_digest(mac, self._sign(payload)) and owner == account_id:
-                return int(cursor)
-        except (ValueError, UnicodeDecodeError):
-            pass
-        raise invalid(
-            Reason.INVALID_ARGUMENT, "page_token", "page_token is not valid for this request"
-        )
+from .pagination import PageTokens
 
 
 class BindingServicer(api_grpc.BindingServiceServicer):
@@ -128,12 +95,13 @@ class BindingServicer(api_grpc.BindingServiceServicer):
     def ListBindingHistory(
         self, request: api.ListBindingHistoryRequest, context: grpc.ServicerContext
     ):
-        cursor = self._tokens.decode(request.account_id, request.page_token)
-        page = self._service.list_history(request.account_id, request.page_size, cursor)
+        scope = "history:" + request.account_id
+        cursor = self._tokens.decode(scope, request.page_token)
+        page = self._service.list_history(
+            request.account_id, request.page_size, None if cursor is None else int(cursor)
+        )
         token = (
-            ""
-            if page.next_cursor is None
-            else self._tokens.encode(request.account_id, page.next_cursor)
+            "" if page.next_cursor is None else self._tokens.encode(scope, str(page.next_cursor))
         )
         return api.ListBindingHistoryResponse(
             changes=[convert.binding_change(c) for c in page.changes], next_page_token=token

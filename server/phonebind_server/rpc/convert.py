@@ -11,6 +11,7 @@ from phonebind.v1 import resources_pb2 as pb
 from ..domain.errors import Reason, invalid
 from ..domain.model import Account, BindingChange, CodeTarget, Rebind, RebindState, Step
 from ..domain.policy import Policy
+from ..domain.review import ReviewFilter, review_state
 
 
 def timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
@@ -64,7 +65,37 @@ def rebind(entity: Rebind, policy: Policy) -> pb.Rebind:
         complete_time=timestamp(entity.completed_at),
         old_phone_lost=entity.old_phone_lost,
         attempts_left=max(0, policy.rebind_max_failures - entity.failures),
+        review=_review(entity),
+        update_time=timestamp(entity.updated_at),
     )
+
+
+_REVIEW_STATE = {
+    ReviewFilter.PENDING: pb.REVIEW_STATE_PENDING,
+    ReviewFilter.APPROVED: pb.REVIEW_STATE_APPROVED,
+    ReviewFilter.REJECTED: pb.REVIEW_STATE_REJECTED,
+}
+
+
+def _review(entity: Rebind) -> pb.Review | None:
+    state = review_state(entity)
+    if state is None:
+        return None
+    return pb.Review(
+        state=_REVIEW_STATE[state],
+        reviewer=entity.reviewer,
+        note=entity.review_note,
+        decide_time=timestamp(entity.reviewed_at),
+    )
+
+
+def review_filter(value: int) -> ReviewFilter:
+    if value == pb.REVIEW_STATE_UNSPECIFIED:
+        return ReviewFilter.PENDING
+    for state, number in _REVIEW_STATE.items():
+        if number == value:
+            return state
+    raise invalid(Reason.INVALID_ARGUMENT, "state", "state is not a ReviewState")
 
 
 def binding_change(entity: BindingChange) -> pb.BindingChange:

@@ -25,6 +25,7 @@ class AccountRow(BaseModel):
     bound_at = UtcTimestampField()
     hold_until = UtcTimestampField(null=True)
     created_at = UtcTimestampField()
+    rebind_locked_until = UtcTimestampField(null=True)
 
     class Meta:
         table_name = "accounts"
@@ -48,6 +49,9 @@ class RebindRow(BaseModel):
     expires_at = UtcTimestampField()
     updated_at = UtcTimestampField()
     completed_at = UtcTimestampField(null=True)
+    reviewer = peewee.CharField(max_length=64)
+    review_note = peewee.CharField(max_length=512)
+    reviewed_at = UtcTimestampField(null=True)
 
     class Meta:
         table_name = "rebinds"
@@ -120,6 +124,16 @@ class IdempotencyRow(BaseModel):
         primary_key = peewee.CompositeKey("operation", "account_id", "request_id")
 
 
+class IdentityFailureRow(BaseModel):
+    seq = peewee.BigAutoField()
+    account_id = peewee.CharField(max_length=64)
+    rebind_id = peewee.CharField(max_length=64)
+    failed_at = UtcTimestampField()
+
+    class Meta:
+        table_name = "identity_failures"
+
+
 ALL_MODELS: list[type[BaseModel]] = [
     AccountRow,
     RebindRow,
@@ -127,4 +141,5 @@ ALL_MODELS: list[type[BaseModel]] = [
     BindingChangeRow,
     SmsOutboxRow,
     IdempotencyRow,
+    IdentityFailureRow,
 ]

@@ -124,6 +124,29 @@ class PeeweeTx:
         columns.pop("rebind_id")
         RebindRow.update(**columns).where(RebindRow.rebind_id == rebind.rebind_id).execute()
 
+    def list_reviews(
+        self, state: str, *, now: datetime, after: tuple[datetime, str] | None, limit: int
+    ) -> list[Rebind]:
+        needs_review = RebindRow.required_steps.contains(Step.REVIEW.value)
+        reviewed = RebindRow.completed_steps.contains(Step.REVIEW.value)
+        if state == "PENDING":
+            where = (
+                needs_review & ~reviewed & RebindRow.state.in_(_OPEN) & (RebindRow.expires_at > now)
+            )
+        elif state == "APPROVED":
+            where = needs_review & reviewed
+        else:
+            where = needs_review & (RebindRow.state == RebindState.REJECTED.value)
+        query = RebindRow.select().where(where)
+        if after is not None:
+            created, rebind_id = after
+            query = query.where(
+                (RebindRow.created_at > created)
+                | ((RebindRow.created_at == created) & (RebindRow.rebind_id > rebind_id))
+            )
+        query = query.order_by(RebindRow.created_at, RebindRow.rebind_id).limit(limit)
+        return [_rebind(row) for row in query]
+
     # challenges
 
     def get_challenge(self, rebind_id: str, target: CodeTarget) -> Challenge | None:
@@ -441,6 +464,7 @@ def _account_columns(account: Account) -> dict[str, object]:
         "bound_at": account.bound_at,
         "hold_until": account.hold_until,
         "created_at": account.created_at,
+        "rebind_locked_until": account.rebind_locked_until,
     }
 
 
@@ -456,6 +480,7 @@ def _account(row: AccountRow) -> Account:
         bound_at=row.bound_at,
         hold_until=row.hold_until,
         created_at=row.created_at,
+        rebind_locked_until=row.rebind_locked_until,
     )
 
 
@@ -478,6 +503,9 @@ def _rebind_columns(rebind: Rebind) -> dict[str, object]:
         "expires_at": rebind.expires_at,
         "updated_at": rebind.updated_at,
         "completed_at": rebind.completed_at,
+        "reviewer": rebind.reviewer,
+        "review_note": rebind.review_note,
+        "reviewed_at": rebind.reviewed_at,
     }
 
 
@@ -500,4 +528,7 @@ def _rebind(row: RebindRow) -> Rebind:
         expires_at=row.expires_at,
         updated_at=row.updated_at,
         completed_at=row.completed_at,
+        reviewer=row.reviewer,
+        review_note=row.review_note,
+        reviewed_at=row.reviewed_at,
     )

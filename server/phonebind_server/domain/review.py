@@ -1,0 +1,149 @@
+"""Manual review of risky rebinds: what a reviewer may decide, and when.
+
+A rebind needs review when its risk assessment said REVIEW (which includes a
+lost old phone). Approval completes the REVIEW step; the rebind is READY once
+its codes are verified too. Rejection closes it. Both need an open, unexpired
+rebind, and approval needs the identity step done first: a reviewer vouches
+for a person whose KYC answers already matched.
+"""
+
+from __future__ import annotations
+
+import enum
+import unicodedata
+from dataclasses import dataclass
+from datetime import datetime
+
+from .errors import DomainError, Reason, invalid
+from .model import Rebind, RebindState, Step
+from .policy import Policy
+from .ports import Clock, Store
+from .rebind import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, check_rebind_id, effective, state_for
+
+
+class ReviewFilter(enum.Enum):
+    PENDING = "PENDING"
+    APPROVED = "APPROVED"
+    REJECTED = "REJECTED"
+
+
+@dataclass(frozen=True)
+class ReviewPage:
+    rebinds: list[Rebind]
+    next_cursor: tuple[datetime, str] | None
+
+
+def _check_text(value: str, field: str, *, required: bool, limit: int) -> str:
+    value = unicodedata.normalize("NFC", value).strip()
+    if required and not value:
+        raise invalid(Reason.INVALID_ARGUMENT, field, f"{field} is required")
+    if len(value) > limit or any(unicodedata.category(c).startswith("C") for c in value):
+        raise invalid(
+            Reason.INVALID_ARGUMENT,
+            field,
+            f"{field} must be at most {limit} printable characters",
+        )
+    return value
+
+
+def review_state(rebind: Rebind) -> ReviewFilter | None:
+    if Step.REVIEW not in rebind.required:
+        return None
+    if Step.REVIEW in rebind.completed:
+        return ReviewFilter.APPROVED
+    if rebind.state is RebindState.REJECTED:
+        return ReviewFilter.REJECTED
+    return ReviewFilter.PENDING
+
+
+class ReviewDesk:
+    def __init__(self, store: Store, policy: Policy, clock: Clock) -> None:
+        self._store = store
+        self._policy = policy
+        self._clock = clock
+
+    def list(
+        self, state: ReviewFilter, page_size: int, cursor: tuple[datetime, str] | None
+    ) -> ReviewPage:
+        if page_size < 0:
+            raise invalid(Reason.INVALID_ARGUMENT, "page_size", "page_size must not be negative")
+        size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        now = self._clock.now()
+        with self._store.transaction(write=False) as tx:
+            rows = tx.list_reviews(state.value, now=now, after=cursor, limit=size + 1)
+        more = len(rows) > size
+        rows = [effective(r, now) for r in rows[:size]]
+        last = rows[-1] if more and rows else None
+        return ReviewPage(rows, None if last is None else (last.created_at, last.rebind_id))
+
+    def approve(self, rebind_id: str, reviewer: str, note: str) -> Rebind:
+        check_rebind_id(rebind_id)
+        reviewer = _check_text(reviewer, "reviewer", required=True, limit=64)
+        note = _check_text(note, "note", required=False, limit=500)
+        now = self._clock.now()
+        with self._store.transaction() as tx:
+            rebind = self._reviewable(tx.get_rebind(rebind_id, lock=True), now)
+            if Step.IDENTITY not in rebind.completed:
+                raise DomainError(
+                    Reason.STEP_REQUIRED,
+                    "the identity step must be done before approval",
+                    metadata={"missing_steps": Step.IDENTITY.value},
+                )
+            completed = tuple(
+                s for s in rebind.required if s in rebind.completed or s is Step.REVIEW
+            )
+            approved = rebind.with_changes(
+                completed=completed,
+                state=state_for(rebind.required, completed),
+                reviewer=reviewer,
+                review_note=note,
+                reviewed_at=now,
+                updated_at=now,
+            )
+            tx.update_rebind(approved)
+            return approved
+
+    def reject(self, rebind_id: str, reviewer: str, reason: str) -> Rebind:
+        check_rebind_id(rebind_id)
+        reviewer = _check_text(reviewer, "reviewer", required=True, limit=64)
+        reason = _check_text(reason, "reason", required=True, limit=500)
+        now = self._clock.now()
+        with self._store.transaction() as tx:
+            rebind = self._reviewable(tx.get_rebind(rebind_id, lock=True), now)
+            rejected = rebind.with_changes(
+                state=RebindState.REJECTED,
+                reviewer=reviewer,
+                review_note=reason,
+                reviewed_at=now,
+                updated_at=now,
+            )
+            tx.update_rebind(rejected)
+            return rejected
+
+    def _reviewable(self, rebind: Rebind | None, now: datetime) -> Rebind:
+        if rebind is None:
+            raise DomainError(Reason.REBIND_NOT_FOUND, "no such rebind")
+        rebind = effective(rebind, now)
+        if rebind.state is RebindState.EXPIRED:
+            raise DomainError(Reason.REBIND_EXPIRED, "the rebind has expired")
+        if not rebind.state.is_open:
+            raise DomainError(
+                Reason.REBIND_CLOSED,
+                f"the rebind is {rebind.state.value.lower()}",
+                metadata={"state": rebind.state.value},
+            )
+        if rebind.failures >= self._policy.rebind_max_failures:
+            raise DomainError(Reason.REBIND_LOCKED, "the rebind is locked after wrong answers")
+        if Step.REVIEW not in rebind.required:
+            raise DomainError(
+                Reason.STEP_NOT_REQUIRED,
+                "this rebind does not need review",
+                metadata={"step": Step.REVIEW.value},
+            )
+        if Step.REVIEW in rebind.completed:
+            raise DomainError(
+                Reason.STEP_ALREADY_DONE,
+                "this rebind is already approved",
+                metadata={"step": Step.REVIEW.value},
+            )
+        return rebind

@@ -1,0 +1,203 @@
+"""Manual review through ReviewService: approve, reject, and what a reviewer may not do."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import grpc
+import pytest
+from support import NEW, error_details
+
+from phonebind.v1 import binding_service_pb2 as api
+from phonebind.v1 import resources_pb2 as res
+from phonebind.v1 import review_service_pb2 as rapi
+from phonebind.v1 import review_service_pb2_grpc as rapi_grpc
+
+
+@pytest.fixture
+def desk(server):
+    return rapi_grpc.ReviewServiceStub(server.channel)
+
+
+def lost_phone_rebind(server, account_id: str, old: str, new: str, *, identity: bool = True):
+    pb = server.api
+    pb.register(account_id, old)
+    rebind = pb.start(account_id, new, lost=True)
+    if identity:
+        pb.identity(account_id, rebind.rebind_id)
+    return rebind
+
+
+def test_approval_after_codes_makes_the_rebind_ready_and_completable(server, desk):
+    pb = server.api
+    rebind = lost_phone_rebind(server, "rv-1", "13800138201", "13900139201")
+    rebind = pb.send_and_verify("rv-1", rebind.rebind_id, NEW, "13900139201")
+    assert rebind.state == res.REBIND_STATE_AWAITING_REVIEW
+    assert rebind.review.state == res.REVIEW_STATE_PENDING
+
+    listed = desk.ListReviews(rapi.ListReviewsRequest())
+    assert [r.rebind_id for r in listed.rebinds] == [rebind.rebind_id]
+
+    approved = desk.ApproveRebind(
+        rapi.ApproveRebindRequest(rebind_id=rebind.rebind_id, reviewer="ops-li", note="called back")
+    ).rebind
+    assert approved.state == res.REBIND_STATE_READY
+    assert approved.review.state == res.REVIEW_STATE_APPROVED
+    assert approved.review.reviewer == "ops-li"
+    assert approved.review.note == "called back"
+    assert res.REBIND_STEP_REVIEW in approved.completed_steps
+
+    done = pb.complete("rv-1", rebind.rebind_id)
+    assert done.account.phone_masked == "139****9201"
+    # The old phone was lost: the hold is 72 h.
+    hold = done.account.hold_until.ToDatetime() - server.clock.now().replace(tzinfo=None)
+    assert hold == timedelta(hours=72)
+    assert desk.ListReviews(rapi.ListReviewsRequest()).rebinds == []
+    approved_list = desk.ListReviews(rapi.ListReviewsRequest(state=res.REVIEW_STATE_APPROVED))
+    assert [r.rebind_id for r in approved_list.rebinds] == [rebind.rebind_id]
+
+
+def test_approval_before_codes_leaves_the_codes_outstanding(server, desk):
+    rebind = lost_phone_rebind(server, "rv-2", "13800138202", "13900139202")
+    approved = desk.ApproveRebind(
+        rapi.ApproveRebindRequest(rebind_id=rebind.rebind_id, reviewer="ops-li")
+    ).rebind
+    assert approved.state == res.REBIND_STATE_PENDING
+    with pytest.raises(grpc.RpcError) as caught:
+        server.api.complete("rv-2", rebind.rebind_id)
+    code, reason, _ = error_details(caught.value)
+    assert (code, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "STEP_REQUIRED")
+
+
+def test_rejection_closes_the_rebind(server, desk):
+    pb = server.api
+    rebind = lost_phone_rebind(server, "rv-3", "13800138203", "13900139203")
+    rejected = desk.RejectRebind(
+        rapi.RejectRebindRequest(
+            rebind_id=rebind.rebind_id, reviewer="ops-wang", reason="caller failed callback"
+        )
+    ).rebind
+    assert rejected.state == res.REBIND_STATE_REJECTED
+    assert rejected.review.state == res.REVIEW_STATE_REJECTED
+    assert rejected.review.note == "caller failed callback"
+    with pytest.raises(grpc.RpcError) as caught:
+        pb.send("rv-3", rebind.rebind_id, NEW)
+    assert error_details(caught.value)[1] == "REBIND_CLOSED"
+    assert pb.get_account("rv-3").phone_masked == "138****8203"
+    rejected_list = desk.ListReviews(rapi.ListReviewsRequest(state=res.REVIEW_STATE_REJECTED))
+    assert [r.rebind_id for r in rejected_list.rebinds] == [rebind.rebind_id]
+
+
+def approve(desk, rebind_id: str, reviewer: str = "x"):
+    return desk.ApproveRebind(rapi.ApproveRebindRequest(rebind_id=rebind_id, reviewer=reviewer))
+
+
+def refused(call, expected_reason, server):
+    before = server.snapshot()
+    with pytest.raises(grpc.RpcError) as caught:
+        call()
+    assert error_details(caught.value)[1] == expected_reason
+    assert server.snapshot() == before
+
+
+def test_reviewer_cannot_approve_without_identity(server, desk):
+    rebind = lost_phone_rebind(server, "rv-4", "13800138204", "13900139204", identity=False)
+    refused(
+        lambda: desk.ApproveRebind(
+            rapi.ApproveRebindRequest(rebind_id=rebind.rebind_id, reviewer="x")
+        ),
+        "STEP_REQUIRED",
+        server,
+    )
+
+
+def test_reviewer_cannot_approve_expired_closed_or_unneeded(server, desk, clock):
+    pb = server.api
+    expired = lost_phone_rebind(server, "rv-5", "13800138205", "13900139205")
+    clock.advance(timedelta(minutes=30))
+    refused(
+        lambda: desk.ApproveRebind(
+            rapi.ApproveRebindRequest(rebind_id=expired.rebind_id, reviewer="x")
+        ),
+        "REBIND_EXPIRED",
+        server,
+    )
+
+    cancelled = lost_phone_rebind(server, "rv-6", "13800138206", "13900139206")
+    pb.stub.CancelRebind(api.CancelRebindRequest(account_id="rv-6", rebind_id=cancelled.rebind_id))
+    refused(
+        lambda: desk.ApproveRebind(
+            rapi.ApproveRebindRequest(rebind_id=cancelled.rebind_id, reviewer="x")
+        ),
+        "REBIND_CLOSED",
+        server,
+    )
+
+    pb.register("rv-7", "13800138207")
+    plain = pb.start("rv-7", "13900139207")
+    refused(
+        lambda: desk.ApproveRebind(
+            rapi.ApproveRebindRequest(rebind_id=plain.rebind_id, reviewer="x")
+        ),
+        "STEP_NOT_REQUIRED",
+        server,
+    )
+    refused(
+        lambda: desk.ApproveRebind(
+            rapi.ApproveRebindRequest(rebind_id="rb_nosuchrebind", reviewer="x")
+        ),
+        "REBIND_NOT_FOUND",
+        server,
+    )
+
+
+def test_approving_twice_and_bad_reviewer_input(server, desk):
+    rebind = lost_phone_rebind(server, "rv-8", "13800138208", "13900139208")
+    for bad in ["", "a" * 65, "ops\x00li", "ops\nli"]:
+        refused(
+            lambda bad=bad: desk.ApproveRebind(
+                rapi.ApproveRebindRequest(rebind_id=rebind.rebind_id, reviewer=bad)
+            ),
+            "INVALID_ARGUMENT",
+            server,
+        )
+    refused(
+        lambda: desk.RejectRebind(
+            rapi.RejectRebindRequest(rebind_id=rebind.rebind_id, reviewer="x", reason="")
+        ),
+        "INVALID_ARGUMENT",
+        server,
+    )
+    desk.ApproveRebind(rapi.ApproveRebindRequest(rebind_id=rebind.rebind_id, reviewer="x"))
+    refused(
+        lambda: desk.ApproveRebind(
+            rapi.ApproveRebindRequest(rebind_id=rebind.rebind_id, reviewer="x")
+        ),
+        "STEP_ALREADY_DONE",
+        server,
+    )
+
+
+def test_review_list_pages_oldest_first(server, desk, clock):
+    ids = []
+    for n in range(5):
+        ids.append(
+            lost_phone_rebind(server, f"rv-p{n}", f"1380013830{n}", f"1390013930{n}").rebind_id
+        )
+        clock.advance(timedelta(seconds=1))
+    seen, token = [], ""
+    while True:
+        page = desk.ListReviews(rapi.ListReviewsRequest(page_size=2, page_token=token))
+        seen += [r.rebind_id for r in page.rebinds]
+        token = page.next_page_token
+        if not token:
+            break
+    assert seen == ids
+    with pytest.raises(grpc.RpcError) as caught:
+        desk.ListReviews(
+            rapi.ListReviewsRequest(
+                state=res.REVIEW_STATE_APPROVED,
+                page_token=desk.ListReviews(rapi.ListReviewsRequest(page_size=2)).next_page_token,
+            )
+        )
+    assert error_details(caught.value)[1] == "INVALID_ARGUMENT"
