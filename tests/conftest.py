@@ -144,7 +144,12 @@ class Running:
 
 
 def start_server(
-    database_url: str, tmp_path, clock: FakeClock, secrets_seen: Secrets, **settings
+    database_url: str,
+    tmp_path,
+    clock: FakeClock,
+    secrets_seen: Secrets,
+    env: dict[str, str] | None = None,
+    **settings,
 ) -> Running:
     sms_path = str(tmp_path / "sms.jsonl")
     config = load(
@@ -156,7 +161,7 @@ def start_server(
             "threads": 24,
             **settings,
         },
-        env={},
+        env=env or {},
     )
     app = create_server(config, clock=clock, migrate=True)
     target = f"127.0.0.1:{app.port}"

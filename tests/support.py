@@ -235,3 +235,62 @@ class Api:
         rebind = self.send_and_verify(account_id, rebind.rebind_id, NEW, new_phone)
         assert rebind.state == res.REBIND_STATE_READY
         return rebind
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_serving(address: str, process=None, timeout: float = 30) -> None:
+    """Waits until Health/Check on `address` answers SERVING."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            assert process is None or process.poll() is None, "the server exited"
+            try:
+                answer = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if answer.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.05)
+    raise AssertionError(f"{address} did not become SERVING")
+
+
+def spawn_server(port: int, database_url: str, sms_file: str, *extra: str, cwd=None):
+    """`phonebind-server serve --dev` as a separate process, started and SERVING."""
+    import subprocess
+    import sys
+
+    binary = os.path.join(os.path.dirname(sys.executable), "phonebind-server")
+    process = subprocess.Popen(
+        [
+            binary,
+            "serve",
+            "--dev",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--database-url",
+            database_url,
+            "--sms-gateway",
+            f"file:{sms_file}",
+            *extra,
+        ],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_serving(f"127.0.0.1:{port}", process)
+    except AssertionError:
+        process.kill()
+        raise
+    return process

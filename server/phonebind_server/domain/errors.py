@@ -47,6 +47,12 @@ class FieldViolation:
     description: str
 
 
+@dataclass(frozen=True)
+class QuotaViolation:
+    subject: str
+    description: str
+
+
 @dataclass
 class DomainError(Exception):
     reason: Reason
@@ -54,6 +60,7 @@ class DomainError(Exception):
     metadata: dict[str, str] = field(default_factory=dict)
     violations: tuple[FieldViolation, ...] = ()
     retry_after: timedelta | None = None
+    quota: tuple[QuotaViolation, ...] = ()
 
     def __post_init__(self) -> None:
         super().__init__(f"{self.reason.value}: {self.message}")

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from . import identity, messages, otp
-from .errors import DomainError, Reason, invalid
+from .errors import DomainError, QuotaViolation, Reason, invalid
 from .model import (
     Account,
     BindingChange,
@@ -172,7 +172,8 @@ class RebindService:
                             Reason.ACCOUNT_EXISTS, "the account is registered with other data"
                         )
                     return existing
-                if tx.account_id_for_phone(phone_index) is not None:
+                # This account's own row may have committed since get_account (READ COMMITTED).
+                if tx.account_id_for_phone(phone_index) not in (None, account_id):
                     raise _phone_in_use()
                 account = Account(
                     account_id=account_id,
@@ -188,11 +189,9 @@ class RebindService:
                 tx.insert_account(account)
                 self._remember(tx, "RegisterAccount", account_id, request_id, fingerprint, {}, now)
                 return account
-        except Conflict as conflict:
-            if conflict.constraint == "phone":
-                raise _phone_in_use() from None
-            # The same account_id (or request_id) was registered concurrently:
-            # answer as the retry would.
+        except Conflict:
+            # A concurrent registration won (PostgreSQL may name the phone index
+            # even when it was this same account): answer as the retry would.
             return self.register_account(account_id, holder_name, id_number, phone, request_id)
 
     def get_account(self, account_id: str) -> Account:
@@ -219,6 +218,15 @@ class RebindService:
                 account = tx.get_account(account_id, lock=True)
                 if account is None:
                     raise _account_not_found()
+                _check_not_locked(account, now)
+                _check_rate(
+                    tx.rebind_start_times(account_id, since=now - _DAY),
+                    p.starts_per_account_day,
+                    _DAY,
+                    now,
+                    subject=f"account:{account_id}",
+                    description=f"{p.starts_per_account_day} rebind starts per account per day",
+                )
                 if self._vault.same(account.phone.index, new_index):
                     raise DomainError(Reason.SAME_PHONE, "the new number is the bound number")
                 if tx.account_id_for_phone(new_index) is not None:
@@ -306,7 +314,7 @@ class RebindService:
         with self._store.transaction() as tx:
             rebind = self._open_rebind(tx, account_id, rebind_id, now)
             self._require_step(rebind, Step.IDENTITY)
-            account = self._account(tx, account_id)
+            account = self._account(tx, account_id, lock=True)
             # Both hashes are compared every time, so timing does not tell which failed.
             matches = self._vault.same(
                 account.holder_name_hash, self._vault.name_hash(name)
@@ -317,9 +325,24 @@ class RebindService:
                 rebind, failure = self._count_failure(
                     tx, rebind, now, Reason.IDENTITY_MISMATCH, "holder name or ID number mismatch"
                 )
+                failure = self._count_identity_failure(tx, account, rebind, now) or failure
         if failure:
             raise failure
         return rebind
+
+    def _count_identity_failure(
+        self, tx: Tx, account: Account, rebind: Rebind, now: datetime
+    ) -> DomainError | None:
+        """Too many identity failures in a day lock the account's rebinding (not its binding)."""
+        p = self._policy
+        tx.record_identity_failure(account.account_id, rebind.rebind_id, now)
+        failures = tx.identity_failure_times(account.account_id, since=now - _DAY)
+        if len(failures) < p.identity_failures_per_account_day:
+            return None
+        locked = account.with_changes(rebind_locked_until=now + p.identity_lockout)
+        tx.update_account(locked)
+        tx.update_rebind(rebind.with_changes(failures=p.rebind_max_failures, updated_at=now))
+        return _locked_error(locked, now)
 
     def send_code(
         self, account_id: str, rebind_id: str, target: CodeTarget, request_id: str = ""
@@ -331,6 +354,8 @@ class RebindService:
         fingerprint = _fingerprint("send", account_id, rebind_id, target.value)
         try:
             with self._store.transaction() as tx:
+                if request_id:  # a retry racing the first waits on its lock, then replays
+                    tx.get_rebind(rebind_id, lock=True)
                 if replay := self._replay(tx, "SendCode", account_id, request_id, fingerprint):
                     return CodeSent(
                         expires_at=datetime.fromisoformat(replay.result["expires_at"]),
@@ -352,6 +377,23 @@ class RebindService:
                     to = self._account(tx, account_id).phone
                 else:
                     to = rebind.new_phone
+                # Per-number caps hold across processes and hosts: count under a lock on the number.
+                tx.serialize("sms-to:" + to.index)
+                sent_today = tx.sms_sent_times(
+                    to.index, messages.PURPOSE_REBIND_CODE, since=now - _DAY
+                )
+                for limit, window, per in (
+                    (p.sends_per_number_hour, _HOUR, "hour"),
+                    (p.sends_per_number_day, _DAY, "day"),
+                ):
+                    _check_rate(
+                        [t for t in sent_today if t > now - window],
+                        limit,
+                        window,
+                        now,
+                        subject=f"phone:{to.masked}",
+                        description=f"{limit} codes per number per {per}",
+                    )
                 code = otp.new_code(p.code_length, self._randbelow)
                 challenge = Challenge(
                     rebind_id=rebind_id,
@@ -442,6 +484,8 @@ class RebindService:
         fingerprint = _fingerprint("complete", account_id, rebind_id)
         try:
             with self._store.transaction() as tx:
+                if request_id:  # a retry racing the first waits on its lock, then replays
+                    tx.get_rebind(rebind_id, lock=True)
                 if self._replay(tx, "CompleteRebind", account_id, request_id, fingerprint):
                     return Completion(
                         rebind=self._owned_rebind(tx, account_id, rebind_id, now),
@@ -658,6 +702,50 @@ class RebindService:
             tx.put_idempotency(
                 IdempotencyRecord(operation, account_id, request_id, fingerprint, result, now)
             )
+
+
+_HOUR = timedelta(hours=1)
+_DAY = timedelta(days=1)
+
+
+def _check_rate(
+    times: list[datetime],
+    limit: int,
+    window: timedelta,
+    now: datetime,
+    *,
+    subject: str,
+    description: str,
+) -> None:
+    """Refuses one more event when `limit` of them already fall inside `window`.
+
+    The retry delay is exact: when enough of the counted events leave the window.
+    """
+    if len(times) < limit:
+        return
+    wait = times[len(times) - limit] + window - now
+    raise DomainError(
+        Reason.RATE_LIMITED,
+        f"limit reached: {description}",
+        metadata={"limit": description, "retry_after_seconds": str(_ceil_seconds(wait))},
+        retry_after=wait,
+        quota=(QuotaViolation(subject, description),),
+    )
+
+
+def _check_not_locked(account: Account, now: datetime) -> None:
+    if account.rebind_locked_until is not None and now < account.rebind_locked_until:
+        raise _locked_error(account, now)
+
+
+def _locked_error(account: Account, now: datetime) -> DomainError:
+    until = account.rebind_locked_until or now
+    return DomainError(
+        Reason.ACCOUNT_LOCKED,
+        "rebinding is locked after repeated identity failures; the binding itself is unchanged",
+        metadata={"locked_until": until.isoformat()},
+        retry_after=until - now,
+    )
 
 
 def _ceil_seconds(delta: timedelta) -> int:

@@ -23,7 +23,9 @@ def timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
 
 
 def account(entity: Account, now: datetime, policy: Policy) -> pb.Account:
-    if entity.hold_until is not None and entity.hold_until > now:
+    if entity.rebind_locked_until is not None and entity.rebind_locked_until > now:
+        state = pb.ACCOUNT_STATE_REBIND_LOCKED
+    elif entity.hold_until is not None and entity.hold_until > now:
         state = pb.ACCOUNT_STATE_COOL_OFF
     else:
         state = pb.ACCOUNT_STATE_ACTIVE

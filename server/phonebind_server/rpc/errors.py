@@ -79,6 +79,19 @@ def to_status(error: DomainError) -> grpc.Status:
                 )
             )
         )
+    if error.quota:
+        details.append(
+            _pack(
+                error_details_pb2.QuotaFailure(
+                    violations=[
+                        error_details_pb2.QuotaFailure.Violation(
+                            subject=q.subject, description=q.description
+                        )
+                        for q in error.quota
+                    ]
+                )
+            )
+        )
     if error.retry_after is not None:
         details.append(
             _pack(

@@ -8,6 +8,7 @@ so read-check-write sequences cannot interleave); on PostgreSQL rows read with
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Iterator
@@ -41,6 +42,7 @@ from .models import (
     BindingChangeRow,
     ChallengeRow,
     IdempotencyRow,
+    IdentityFailureRow,
     RebindRow,
     SmsOutboxRow,
 )
@@ -75,6 +77,7 @@ class PeeweeTx:
     """The domain's Tx port over the tables of models.py."""
 
     def __init__(self, db: peewee.Database) -> None:
+        self._db = db
         self._lock_rows = is_postgres(db)
 
     def _select(self, model: type[peewee.Model], lock: bool) -> peewee.ModelSelect:
@@ -272,6 +275,51 @@ class PeeweeTx:
             account_id=message.account_id,
             rebind_id=message.rebind_id,
         ).execute()
+
+    def sms_sent_times(self, phone_index: str, purpose: str, *, since: datetime) -> list[datetime]:
+        query = (
+            SmsOutboxRow.select(SmsOutboxRow.created_at)
+            .where(
+                (SmsOutboxRow.to_index == phone_index)
+                & (SmsOutboxRow.purpose == purpose)
+                & (SmsOutboxRow.created_at > since)
+            )
+            .order_by(SmsOutboxRow.created_at)
+        )
+        return [row.created_at for row in query]
+
+    def rebind_start_times(self, account_id: str, *, since: datetime) -> list[datetime]:
+        query = (
+            RebindRow.select(RebindRow.created_at)
+            .where((RebindRow.account_id == account_id) & (RebindRow.created_at > since))
+            .order_by(RebindRow.created_at)
+        )
+        return [row.created_at for row in query]
+
+    def record_identity_failure(self, account_id: str, rebind_id: str, at: datetime) -> None:
+        IdentityFailureRow.insert(
+            account_id=account_id, rebind_id=rebind_id, failed_at=at
+        ).execute()
+
+    def identity_failure_times(self, account_id: str, *, since: datetime) -> list[datetime]:
+        query = (
+            IdentityFailureRow.select(IdentityFailureRow.failed_at)
+            .where(
+                (IdentityFailureRow.account_id == account_id)
+                & (IdentityFailureRow.failed_at > since)
+            )
+            .order_by(IdentityFailureRow.failed_at)
+        )
+        return [row.failed_at for row in query]
+
+    def serialize(self, key: str) -> None:
+        # SQLite write transactions are already serial (BEGIN IMMEDIATE).
+        if self._lock_rows:
+            digest = hashlib.sha256(key.encode()).digest()
+            self._db.execute_sql(
+                "SELECT pg_advisory_xact_lock(%s)",
+                (int.from_bytes(digest[:8], "big", signed=True),),
+            )
 
     # idempotency
 
