@@ -13,6 +13,8 @@ import sys
 from datetime import UTC, datetime
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
+# The caller's language for end-user text (from accept-language metadata).
+language_var: contextvars.ContextVar[str] = contextvars.ContextVar("language", default="zh-CN")
 
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
 _HEADER_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:-")

@@ -105,7 +105,7 @@ class Account(_message.Message):
     def __init__(self, account_id: _Optional[str] = ..., phone_masked: _Optional[str] = ..., holder_name_masked: _Optional[str] = ..., id_number_masked: _Optional[str] = ..., state: _Optional[_Union[AccountState, str]] = ..., bound_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., hold_until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class Rebind(_message.Message):
-    __slots__ = ("rebind_id", "account_id", "state", "new_phone_masked", "required_steps", "completed_steps", "risk", "create_time", "expire_time", "complete_time", "old_phone_lost", "attempts_left", "review", "update_time")
+    __slots__ = ("rebind_id", "account_id", "state", "new_phone_masked", "required_steps", "completed_steps", "risk", "create_time", "expire_time", "complete_time", "old_phone_lost", "attempts_left", "review", "update_time", "notices")
     REBIND_ID_FIELD_NUMBER: _ClassVar[int]
     ACCOUNT_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -120,6 +120,7 @@ class Rebind(_message.Message):
     ATTEMPTS_LEFT_FIELD_NUMBER: _ClassVar[int]
     REVIEW_FIELD_NUMBER: _ClassVar[int]
     UPDATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    NOTICES_FIELD_NUMBER: _ClassVar[int]
     rebind_id: str
     account_id: str
     state: RebindState
@@ -134,7 +135,16 @@ class Rebind(_message.Message):
     attempts_left: int
     review: Review
     update_time: _timestamp_pb2.Timestamp
-    def __init__(self, rebind_id: _Optional[str] = ..., account_id: _Optional[str] = ..., state: _Optional[_Union[RebindState, str]] = ..., new_phone_masked: _Optional[str] = ..., required_steps: _Optional[_Iterable[_Union[RebindStep, str]]] = ..., completed_steps: _Optional[_Iterable[_Union[RebindStep, str]]] = ..., risk: _Optional[_Union[RiskAssessment, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., complete_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., old_phone_lost: _Optional[bool] = ..., attempts_left: _Optional[int] = ..., review: _Optional[_Union[Review, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    notices: _containers.RepeatedCompositeFieldContainer[Notice]
+    def __init__(self, rebind_id: _Optional[str] = ..., account_id: _Optional[str] = ..., state: _Optional[_Union[RebindState, str]] = ..., new_phone_masked: _Optional[str] = ..., required_steps: _Optional[_Iterable[_Union[RebindStep, str]]] = ..., completed_steps: _Optional[_Iterable[_Union[RebindStep, str]]] = ..., risk: _Optional[_Union[RiskAssessment, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., complete_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., old_phone_lost: _Optional[bool] = ..., attempts_left: _Optional[int] = ..., review: _Optional[_Union[Review, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., notices: _Optional[_Iterable[_Union[Notice, _Mapping]]] = ...) -> None: ...
+
+class Notice(_message.Message):
+    __slots__ = ("code", "text")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    code: str
+    text: str
+    def __init__(self, code: _Optional[str] = ..., text: _Optional[str] = ...) -> None: ...
 
 class Review(_message.Message):
     __slots__ = ("state", "reviewer", "note", "decide_time")

@@ -34,3 +34,160 @@ def code_text(code: str, ttl: timedelta, *, language: str, signature: str) -> st
 
 def change_notice_text(new_masked: str, *, language: str, signature: str) -> str:
     return _CHANGED_NOTICE[language].format(sig=signature, new_masked=new_masked)
+
+
+# -- what the app shows the end user ------------------------------------------------
+
+LANGUAGES = ("zh-CN", "en")
+
+# Per error reason, the sentence for the end user (not the operator message).
+_USER_ERRORS: dict[str, dict[str, str]] = {
+    "INVALID_ARGUMENT": {
+        "zh-CN": "填写的信息格式不正确，请检查后重试。",
+        "en": "Some details are not in the right format. Please check them and try again.",
+    },
+    "INVALID_PHONE": {
+        "zh-CN": "请输入正确的中国大陆手机号。",
+        "en": "Please enter a valid mobile number.",
+    },
+    "INVALID_ID_NUMBER": {
+        "zh-CN": "请输入正确的 18 位身份证号码。",
+        "en": "Please enter a valid 18-character ID number.",
+    },
+    "REQUEST_ID_REUSED": {
+        "zh-CN": "请求重复，请刷新后重试。",
+        "en": "This request was already made. Please refresh and try again.",
+    },
+    "CODE_MISMATCH": {
+        "zh-CN": "验证码错误，还可尝试 {attempts_left} 次。",
+        "en": "The code is wrong. {attempts_left} tries left.",
+    },
+    "IDENTITY_MISMATCH": {
+        "zh-CN": "姓名或身份证号码与实名信息不一致，还可尝试 {attempts_left} 次。",
+        "en": "The name or ID number does not match our records. {attempts_left} tries left.",
+    },
+    "ACCOUNT_NOT_FOUND": {"zh-CN": "账户不存在。", "en": "The account was not found."},
+    "REBIND_NOT_FOUND": {
+        "zh-CN": "更换申请不存在，请重新发起。",
+        "en": "This change request was not found. Please start again.",
+    },
+    "ACCOUNT_EXISTS": {"zh-CN": "该账户已登记。", "en": "This account is already registered."},
+    "SAME_PHONE": {
+        "zh-CN": "新手机号与当前绑定的手机号相同。",
+        "en": "The new number is the same as the current one.",
+    },
+    "PHONE_IN_USE": {
+        "zh-CN": "该手机号已绑定其他账户。",
+        "en": "This number is already linked to another account.",
+    },
+    "STEP_REQUIRED": {
+        "zh-CN": "请先完成全部验证步骤。",
+        "en": "Please finish every verification step first.",
+    },
+    "STEP_NOT_REQUIRED": {
+        "zh-CN": "本次更换无需此项验证。",
+        "en": "This check is not needed for this change.",
+    },
+    "STEP_ALREADY_DONE": {"zh-CN": "此项验证已完成。", "en": "This check is already done."},
+    "NO_ACTIVE_CODE": {"zh-CN": "请先获取验证码。", "en": "Please request a code first."},
+    "CODE_EXPIRED": {
+        "zh-CN": "验证码已过期，请重新获取。",
+        "en": "The code has expired. Please request a new one.",
+    },
+    "CODE_ATTEMPTS_EXHAUSTED": {
+        "zh-CN": "验证码错误次数过多，请重新获取。",
+        "en": "Too many wrong tries. Please request a new code.",
+    },
+    "REBIND_EXPIRED": {
+        "zh-CN": "更换申请已超时，请重新发起。",
+        "en": "This change request timed out. Please start again.",
+    },
+    "REBIND_CLOSED": {
+        "zh-CN": "更换申请已结束，请重新发起。",
+        "en": "This change request is closed. Please start again.",
+    },
+    "REBIND_LOCKED": {
+        "zh-CN": "错误次数过多，本次更换已锁定，请重新发起。",
+        "en": "Too many wrong answers. This change is locked; please start again.",
+    },
+    "REVIEW_PENDING": {
+        "zh-CN": "您的更换申请正在人工审核，审核通过后即可完成更换。",
+        "en": "Your change is being reviewed by our team. You can finish it once approved.",
+    },
+    "RISK_DENIED": {
+        "zh-CN": "为保障账户安全，暂不支持在线更换手机号，请联系客服。",
+        "en": "For your account's safety this change cannot be made online. Please contact support.",
+    },
+    "ACCOUNT_LOCKED": {
+        "zh-CN": "身份验证失败次数过多，更换手机号功能已暂时锁定，请 24 小时后再试或联系客服。",
+        "en": "Too many failed identity checks. Changing the number is locked for now; try again in 24 hours or contact support.",
+    },
+    "RESEND_TOO_SOON": {
+        "zh-CN": "验证码发送过于频繁，请 {retry_after_seconds} 秒后再试。",
+        "en": "Please wait {retry_after_seconds} seconds before requesting another code.",
+    },
+    "RATE_LIMITED": {
+        "zh-CN": "操作过于频繁，请稍后再试。",
+        "en": "Too many attempts. Please try again later.",
+    },
+    "STORE_UNAVAILABLE": {
+        "zh-CN": "系统繁忙，请稍后再试。",
+        "en": "The service is busy. Please try again shortly.",
+    },
+}
+
+_NOTICES: dict[str, dict[str, str]] = {
+    "COOL_OFF_HOLD": {
+        "zh-CN": "更换成功后，账户将进入 {hours} 小时安全冷静期：期间暂停借款提现、提额和修改收款账户。",
+        "en": "After the change your account enters a {hours}-hour safety hold: no withdrawals, "
+        "limit increases or payout-account changes until it ends.",
+    },
+    "REVIEW_IN_PROGRESS": {
+        "zh-CN": "为保障账户安全，本次更换需人工审核，审核通过后方可完成。",
+        "en": "For your safety this change needs a review by our team before it can finish.",
+    },
+    "OLD_NUMBER_NOTIFIED": {
+        "zh-CN": "更换完成后，原手机号将收到更换通知，且不能再用于登录和接收验证码。",
+        "en": "When the change is done, your old number gets a notice and can no longer be used "
+        "to sign in or receive codes.",
+    },
+}
+
+
+def user_message(reason: str, metadata: dict[str, str], language: str) -> str:
+    """The end user's sentence for an error; placeholders come from its metadata."""
+    return _USER_ERRORS[reason][language].format(**metadata)
+
+
+def notice_text(code: str, language: str, **values: object) -> str:
+    return _NOTICES[code][language].format(**values)
+
+
+def pick_language(accept_language: str) -> str:
+    """The best supported language for an Accept-Language value (zh-CN by default)."""
+    best, best_q = "zh-CN", -1.0
+    for part in accept_language.split(",")[:16]:
+        tag, _, params = part.strip().partition(";")
+        q = 1.0
+        if params.strip().startswith("q="):
+            try:
+                q = float(params.strip()[2:])
+            except ValueError:
+                q = 0.0
+        primary = tag.strip().lower().split("-")[0]
+        language = {"zh": "zh-CN", "en": "en"}.get(primary)
+        if language is not None and q > best_q:
+            best, best_q = language, q
+    return best
+
+
+def rebind_notices(
+    *, is_open: bool, needs_review: bool, hold_hours: int, language: str
+) -> list[tuple[str, str]]:
+    """(code, text) of what the user must read before confirming an open rebind."""
+    if not is_open:
+        return []
+    codes = ["COOL_OFF_HOLD", "OLD_NUMBER_NOTIFIED"]
+    if needs_review:
+        codes.insert(0, "REVIEW_IN_PROGRESS")
+    return [(code, notice_text(code, language, hours=hold_hours)) for code in codes]

@@ -8,10 +8,12 @@ from google.protobuf import timestamp_pb2
 
 from phonebind.v1 import resources_pb2 as pb
 
+from ..domain import messages
 from ..domain.errors import Reason, invalid
 from ..domain.model import Account, BindingChange, CodeTarget, Rebind, RebindState, Step
 from ..domain.policy import Policy
 from ..domain.review import ReviewFilter, review_state
+from ..logs import language_var
 
 
 def timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
@@ -69,6 +71,17 @@ def rebind(entity: Rebind, policy: Policy) -> pb.Rebind:
         attempts_left=max(0, policy.rebind_max_failures - entity.failures),
         review=_review(entity),
         update_time=timestamp(entity.updated_at),
+        notices=[pb.Notice(code=code, text=text) for code, text in _notices(entity, policy)],
+    )
+
+
+def _notices(entity: Rebind, policy: Policy) -> list[tuple[str, str]]:
+    hold = policy.hold_old_phone_lost if entity.old_phone_lost else policy.hold
+    return messages.rebind_notices(
+        is_open=entity.state.is_open,
+        needs_review=Step.REVIEW in entity.required and Step.REVIEW not in entity.completed,
+        hold_hours=int(hold.total_seconds() // 3600),
+        language=language_var.get(),
     )
 
 

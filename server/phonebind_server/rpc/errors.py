@@ -11,6 +11,7 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from ..domain import messages
 from ..domain.errors import DomainError, Reason
 
 DOMAIN = "phonebind.v1"
@@ -57,7 +58,7 @@ def _duration(seconds: float) -> duration_pb2.Duration:
     return duration
 
 
-def to_status(error: DomainError) -> grpc.Status:
+def to_status(error: DomainError, language: str = "zh-CN") -> grpc.Status:
     code: grpc.StatusCode = STATUS_FOR_REASON[error.reason]
     details = [
         _pack(
@@ -100,6 +101,8 @@ def to_status(error: DomainError) -> grpc.Status:
                 )
             )
         )
+    if text := messages.user_message(error.reason.value, error.metadata, language):
+        details.append(_pack(error_details_pb2.LocalizedMessage(locale=language, message=text)))
     status = status_pb2.Status(code=code.value[0], message=error.message, details=details)
     return rpc_status.to_status(status)
 

@@ -12,8 +12,9 @@ from typing import Any
 import grpc
 
 from ..domain.errors import DomainError, Reason
+from ..domain.messages import pick_language
 from ..domain.ports import StoreUnavailable
-from ..logs import request_id_var, safe_header
+from ..logs import language_var, request_id_var, safe_header
 from .errors import plain_status, to_status
 
 log = logging.getLogger("phonebind.rpc")
@@ -37,6 +38,8 @@ class ServerInterceptor(grpc.ServerInterceptor):
         def wrapped(request: Any, context: grpc.ServicerContext) -> Any:
             request_id = safe_header(incoming.get("x-request-id", "")) or uuid.uuid4().hex
             token = request_id_var.set(request_id)
+            language = pick_language(incoming.get("accept-language", ""))
+            language_token = language_var.set(language)
             context.set_trailing_metadata((("x-request-id", request_id),))
             started = time.perf_counter()
             outcome = "OK"
@@ -44,7 +47,7 @@ class ServerInterceptor(grpc.ServerInterceptor):
                 return behaviour(request, context)
             except DomainError as error:
                 outcome = error.reason.value
-                context.abort_with_status(to_status(error))
+                context.abort_with_status(to_status(error, language))
             except StoreUnavailable:
                 outcome = Reason.STORE_UNAVAILABLE.value
                 context.abort_with_status(
@@ -53,7 +56,8 @@ class ServerInterceptor(grpc.ServerInterceptor):
                             Reason.STORE_UNAVAILABLE,
                             "the store is unavailable; retry shortly",
                             retry_after=timedelta(seconds=1),
-                        )
+                        ),
+                        language,
                     )
                 )
             except Exception:
@@ -74,6 +78,7 @@ class ServerInterceptor(grpc.ServerInterceptor):
                     },
                 )
                 request_id_var.reset(token)
+                language_var.reset(language_token)
 
         return grpc.unary_unary_rpc_method_handler(
             wrapped,
