@@ -6,13 +6,15 @@ import logging
 import threading
 from concurrent import futures
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from phonebind.v1 import (
+    audit_service_pb2,
+    audit_service_pb2_grpc,
     binding_service_pb2,
     binding_service_pb2_grpc,
     review_service_pb2,
@@ -20,10 +22,13 @@ from phonebind.v1 import (
 )
 
 from .config import Settings
+from .domain.audit import AuditTrail
+from .domain.audit_log import AuditLog
 from .domain.pii import Vault
 from .domain.ports import Clock
 from .domain.rebind import RebindService
 from .domain.review import ReviewDesk
+from .rpc.audit import AuditServicer
 from .rpc.binding import BindingServicer
 from .rpc.interceptors import ServerInterceptor
 from .rpc.pagination import PageTokens
@@ -38,6 +43,7 @@ log = logging.getLogger(__name__)
 SERVICE_NAMES = (
     binding_service_pb2.DESCRIPTOR.services_by_name["BindingService"].full_name,
     review_service_pb2.DESCRIPTOR.services_by_name["ReviewService"].full_name,
+    audit_service_pb2.DESCRIPTOR.services_by_name["AuditService"].full_name,
 )
 
 
@@ -113,15 +119,27 @@ def create_server(
     dispatcher = OutboxDispatcher(
         store,
         vault,
-        gateway or gateway_from_spec(settings.sms_gateway),
+        gateway
+        or gateway_from_spec(
+            settings.sms_gateway,
+            http_secret=settings.http_secret(),
+            http_timeout=settings.sms_http_timeout_seconds,
+        ),
         clock,
         max_attempts=settings.sms_max_attempts,
+        base_delay=timedelta(seconds=settings.sms_retry_base_seconds),
+        max_delay=timedelta(seconds=settings.sms_retry_max_seconds),
+        # A claimed batch must finish inside its 60 s lease even if every
+        # delivery times out, or another dispatcher would take the rest again.
+        batch=max(1, min(20, int(30 // settings.sms_http_timeout_seconds))),
     )
-    service = RebindService(store, vault, settings.policy, clock, outbox=dispatcher)
+    trail = AuditTrail(keys.audit_key)
+    audit_log = AuditLog(store, trail, clock)
+    service = RebindService(store, vault, settings.policy, clock, outbox=dispatcher, audit=trail)
 
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=settings.threads, thread_name_prefix="rpc"),
-        interceptors=[ServerInterceptor()],
+        interceptors=[ServerInterceptor(on_refusal=audit_log.refusal)],
         options=[
             ("grpc.max_receive_message_length", settings.max_receive_bytes),
             # Several worker processes share one port only when asked to.
@@ -133,8 +151,13 @@ def create_server(
         BindingServicer(service, page_tokens), server
     )
     review_service_pb2_grpc.add_ReviewServiceServicer_to_server(
-        ReviewServicer(ReviewDesk(store, settings.policy, clock), settings.policy, page_tokens),
+        ReviewServicer(
+            ReviewDesk(store, settings.policy, clock, audit=trail), settings.policy, page_tokens
+        ),
         server,
+    )
+    audit_service_pb2_grpc.add_AuditServiceServicer_to_server(
+        AuditServicer(audit_log, page_tokens), server
     )
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

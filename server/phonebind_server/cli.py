@@ -39,10 +39,20 @@ def _parser() -> argparse.ArgumentParser:
     migrate = commands.add_parser("migrate", help="apply pending schema migrations")
     common(migrate)
 
+    audit = commands.add_parser("audit", help="the audit trail")
+    audit_commands = audit.add_subparsers(dest="audit_command", required=True)
+    verify = audit_commands.add_parser(
+        "verify", help="recompute every audit chain; exit 1 when any is broken"
+    )
+    common(verify)
+    verify.add_argument("--account-id", dest="account_id", help="only this account's chain")
+
     serve = commands.add_parser("serve", help="run the gRPC server")
     common(serve)
     serve.add_argument("--listen", help="HOST:PORT (default 127.0.0.1:50051)")
-    serve.add_argument("--sms-gateway", dest="sms_gateway", help="file:PATH or log")
+    serve.add_argument(
+        "--sms-gateway", dest="sms_gateway", help="https://… (provider webhook), file:PATH or log"
+    )
     serve.add_argument("--threads", type=int, help="RPC worker threads per process")
     serve.add_argument(
         "--workers", type=int, help="server processes sharing the port (SO_REUSEPORT)"
@@ -61,7 +71,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    flags = {k: v for k, v in vars(args).items() if k not in ("command", "migrate")}
+    flags = {
+        k: v
+        for k, v in vars(args).items()
+        if k not in ("command", "migrate", "audit_command", "account_id")
+    }
     try:
         settings = load(flags)
     except ConfigError as error:
@@ -70,6 +84,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.configure(settings.log_level)
     if args.command == "migrate":
         return _migrate(settings)
+    if args.command == "audit":
+        return _audit_verify(settings, args.account_id or "")
     return _serve(settings, migrate=bool(getattr(args, "migrate", False) or settings.dev))
 
 
@@ -83,6 +99,27 @@ def _migrate(settings: Settings) -> int:
         store.close()
     print(f"applied migrations: {applied or 'none pending'}")
     return 0
+
+
+def _audit_verify(settings: Settings, account_id: str) -> int:
+    from .app import SystemClock
+    from .domain.audit import AuditTrail
+    from .domain.audit_log import AuditLog
+    from .store.repository import PeeweeStore
+
+    store = PeeweeStore(settings.database_url)
+    try:
+        trail = AuditTrail(settings.keys().audit_key)
+        report = AuditLog(store, trail, SystemClock()).verify(account_id)
+    finally:
+        store.close()
+    for problem in report.problems:
+        print(f"BROKEN {problem}")
+    print(
+        f"{'ok' if report.ok else 'TAMPERED'}: {report.chains} chains, {report.events} events"
+        f", {len(report.problems)} problems"
+    )
+    return 0 if report.ok else 1
 
 
 def _serve(settings: Settings, *, migrate: bool) -> int:

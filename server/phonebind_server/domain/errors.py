@@ -61,6 +61,8 @@ class DomainError(Exception):
     violations: tuple[FieldViolation, ...] = ()
     retry_after: timedelta | None = None
     quota: tuple[QuotaViolation, ...] = ()
+    # True when the failure was already written to the audit trail with its effect.
+    audited: bool = False
 
     def __post_init__(self) -> None:
         super().__init__(f"{self.reason.value}: {self.message}")

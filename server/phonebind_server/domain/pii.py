@@ -30,9 +30,14 @@ class Keys:
     code_key: bytes
     seal_keys: dict[str, bytes]
     active_seal_key: str
+    audit_key: bytes
 
     def __post_init__(self) -> None:
-        for name, key in [("index", self.index_key), ("code", self.code_key)]:
+        for name, key in [
+            ("index", self.index_key),
+            ("code", self.code_key),
+            ("audit", self.audit_key),
+        ]:
             if len(key) < 32:
                 raise ValueError(f"the {name} key must be at least 32 bytes")
         if self.active_seal_key not in self.seal_keys:

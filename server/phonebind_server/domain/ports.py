@@ -6,10 +6,12 @@ and are tested against these protocols on SQLite and PostgreSQL alike.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from contextlib import AbstractContextManager
 from datetime import datetime
 from typing import Protocol
 
+from .audit import StoredEvent
 from .model import (
     Account,
     BindingChange,
@@ -82,6 +84,12 @@ class Tx(Protocol):
     def record_identity_failure(self, account_id: str, rebind_id: str, at: datetime) -> None: ...
     def identity_failure_times(self, account_id: str, *, since: datetime) -> list[datetime]: ...
 
+    def lock_audit_head(self, chain_id: str) -> tuple[int, str]:
+        """(last chain_seq, last MAC) of a chain, locked until the transaction ends."""
+        ...
+
+    def insert_audit(self, event: StoredEvent, head_mac: str) -> None: ...
+
     def serialize(self, key: str) -> None:
         """Holds a lock on `key` until the transaction ends, across processes and hosts."""
         ...
@@ -96,6 +104,24 @@ class Store(Protocol):
     def transaction(self, *, write: bool = True) -> AbstractContextManager[Tx]:
         """A unit of work; commits on normal exit, rolls back on an exception."""
         ...
+
+    def audit_events(
+        self,
+        *,
+        account_id: str = "",
+        rebind_id: str = "",
+        action: str = "",
+        since: datetime | None = None,
+        until: datetime | None = None,
+        after_seq: int | None = None,
+        limit: int = 100,
+    ) -> list[StoredEvent]: ...
+
+    def audit_chains(
+        self, chain_ids: list[str] | None = None
+    ) -> Iterable[tuple[str, list[StoredEvent], tuple[int, str, str] | None]]: ...
+
+    def account_ids(self) -> list[str]: ...
 
 
 class Outbox(Protocol):

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from . import identity, messages, otp
+from .audit import AuditEvent, AuditTrail
 from .errors import DomainError, QuotaViolation, Reason, invalid
 from .model import (
     Account,
@@ -124,8 +125,10 @@ class RebindService:
         clock: Clock,
         outbox: Outbox | None = None,
         randbelow: Callable[[int], int] = secrets.randbelow,
+        audit: AuditTrail | None = None,
     ) -> None:
         self._store = store
+        self._audit = audit
         self._vault = vault
         self._policy = policy
         self._clock = clock
@@ -187,6 +190,15 @@ class RebindService:
                     created_at=now,
                 )
                 tx.insert_account(account)
+                self._record(
+                    tx,
+                    now,
+                    "ACCOUNT_REGISTERED",
+                    account_id,
+                    phone=account.phone.masked,
+                    holder_name=account.holder_name_masked,
+                    id_number=account.id_number_masked,
+                )
                 self._remember(tx, "RegisterAccount", account_id, request_id, fingerprint, {}, now)
                 return account
         except Conflict:
@@ -260,6 +272,14 @@ class RebindService:
                     if closed is not RebindState.EXPIRED:
                         closed = RebindState.CANCELLED
                     tx.update_rebind(previous.with_changes(state=closed, updated_at=now))
+                    self._record(
+                        tx,
+                        now,
+                        f"REBIND_{closed.value}",
+                        account_id,
+                        previous.rebind_id,
+                        why="a new rebind started",
+                    )
 
                 required = [Step.IDENTITY]
                 if not old_phone_lost:
@@ -282,6 +302,17 @@ class RebindService:
                     updated_at=now,
                 )
                 tx.insert_rebind(rebind)
+                self._record(
+                    tx,
+                    now,
+                    "REBIND_STARTED",
+                    account_id,
+                    rebind.rebind_id,
+                    new_phone=rebind.new_phone.masked,
+                    old_phone_lost=str(old_phone_lost).lower(),
+                    risk=f"{risk.decision.value}:{risk.score}:{','.join(risk.reasons)}",
+                    required=",".join(s.value for s in rebind.required),
+                )
                 self._remember(
                     tx,
                     "StartRebind",
@@ -321,6 +352,7 @@ class RebindService:
             ) & self._vault.same(account.id_number_hash, self._vault.id_number_hash(id_norm))
             if matches:
                 rebind = self._complete_step(tx, rebind, Step.IDENTITY, now)
+                self._record(tx, now, "IDENTITY_VERIFIED", account_id, rebind_id)
             else:
                 rebind, failure = self._count_failure(
                     tx, rebind, now, Reason.IDENTITY_MISMATCH, "holder name or ID number mismatch"
@@ -342,7 +374,17 @@ class RebindService:
         locked = account.with_changes(rebind_locked_until=now + p.identity_lockout)
         tx.update_account(locked)
         tx.update_rebind(rebind.with_changes(failures=p.rebind_max_failures, updated_at=now))
-        return _locked_error(locked, now)
+        error = _locked_error(locked, now)
+        self._record(
+            tx,
+            now,
+            "ACCOUNT_LOCKED",
+            account.account_id,
+            rebind.rebind_id,
+            outcome=error.reason.value,
+            locked_until=error.metadata["locked_until"],
+        )
+        return error
 
     def send_code(
         self, account_id: str, rebind_id: str, target: CodeTarget, request_id: str = ""
@@ -410,6 +452,9 @@ class RebindService:
                     code, p.code_ttl, language=p.sms_language, signature=p.sms_signature
                 )
                 self._queue_sms(tx, to, messages.PURPOSE_REBIND_CODE, text, now, rebind)
+                self._record(
+                    tx, now, "CODE_SENT", account_id, rebind_id, target=target.value, to=to.masked
+                )
                 sent = CodeSent(
                     expires_at=challenge.expires_at,
                     resend_at=challenge.resend_at,
@@ -454,6 +499,7 @@ class RebindService:
                     challenge.with_changes(attempts=attempts, state=ChallengeState.USED)
                 )
                 rebind = self._complete_step(tx, rebind, target.step, now)
+                self._record(tx, now, "CODE_VERIFIED", account_id, rebind_id, target=target.value)
             else:
                 burnt = attempts >= p.code_max_attempts
                 tx.save_challenge(
@@ -531,6 +577,16 @@ class RebindService:
                 self._queue_sms(
                     tx, account.phone, messages.PURPOSE_CHANGE_NOTICE, notice, now, rebind
                 )
+                self._record(
+                    tx,
+                    now,
+                    "REBIND_COMPLETED",
+                    account_id,
+                    rebind_id,
+                    old_phone=account.phone.masked,
+                    new_phone=rebind.new_phone.masked,
+                    hold_until=moved.hold_until.isoformat() if moved.hold_until else "",
+                )
                 self._remember(tx, "CompleteRebind", account_id, request_id, fingerprint, {}, now)
         except Conflict as conflict:
             if conflict.constraint == "phone":
@@ -546,6 +602,7 @@ class RebindService:
             rebind = self._open_rebind(tx, account_id, rebind_id, now)
             cancelled = rebind.with_changes(state=RebindState.CANCELLED, updated_at=now)
             tx.update_rebind(cancelled)
+            self._record(tx, now, "REBIND_CANCELLED", account_id, rebind_id, why="caller")
             return cancelled
 
     def get_rebind(self, account_id: str, rebind_id: str) -> Rebind:
@@ -646,11 +703,38 @@ class RebindService:
         tx.update_rebind(updated)
         rebind_left = max(0, self._policy.rebind_max_failures - failures)
         if rebind_left == 0:
-            return updated, DomainError(
-                Reason.REBIND_LOCKED, "too many wrong answers; start a new rebind"
+            error = DomainError(Reason.REBIND_LOCKED, "too many wrong answers; start a new rebind")
+        else:
+            left = (
+                rebind_left if code_attempts_left is None else min(rebind_left, code_attempts_left)
             )
-        left = rebind_left if code_attempts_left is None else min(rebind_left, code_attempts_left)
-        return updated, DomainError(reason, message, metadata={"attempts_left": str(left)})
+            error = DomainError(reason, message, metadata={"attempts_left": str(left)})
+        self._record(
+            tx,
+            now,
+            reason.value,
+            rebind.account_id,
+            rebind.rebind_id,
+            outcome=error.reason.value,
+            failures=str(failures),
+        )
+        error.audited = True
+        return updated, error
+
+    def _record(
+        self,
+        tx: Tx,
+        now: datetime,
+        action: str,
+        account_id: str,
+        rebind_id: str = "",
+        outcome: str = "OK",
+        **details: str,
+    ) -> None:
+        """Appends an audit event to the account's chain, in this unit of work."""
+        if self._audit is not None:
+            event = AuditEvent(action, outcome, account_id, rebind_id, details)
+            self._audit.append(tx, event, now)
 
     def _queue_sms(
         self, tx: Tx, to: SealedPhone, purpose: str, text: str, now: datetime, rebind: Rebind

@@ -14,10 +14,11 @@ import unicodedata
 from dataclasses import dataclass
 from datetime import datetime
 
+from .audit import AuditEvent, AuditTrail
 from .errors import DomainError, Reason, invalid
 from .model import Rebind, RebindState, Step
 from .policy import Policy
-from .ports import Clock, Store
+from .ports import Clock, Store, Tx
 from .rebind import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, check_rebind_id, effective, state_for
 
 
@@ -57,10 +58,20 @@ def review_state(rebind: Rebind) -> ReviewFilter | None:
 
 
 class ReviewDesk:
-    def __init__(self, store: Store, policy: Policy, clock: Clock) -> None:
+    def __init__(
+        self, store: Store, policy: Policy, clock: Clock, audit: AuditTrail | None = None
+    ) -> None:
         self._store = store
         self._policy = policy
         self._clock = clock
+        self._audit = audit
+
+    def _record(self, tx: Tx, rebind: Rebind, action: str, now: datetime) -> None:
+        if self._audit is not None:
+            event = AuditEvent(
+                action, "OK", rebind.account_id, rebind.rebind_id, {"reviewer": rebind.reviewer}
+            )
+            self._audit.append(tx, event, now)
 
     def list(
         self, state: ReviewFilter, page_size: int, cursor: tuple[datetime, str] | None
@@ -101,6 +112,7 @@ class ReviewDesk:
                 updated_at=now,
             )
             tx.update_rebind(approved)
+            self._record(tx, approved, "REVIEW_APPROVED", now)
             return approved
 
     def reject(self, rebind_id: str, reviewer: str, reason: str) -> Rebind:
@@ -118,6 +130,7 @@ class ReviewDesk:
                 updated_at=now,
             )
             tx.update_rebind(rejected)
+            self._record(tx, rejected, "REVIEW_REJECTED", now)
             return rejected
 
     def _reviewable(self, rebind: Rebind | None, now: datetime) -> Rebind:

@@ -36,7 +36,10 @@ class PageTokens:
                 raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
                 mac, payload = raw[:_MAC_BYTES], raw[_MAC_BYTES:]
                 owner, cursor = payload.decode().split("\x00")
-                if hmac.compare_digest(mac, self._sign(payload)) and owner == scope:
+                # b64decode skips stray characters (NUL, "!", extra "="): only the exact
+                # spelling of a token the server issued is one.
+                canonical = base64.urlsafe_b64encode(raw).decode().rstrip("=") == token
+                if canonical and hmac.compare_digest(mac, self._sign(payload)) and owner == scope:
                     return cursor
             except (ValueError, UnicodeDecodeError):
                 pass

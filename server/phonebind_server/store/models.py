@@ -134,6 +134,36 @@ class IdentityFailureRow(BaseModel):
         table_name = "identity_failures"
 
 
+class AuditEventRow(BaseModel):
+    seq = peewee.BigAutoField()
+    chain_id = peewee.CharField(max_length=80)
+    chain_seq = peewee.BigIntegerField()
+    at = UtcTimestampField()
+    caller = peewee.CharField(max_length=128)
+    rpc = peewee.CharField(max_length=128)
+    request_id = peewee.CharField(max_length=64)
+    action = peewee.CharField(max_length=64)
+    outcome = peewee.CharField(max_length=64)
+    account_id = peewee.CharField(max_length=64)
+    rebind_id = peewee.CharField(max_length=64)
+    details = peewee.TextField()
+    prev_mac = peewee.CharField(max_length=64)
+    mac = peewee.CharField(max_length=64)
+
+    class Meta:
+        table_name = "audit_events"
+
+
+class AuditHeadRow(BaseModel):
+    chain_id = peewee.CharField(max_length=80, primary_key=True)
+    chain_seq = peewee.BigIntegerField()
+    last_mac = peewee.CharField(max_length=64)
+    mac = peewee.CharField(max_length=64)
+
+    class Meta:
+        table_name = "audit_heads"
+
+
 ALL_MODELS: list[type[BaseModel]] = [
     AccountRow,
     RebindRow,
@@ -142,4 +172,6 @@ ALL_MODELS: list[type[BaseModel]] = [
     SmsOutboxRow,
     IdempotencyRow,
     IdentityFailureRow,
+    AuditEventRow,
+    AuditHeadRow,
 ]

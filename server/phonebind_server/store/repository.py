@@ -18,6 +18,7 @@ from datetime import datetime, timedelta
 
 import peewee
 
+from ..domain.audit import StoredEvent, canonical_details
 from ..domain.model import (
     Account,
     BindingChange,
@@ -39,6 +40,8 @@ from .migrate import migrate, pending
 from .models import (
     ALL_MODELS,
     AccountRow,
+    AuditEventRow,
+    AuditHeadRow,
     BindingChangeRow,
     ChallengeRow,
     IdempotencyRow,
@@ -312,6 +315,33 @@ class PeeweeTx:
         )
         return [row.failed_at for row in query]
 
+    def lock_audit_head(self, chain_id: str) -> tuple[int, str]:
+        AuditHeadRow.insert(
+            chain_id=chain_id, chain_seq=0, last_mac="", mac=""
+        ).on_conflict_ignore().execute()
+        head = self._select(AuditHeadRow, True).where(AuditHeadRow.chain_id == chain_id).get()
+        return head.chain_seq, head.last_mac
+
+    def insert_audit(self, event: StoredEvent, head_mac: str) -> None:
+        AuditEventRow.insert(
+            chain_id=event.chain_id,
+            chain_seq=event.chain_seq,
+            at=event.at,
+            caller=event.caller,
+            rpc=event.rpc,
+            request_id=event.request_id,
+            action=event.action,
+            outcome=event.outcome,
+            account_id=event.account_id,
+            rebind_id=event.rebind_id,
+            details=canonical_details(event.details),
+            prev_mac=event.prev_mac,
+            mac=event.mac,
+        ).execute()
+        AuditHeadRow.update(chain_seq=event.chain_seq, last_mac=event.mac, mac=head_mac).where(
+            AuditHeadRow.chain_id == event.chain_id
+        ).execute()
+
     def serialize(self, key: str) -> None:
         # SQLite write transactions are already serial (BEGIN IMMEDIATE).
         if self._lock_rows:
@@ -493,6 +523,58 @@ class PeeweeStore:
         with self.transaction(write=False):
             return SmsOutboxRow.select().where(SmsOutboxRow.state == "PENDING").count()
 
+    # -- audit reading (AuditService, `audit verify`) ------------------------------
+
+    def audit_events(
+        self,
+        *,
+        account_id: str = "",
+        rebind_id: str = "",
+        action: str = "",
+        since: datetime | None = None,
+        until: datetime | None = None,
+        after_seq: int | None = None,
+        limit: int = 100,
+    ) -> list[StoredEvent]:
+        query = AuditEventRow.select()
+        if account_id:
+            query = query.where(AuditEventRow.account_id == account_id)
+        if rebind_id:
+            query = query.where(AuditEventRow.rebind_id == rebind_id)
+        if action:
+            query = query.where(AuditEventRow.action == action)
+        if since is not None:
+            query = query.where(AuditEventRow.at >= since)
+        if until is not None:
+            query = query.where(AuditEventRow.at < until)
+        if after_seq is not None:
+            query = query.where(AuditEventRow.seq > after_seq)
+        with self.transaction(write=False):
+            return [_audit(row) for row in query.order_by(AuditEventRow.seq).limit(limit)]
+
+    def audit_chains(
+        self, chain_ids: list[str] | None = None
+    ) -> Iterator[tuple[str, list[StoredEvent], tuple[int, str, str] | None]]:
+        """Each chain's events in chain order, with its head (seq, last MAC, head MAC)."""
+        with self.transaction(write=False):
+            heads_query = AuditHeadRow.select()
+            events_query = AuditEventRow.select().order_by(
+                AuditEventRow.chain_id, AuditEventRow.chain_seq
+            )
+            if chain_ids is not None:
+                heads_query = heads_query.where(AuditHeadRow.chain_id.in_(chain_ids))
+                events_query = events_query.where(AuditEventRow.chain_id.in_(chain_ids))
+            heads = {h.chain_id: (h.chain_seq, h.last_mac, h.mac) for h in heads_query}
+            chains: dict[str, list[StoredEvent]] = {chain: [] for chain in heads}
+            for row in events_query:
+                chains.setdefault(row.chain_id, []).append(_audit(row))
+        for chain_id in sorted(chains):
+            yield chain_id, chains[chain_id], heads.get(chain_id)
+
+    def account_ids(self) -> list[str]:
+        with self.transaction(write=False):
+            return [row[0] for row in AccountRow.select(AccountRow.account_id).tuples()]
+
     def prune_idempotency(self, before: datetime) -> int:
         with self.transaction():
             return IdempotencyRow.delete().where(IdempotencyRow.created_at < before).execute()
@@ -579,4 +661,23 @@ def _rebind(row: RebindRow) -> Rebind:
         reviewer=row.reviewer,
         review_note=row.review_note,
         reviewed_at=row.reviewed_at,
+    )
+
+
+def _audit(row: AuditEventRow) -> StoredEvent:
+    return StoredEvent(
+        seq=row.seq,
+        chain_id=row.chain_id,
+        chain_seq=row.chain_seq,
+        at=row.at,
+        caller=row.caller,
+        rpc=row.rpc,
+        request_id=row.request_id,
+        action=row.action,
+        outcome=row.outcome,
+        account_id=row.account_id,
+        rebind_id=row.rebind_id,
+        details=json.loads(row.details),
+        prev_mac=row.prev_mac,
+        mac=row.mac,
     )

@@ -1,0 +1,75 @@
+"""AuditService: reading and verifying the audit trail."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import grpc
+from google.protobuf import timestamp_pb2
+
+from phonebind.v1 import audit_service_pb2 as api
+from phonebind.v1 import audit_service_pb2_grpc as api_grpc
+
+from ..domain.audit_log import AuditLog
+from . import convert
+from .pagination import PageTokens
+
+
+def _time(value: timestamp_pb2.Timestamp, present: bool) -> datetime | None:
+    return value.ToDatetime(tzinfo=UTC) if present else None
+
+
+class AuditServicer(api_grpc.AuditServiceServicer):
+    def __init__(self, log: AuditLog, page_tokens: PageTokens) -> None:
+        self._log = log
+        self._tokens = page_tokens
+
+    def ListAuditEvents(self, request: api.ListAuditEventsRequest, context: grpc.ServicerContext):
+        filters = (
+            request.account_id,
+            request.rebind_id,
+            request.action,
+            request.start_time.ToJsonString() if request.HasField("start_time") else "",
+            request.end_time.ToJsonString() if request.HasField("end_time") else "",
+        )
+        scope = "audit:" + "\x1f".join(filters)
+        cursor = self._tokens.decode(scope, request.page_token)
+        events, next_seq = self._log.events(
+            account_id=request.account_id,
+            rebind_id=request.rebind_id,
+            action=request.action,
+            since=_time(request.start_time, request.HasField("start_time")),
+            until=_time(request.end_time, request.HasField("end_time")),
+            page_size=request.page_size,
+            after_seq=None if cursor is None else int(cursor),
+        )
+        return api.ListAuditEventsResponse(
+            events=[
+                api.AuditEvent(
+                    seq=e.seq,
+                    chain_id=e.chain_id,
+                    chain_seq=e.chain_seq,
+                    event_time=convert.timestamp(e.at),
+                    caller=e.caller,
+                    rpc=e.rpc,
+                    request_id=e.request_id,
+                    action=e.action,
+                    outcome=e.outcome,
+                    account_id=e.account_id,
+                    rebind_id=e.rebind_id,
+                    details=e.details,
+                    mac=e.mac,
+                )
+                for e in events
+            ],
+            next_page_token="" if next_seq is None else self._tokens.encode(scope, str(next_seq)),
+        )
+
+    def VerifyAuditChain(self, request: api.VerifyAuditChainRequest, context: grpc.ServicerContext):
+        report = self._log.verify(request.account_id)
+        return api.VerifyAuditChainResponse(
+            ok=report.ok,
+            chains_checked=report.chains,
+            events_checked=report.events,
+            problems=report.problems,
+        )
