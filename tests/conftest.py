@@ -194,5 +194,6 @@ def server(
 ) -> Iterator[Running]:
     running = start_server(database_url, tmp_path, clock, secrets_seen)
     yield running
-    running.channel.close()
+    # Stopping the server first spares the channel's reconnect attempts.
     running.app.stop(grace=0)
+    running.channel.close()

@@ -118,6 +118,11 @@ def test_identity_failures_lock_rebinding_but_not_the_binding(server, clock):
     assert account.phone_masked == "138****8304"
     assert account.state == res.ACCOUNT_STATE_REBIND_LOCKED
     assert refusal(lambda: pb.identity("victim", rebind.rebind_id))[1] == "REBIND_LOCKED"
+    # Giving up stays possible on a locked rebind.
+    cancelled = pb.stub.CancelRebind(
+        api.CancelRebindRequest(account_id="victim", rebind_id=rebind.rebind_id)
+    ).rebind
+    assert cancelled.state == res.REBIND_STATE_CANCELLED
     clock.advance(timedelta(hours=23))
     code, reason, details = refusal(lambda: pb.start("victim", "13900139304"))
     assert reason == "ACCOUNT_LOCKED"

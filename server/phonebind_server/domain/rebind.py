@@ -599,7 +599,8 @@ class RebindService:
         now = self._clock.now()
         self._check_ids(account_id, rebind_id)
         with self._store.transaction() as tx:
-            rebind = self._open_rebind(tx, account_id, rebind_id, now)
+            # A locked rebind can still be cancelled: giving up is always allowed.
+            rebind = self._open_rebind(tx, account_id, rebind_id, now, allow_locked=True)
             cancelled = rebind.with_changes(state=RebindState.CANCELLED, updated_at=now)
             tx.update_rebind(cancelled)
             self._record(tx, now, "REBIND_CANCELLED", account_id, rebind_id, why="caller")
@@ -648,7 +649,9 @@ class RebindService:
             raise DomainError(Reason.REBIND_NOT_FOUND, "no such rebind for this account")
         return effective(rebind, now)
 
-    def _open_rebind(self, tx: Tx, account_id: str, rebind_id: str, now: datetime) -> Rebind:
+    def _open_rebind(
+        self, tx: Tx, account_id: str, rebind_id: str, now: datetime, *, allow_locked: bool = False
+    ) -> Rebind:
         """The caller's rebind, locked for this unit of work, and still open."""
         rebind = tx.get_rebind(rebind_id, lock=True)
         if rebind is None or rebind.account_id != account_id:
@@ -662,7 +665,7 @@ class RebindService:
                 f"the rebind is {rebind.state.value.lower()}",
                 metadata={"state": rebind.state.value},
             )
-        if rebind.failures >= self._policy.rebind_max_failures:
+        if not allow_locked and rebind.failures >= self._policy.rebind_max_failures:
             raise DomainError(Reason.REBIND_LOCKED, "too many wrong answers; start a new rebind")
         return rebind
 
