@@ -32,8 +32,8 @@ proto: install
 		--grpc_python_out=client $(PROTOS)
 
 lint: install node_modules/.installed
-	$(BIN)/ruff check client/phonebind_client server tests
-	$(BIN)/ruff format --check client/phonebind_client server tests
+	$(BIN)/ruff check client/phonebind_client server tests bench
+	$(BIN)/ruff format --check client/phonebind_client server tests bench
 	node_modules/.bin/buf lint
 
 run: install
@@ -45,6 +45,12 @@ run: install
 
 test: install lint
 	$(BIN)/pytest
+
+# Fresh servers (SQLite; PostgreSQL with 1 and 2 workers) under phonebind-load;
+# writes docs/benchmarks.md, .json and the latency plot. BENCH_ARGS=--quick for a
+# smoke run; PostgreSQL from PHONEBIND_BENCH_DATABASE_URL (default: local `test`).
+bench: install
+	$(PY) bench/run_bench.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) node_modules $(RUN_DIR) .pytest_cache .ruff_cache .hypothesis
