@@ -32,8 +32,8 @@ proto: install
 		--grpc_python_out=client $(PROTOS)
 
 lint: install node_modules/.installed
-	$(BIN)/ruff check client/phonebind_client server tests bench
-	$(BIN)/ruff format --check client/phonebind_client server tests bench
+	$(BIN)/ruff check client/phonebind_client server tests bench scripts
+	$(BIN)/ruff format --check client/phonebind_client server tests bench scripts
 	node_modules/.bin/buf lint
 
 run: install

@@ -54,3 +54,34 @@ def test_error_reasons_in_proto_match_the_domain():
     }
     assert in_proto == {r.value for r in Reason}
     assert set(STATUS_FOR_REASON) == set(Reason)
+
+
+def test_cn_province_table_matches_the_installed_geocoder():
+    """cn_provinces.py is phonenumbers' geocoder data, boiled down; regenerate when stale."""
+    import random
+
+    import phonenumbers
+    from phonenumbers import geocoder
+
+    from phonebind_server.domain import cn_provinces
+    from phonebind_server.domain.phone import parse_phone, province_code
+    from phonebind_server.domain.regions import PROVINCE_NAMES
+
+    assert cn_provinces.PHONENUMBERS_VERSION == phonenumbers.__version__, (
+        "phonenumbers changed: run scripts/gen_cn_provinces.py"
+    )
+    rng = random.Random(7)
+    checked = 0
+    for _ in range(3000):
+        national = "1" + rng.choice("3456789") + "".join(rng.choice("0123456789") for _ in range(9))
+        number = phonenumbers.parse(national, "CN")
+        if not phonenumbers.is_valid_number(number):
+            continue  # unassigned ranges are not mobiles
+        phone = parse_phone(national)
+        described = geocoder.description_for_number(phonenumbers.parse(phone.e164), "zh")
+        expected = next(
+            (code for code, name in PROVINCE_NAMES.items() if described.startswith(name)), None
+        )
+        assert province_code(phone) == expected, phone.masked()
+        checked += 1
+    assert checked > 1000

@@ -9,12 +9,14 @@ repeat the input.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import phonenumbers
-from phonenumbers import PhoneNumberType, geocoder
+from phonenumbers import PhoneNumberType
 
+from phonebind_server.domain import cn_provinces
 from phonebind_server.domain.errors import Reason, invalid
 
 MAX_PHONE_INPUT_LENGTH = 32
@@ -26,43 +28,6 @@ DEFAULT_VIRTUAL_OPERATOR_PREFIXES: tuple[str, ...] = ("162", "165", "167", "170"
 _ASCII_DIGITS = frozenset("0123456789")
 _SEPARATORS = frozenset(" -")
 _MOBILE_TYPES = frozenset({PhoneNumberType.MOBILE, PhoneNumberType.FIXED_LINE_OR_MOBILE})
-
-# Province-level divisions as `geocoder` names them in Chinese: the data uses
-# both full names ("广东省") and short ones ("广西南宁市", "内蒙古赤峰市", "天津"),
-# so match on the short name and answer with the full one.
-_CN_PROVINCES: tuple[tuple[str, str], ...] = (
-    ("北京", "北京市"),
-    ("天津", "天津市"),
-    ("河北", "河北省"),
-    ("山西", "山西省"),
-    ("内蒙古", "内蒙古自治区"),
-    ("辽宁", "辽宁省"),
-    ("吉林", "吉林省"),
-    ("黑龙江", "黑龙江省"),
-    ("上海", "上海市"),
-    ("江苏", "江苏省"),
-    ("浙江", "浙江省"),
-    ("安徽", "安徽省"),
-    ("福建", "福建省"),
-    ("江西", "江西省"),
-    ("山东", "山东省"),
-    ("河南", "河南省"),
-    ("湖北", "湖北省"),
-    ("湖南", "湖南省"),
-    ("广东", "广东省"),
-    ("广西", "广西壮族自治区"),
-    ("海南", "海南省"),
-    ("重庆", "重庆市"),
-    ("四川", "四川省"),
-    ("贵州", "贵州省"),
-    ("云南", "云南省"),
-    ("西藏", "西藏自治区"),
-    ("陕西", "陕西省"),
-    ("甘肃", "甘肃省"),
-    ("青海", "青海省"),
-    ("宁夏", "宁夏回族自治区"),
-    ("新疆", "新疆维吾尔自治区"),
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,19 +149,17 @@ def is_virtual_operator(
     return phone.region == "CN" and phone.national.startswith(tuple(prefixes))
 
 
-def province_of(phone: PhoneNumber) -> str | None:
-    """The province-level division a CN mobile range is registered in, if known.
+def province_code(phone: PhoneNumber) -> str | None:
+    """The GB/T 2260 province code a CN mobile range is registered in, if known.
 
     A risk signal only: ranges are assigned by province, but numbers roam.
+    Looked up in cn_provinces (generated from phonenumbers' geocoder) rather
+    than the geocoder itself, whose data for every country costs ~100 MB.
     """
-    if phone.region != "CN":
+    if phone.region != "CN" or len(phone.national) < 7:
         return None
-    try:
-        number = phonenumbers.parse(phone.e164, None)
-    except phonenumbers.NumberParseException:
+    index = bisect.bisect_right(cn_provinces.STARTS, int(phone.national[:7])) - 1
+    if index < 0:
         return None
-    description = geocoder.description_for_number(number, "zh")
-    for short_name, full_name in _CN_PROVINCES:
-        if description.startswith(short_name):
-            return full_name
-    return None
+    code = cn_provinces.CODES[2 * index : 2 * index + 2]
+    return None if code == "00" else code

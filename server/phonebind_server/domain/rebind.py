@@ -33,11 +33,10 @@ from .model import (
     SealedPhone,
     Step,
 )
-from .phone import PhoneNumber, is_virtual_operator, parse_phone, province_of
+from .phone import PhoneNumber, is_virtual_operator, parse_phone, province_code
 from .pii import Vault
 from .policy import Policy
 from .ports import Clock, Conflict, Outbox, Store, Tx
-from .regions import PROVINCE_NAMES
 from .risk import RiskSignals, assess
 
 _ID_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:-")
@@ -841,9 +840,8 @@ def _ceil_seconds(delta: timedelta) -> int:
 
 
 def _province_mismatch(number: PhoneNumber, id_province_code: str) -> bool:
-    province = province_of(number)
-    expected = PROVINCE_NAMES.get(id_province_code)
-    return province is not None and expected is not None and not province.startswith(expected)
+    province = province_code(number)
+    return province is not None and province != id_province_code
 
 
 def _phone_in_use() -> DomainError:
