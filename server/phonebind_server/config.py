@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import hashlib
+import ipaddress
 import os
 import re
 import tomllib
@@ -18,6 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
+from urllib.parse import urlsplit
 
 from .domain.pii import Keys
 from .domain.policy import Policy
@@ -40,6 +42,8 @@ DEV_KEYS = {
     "index_key": _dev_key("index"),
     "code_key": _dev_key("code"),
     "seal_keys": "dev1:" + _dev_key("seal"),
+    "audit_key": _dev_key("audit"),
+    "sms_http_secret": _dev_key("sms-http"),
 }
 
 
@@ -57,10 +61,15 @@ class Settings:
     max_receive_bytes: int = 64 * 1024
     health_interval_seconds: float = 2.0
     sms_max_attempts: int = 8
+    sms_http_secret: str = ""
+    sms_http_timeout_seconds: float = 5.0
+    sms_retry_base_seconds: float = 1.0
+    sms_retry_max_seconds: float = 300.0
     index_key: str = ""
     code_key: str = ""
     seal_keys: str = ""
     active_seal_key: str = ""
+    audit_key: str = ""
     policy: Policy = field(default_factory=Policy)
 
     def keys(self) -> Keys:
@@ -75,9 +84,14 @@ class Settings:
                 code_key=_key_bytes("code_key", self.code_key),
                 seal_keys=seal,
                 active_seal_key=active,
+                audit_key=_key_bytes("audit_key", self.audit_key),
             )
         except ValueError as error:
             raise ConfigError(str(error)) from None
+
+    def http_secret(self) -> bytes:
+        """The http SMS gateway's signing secret (empty when unset)."""
+        return _key_bytes("sms_http_secret", self.sms_http_secret) if self.sms_http_secret else b""
 
     def uses_dev_keys(self) -> bool:
         return any(getattr(self, name) == value for name, value in DEV_KEYS.items())
@@ -189,12 +203,39 @@ def load(
 def check(settings: Settings) -> None:
     """Refuses settings that would be unsafe outside a developer's machine."""
     settings.keys()
+    _check_sms(settings)
     if settings.dev:
         return
     problems = []
     if settings.uses_dev_keys():
-        problems.append("development keys are configured (set index_key, code_key, seal_keys)")
+        names = ", ".join(n for n, v in DEV_KEYS.items() if getattr(settings, n) == v)
+        problems.append(f"development keys are configured (set {names})")
     if settings.sms_gateway == "log" or settings.sms_gateway.startswith("file:"):
         problems.append("the file and log SMS gateways are for development only")
+    if settings.sms_gateway.startswith("http://") and not _loopback(settings.sms_gateway):
+        problems.append("the http SMS gateway needs https:// unless the provider is on loopback")
     if problems:
         raise ConfigError("refusing to start outside --dev: " + "; ".join(problems))
+
+
+def _http_gateway(settings: Settings) -> bool:
+    return settings.sms_gateway.startswith(("http://", "https://"))
+
+
+def _loopback(url: str) -> bool:
+    host = urlsplit(url).hostname or ""
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_sms(settings: Settings) -> None:
+    if settings.sms_max_attempts < 1:
+        raise ConfigError("sms_max_attempts must be at least 1")
+    if settings.sms_http_timeout_seconds <= 0:
+        raise ConfigError("sms_http_timeout_seconds must be positive")
+    if not 0 < settings.sms_retry_base_seconds <= settings.sms_retry_max_seconds:
+        raise ConfigError("sms_retry_base_seconds must be positive and <= sms_retry_max_seconds")
+    if _http_gateway(settings) and len(settings.http_secret()) < 32:
+        raise ConfigError("sms_http_secret must be set (base64, >= 32 bytes) for the http gateway")

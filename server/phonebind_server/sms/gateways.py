@@ -1,4 +1,5 @@
-"""Where SMS go: a JSON-lines file or the log, for development and tests.
+"""Where SMS go: the provider's webhook (http_gateway.py), or for development
+and tests a JSON-lines file or the log.
 
 A gateway delivers one message or raises GatewayError; retries, backoff and
 dead-lettering belong to the outbox dispatcher.
@@ -14,7 +15,14 @@ from typing import Protocol
 
 
 class GatewayError(Exception):
-    """Delivery failed; the message stays in the outbox for a retry."""
+    """Delivery failed; the message stays in the outbox for a retry.
+
+    The message is logged: it must never contain the text or the number.
+    """
+
+
+class PermanentGatewayError(GatewayError):
+    """The provider refused the message itself; the outbox dead-letters it at once."""
 
 
 class SmsGateway(Protocol):
@@ -66,10 +74,16 @@ class LogGateway:
         self._log.warning("DEV SMS to %s (%s): %s", to, purpose, text)
 
 
-def gateway_from_spec(spec: str) -> SmsGateway:
-    """`file:PATH` or `log`."""
+def gateway_from_spec(
+    spec: str, *, http_secret: bytes = b"", http_timeout: float = 5.0
+) -> SmsGateway:
+    """`http://…` or `https://…` (the provider's webhook), `file:PATH` or `log`."""
     if spec == "log":
         return LogGateway()
     if spec.startswith("file:") and len(spec) > len("file:"):
         return FileGateway(spec[len("file:") :])
-    raise ValueError("sms gateway must be file:PATH or log")
+    if spec.startswith(("http://", "https://")):
+        from .http_gateway import HttpGateway
+
+        return HttpGateway(spec, secret=http_secret, timeout=http_timeout)
+    raise ValueError("sms gateway must be http(s)://…, file:PATH or log")

@@ -4,8 +4,10 @@ Messages are written to the outbox in the same transaction as the code or the
 change that caused them, so none is lost to a crash. Each server process runs
 one dispatcher; several share the table safely because a claim leases rows
 (SKIP LOCKED on PostgreSQL). A failed delivery is retried with exponential
-backoff and jitter, then dead-lettered. The gateway receives the message id as
-its idempotency key, so a redelivery after a crash is not a second SMS.
+backoff and jitter, then dead-lettered (at once when the gateway says the
+message itself is refused, PermanentGatewayError). The gateway receives the
+message id as its idempotency key, so a redelivery after a crash is not a
+second SMS.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from datetime import timedelta
 from ..domain.pii import Vault
 from ..domain.ports import Clock, StoreUnavailable
 from ..store.repository import OutboxItem, PeeweeStore
-from .gateways import GatewayError, SmsGateway
+from .gateways import GatewayError, PermanentGatewayError, SmsGateway
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +97,9 @@ class OutboxDispatcher:
                 text=item.text,
                 purpose=item.purpose,
             )
+        except PermanentGatewayError as error:
+            self._failed(item, f"{type(error).__name__}: {error}", permanent=True)
+            return False
         except (GatewayError, OSError) as error:
             self._failed(item, f"{type(error).__name__}: {error}")
             return False
@@ -105,12 +110,18 @@ class OutboxDispatcher:
         )
         return True
 
-    def _failed(self, item: OutboxItem, error: str) -> None:
-        if item.attempts >= self._max_attempts:
+    def _failed(self, item: OutboxItem, error: str, *, permanent: bool = False) -> None:
+        if permanent or item.attempts >= self._max_attempts:
             self._store.mark_sms_failed(item.seq, error, retry_at=None)
             log.error(
                 "sms dead-lettered",
-                extra={"message_id": item.message_id, "to": item.to_masked, "error": error},
+                extra={
+                    "message_id": item.message_id,
+                    "to": item.to_masked,
+                    "purpose": item.purpose,
+                    "attempts": item.attempts,
+                    "error": error,
+                },
             )
             return
         delay = min(self._max_delay, self._base_delay * 2 ** (item.attempts - 1))

@@ -1,0 +1,886 @@
+"""Real SMS delivery: the http gateway and the outbox against a provider on loopback.
+
+The provider is a real `ThreadingHTTPServer` on 127.0.0.1 that verifies each
+request's signature, sends at most one SMS per Idempotency-Key (answering 200
+again for a key it already took) and can be scripted: fail the next N, accept
+and then hang past the gateway's timeout, answer slowly, go down and come back
+on the same port.
+
+Retries are scheduled on the server's FakeClock: a test waits until the outbox
+row shows the failure, moves the clock to the retry time and wakes the
+dispatcher, so no test sleeps through a backoff. Waiting is always for an
+observable condition, with a bound.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import http.server
+import json
+import logging
+import os
+import pathlib
+import re
+import signal
+import sqlite3
+import statistics
+import subprocess
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import grpc
+import psycopg2
+import pytest
+from conftest import Running, start_server
+from support import OLD, FakeClock, Secrets
+from test_readme import BIN, free_port, wait_serving
+
+from phonebind.v1 import binding_service_pb2 as api
+from phonebind.v1 import binding_service_pb2_grpc as api_grpc
+from phonebind_server.config import DEV_KEYS, ConfigError, load
+from phonebind_server.domain.pii import Vault
+from phonebind_server.logs import JsonFormatter
+from phonebind_server.sms.gateways import GatewayError, PermanentGatewayError
+from phonebind_server.sms.http_gateway import HttpGateway, sign
+from phonebind_server.sms.outbox import OutboxDispatcher
+from phonebind_server.store.fields import to_micros
+
+SECRET = hashlib.sha256(b"phonebind-test-provider").digest()
+TIMEOUT = 1.0  # the gateway's timeout in these tests
+LEASE = timedelta(seconds=60)  # the dispatcher's default lease
+WAIT = 15.0  # the bound on every wait for something to happen
+DEV_SECRET = base64.b64decode(DEV_KEYS["sms_http_secret"])  # what --dev signs with
+_CODE = re.compile(r"(?<![0-9])([0-9]{6})(?![0-9])")
+
+
+# -- the provider -------------------------------------------------------------------
+
+
+@dataclass
+class Received:
+    key: str
+    headers: dict[str, str]
+    body: dict[str, str]
+    raw: bytes
+    signature_ok: bool
+    at: float  # time.monotonic() on arrival
+    status: int = 0  # what the provider answered (0: nothing, it hung up or hung)
+    duplicate: bool = False
+
+
+@dataclass
+class _Step:
+    kind: str  # "fail", "hang", "slow"
+    value: float
+
+
+class Provider:
+    """A fake SMS provider: records everything, sends at most once per key."""
+
+    def __init__(self, secret: bytes) -> None:
+        self.secret = secret
+        self.port = 0
+        self.requests: list[Received] = []
+        self.sent: dict[str, Received] = {}  # the one SMS per Idempotency-Key
+        self._script: list[_Step] = []
+        self._cond = threading.Condition()
+        self._httpd: http.server.ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/sms"
+
+    # -- running
+
+    def start(self) -> None:
+        provider = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                provider._handle(self)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self._httpd = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self._httpd.daemon_threads = True
+        self.port = self._httpd.server_address[1]
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Down: the port refuses connections until start() binds it again."""
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+            self._httpd = None
+
+    # -- scripting
+
+    def fail_next(self, count: int, status: int = 500) -> None:
+        with self._cond:
+            self._script += [_Step("fail", status)] * count
+
+    def hang_next(self, count: int, seconds: float) -> None:
+        """Takes the message, then answers only after `seconds` (past the timeout)."""
+        with self._cond:
+            self._script += [_Step("hang", seconds)] * count
+
+    def slow_next(self, count: int, seconds: float) -> None:
+        with self._cond:
+            self._script += [_Step("slow", seconds)] * count
+
+    # -- observing
+
+    def wait_until(self, predicate: Callable[[], bool], timeout: float = WAIT) -> bool:
+        with self._cond:
+            return self._cond.wait_for(predicate, timeout)
+
+    def requests_for(self, key: str) -> list[Received]:
+        with self._cond:
+            return [r for r in self.requests if r.key == key]
+
+    def wait_sent(self, keys: list[str], timeout: float = WAIT) -> None:
+        assert self.wait_until(lambda: all(k in self.sent for k in keys), timeout), (
+            f"only {sum(k in self.sent for k in keys)} of {len(keys)} messages arrived"
+        )
+
+    # -- the handler
+
+    def _handle(self, handler: http.server.BaseHTTPRequestHandler) -> None:
+        raw = handler.rfile.read(int(handler.headers.get("Content-Length", "0")))
+        timestamp = handler.headers.get("X-Phonebind-Timestamp", "")
+        expected = (
+            "sha256="
+            + hmac.new(self.secret, timestamp.encode() + b"." + raw, hashlib.sha256).hexdigest()
+        )
+        signature_ok = (
+            hmac.compare_digest(handler.headers.get("X-Phonebind-Signature", ""), expected)
+            and timestamp.isdigit()
+            and abs(time.time() - int(timestamp)) < 300
+        )
+        received = Received(
+            key=handler.headers.get("Idempotency-Key", ""),
+            headers=dict(handler.headers.items()),
+            body=json.loads(raw.decode("utf-8")),
+            raw=raw,
+            signature_ok=signature_ok,
+            at=time.monotonic(),
+        )
+        with self._cond:
+            self.requests.append(received)
+            step = self._script.pop(0) if self._script else None
+            if not signature_ok:
+                received.status = 401
+            elif step is not None and step.kind == "fail":
+                received.status = int(step.value)
+            else:
+                received.status = 200
+                received.duplicate = received.key in self.sent
+                self.sent.setdefault(received.key, received)
+            self._cond.notify_all()
+        if step is not None and step.kind in ("hang", "slow"):
+            time.sleep(step.value)
+        try:
+            handler.send_response(received.status)
+            handler.send_header("Content-Type", "application/json")
+            handler.end_headers()
+            handler.wfile.write(b'{"status":"ok"}' if received.status == 200 else b"{}")
+        except OSError:
+            pass  # the gateway gave up waiting
+
+
+@pytest.fixture
+def provider() -> Iterator[Provider]:
+    running = Provider(SECRET)
+    running.start()
+    yield running
+    running.stop()
+
+
+# -- the server ----------------------------------------------------------------------
+
+
+def http_settings(provider: Provider, **extra: object) -> dict[str, object]:
+    return {
+        "sms_gateway": provider.url,
+        "sms_http_secret": base64.b64encode(SECRET).decode(),
+        "sms_http_timeout_seconds": TIMEOUT,
+        "sms_retry_max_seconds": 30,  # < the lease, so a scheduled retry is recognisable
+        **extra,
+    }
+
+
+@pytest.fixture
+def start_sms_server(
+    database_url: str, tmp_path, clock: FakeClock, secrets_seen: Secrets, provider: Provider
+) -> Iterator[Callable[..., Running]]:
+    started: list[Running] = []
+
+    def start(**extra: object) -> Running:
+        running = start_server(
+            database_url, tmp_path, clock, secrets_seen, **http_settings(provider, **extra)
+        )
+        started.append(running)
+        return running
+
+    yield start
+    for running in started:
+        running.channel.close()
+        running.app.stop(grace=0)
+
+
+@pytest.fixture
+def sms_server(start_sms_server) -> Running:
+    return start_sms_server()
+
+
+# -- the outbox table, read directly -------------------------------------------------
+
+
+def outbox(database_url: str) -> dict[str, dict[str, object]]:
+    """Every outbox row by message_id, read over a connection of the test's own."""
+    query = (
+        "SELECT message_id, account_id, purpose, state, attempts, text, last_error, "
+        "next_attempt_at FROM sms_outbox"
+    )
+    if database_url.startswith("sqlite:"):
+        connection = sqlite3.connect(database_url[len("sqlite:///") :], timeout=10)
+    else:
+        connection = psycopg2.connect(database_url)
+    try:
+        cursor = connection.cursor()
+        cursor.execute(query)
+        names = [d[0] for d in cursor.description]
+        rows = [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+    finally:
+        connection.close()
+    return {row["message_id"]: row for row in rows}
+
+
+def wait_row(
+    database_url: str, predicate: Callable[[dict[str, object]], bool], key: str
+) -> dict[str, object]:
+    deadline = time.monotonic() + WAIT
+    while True:
+        row = outbox(database_url).get(key)
+        if row is not None and predicate(row):
+            return row
+        assert time.monotonic() < deadline, f"outbox row never got there: {row}"
+        time.sleep(0.01)
+
+
+def retry_scheduled(server: Running, key: str, attempts: int) -> dict[str, object]:
+    """Waits until attempt number `attempts` has failed and its retry is scheduled."""
+    leased_until = to_micros(server.clock.now() + LEASE)
+    return wait_row(
+        server.database_url,
+        lambda r: (
+            r["state"] == "PENDING"
+            and r["attempts"] == attempts
+            and r["last_error"] != ""
+            and r["next_attempt_at"] < leased_until
+        ),
+        key,
+    )
+
+
+def run_retry(server: Running, key: str, attempts: int) -> dict[str, object]:
+    """Waits for attempt `attempts` to fail, moves the clock to its retry, wakes the dispatcher."""
+    row = retry_scheduled(server, key, attempts)
+    due = row["next_attempt_at"] - to_micros(server.clock.now())
+    server.clock.advance(timedelta(microseconds=max(0, due)))
+    server.app.dispatcher.wake()
+    return row
+
+
+# -- the flow, as the app backend drives it -------------------------------------------
+
+
+def phones(n: int) -> tuple[str, str]:
+    return f"1380013{n:04d}", f"1390013{n:04d}"
+
+
+def queue_code(server: Running, n: int) -> str:
+    """Registers account n, starts a rebind, asks for the old-phone code; the message id."""
+    old, new = phones(n)
+    account_id = f"sms-{n}"
+    server.api.register(account_id, old)
+    rebind = server.api.start(account_id, new)
+    server.api.send(account_id, rebind.rebind_id, OLD)
+    return message_id_for(server.database_url, account_id)
+
+
+def message_id_for(database_url: str, account_id: str) -> str:
+    deadline = time.monotonic() + WAIT
+    while True:
+        found = [
+            key
+            for key, row in outbox(database_url).items()
+            if row["account_id"] == account_id and row["purpose"] == "REBIND_CODE"
+        ]
+        if found:
+            assert len(found) == 1
+            return found[0]
+        assert time.monotonic() < deadline, "SendCode queued no message"
+        time.sleep(0.01)
+
+
+def delivered_text(provider: Provider, key: str, secrets: Secrets) -> str:
+    """The text of the one SMS sent for `key`; its code joins the secrets."""
+    text = provider.sent[key].body["text"]
+    match = _CODE.search(text)
+    assert match, "the code message carries no 6-digit code"
+    secrets.add(match.group(1))
+    secrets.add(text)
+    return text
+
+
+def assert_sent_once(provider: Provider, keys: list[str], *, redelivered: tuple = ()) -> None:
+    """Each key is one SMS, and once a 2xx answer reached the dispatcher it never
+    asked again (only a key whose answer was lost may be seen twice)."""
+    for key in keys:
+        assert key in provider.sent, "a message never arrived"
+        accepted = [r for r in provider.requests_for(key) if r.status == 200]
+        if key not in redelivered:
+            assert len(accepted) == 1, f"a message was delivered {len(accepted)} times"
+    counts = Counter(r.key for r in provider.requests if r.status == 200)
+    assert set(counts) == set(provider.sent)
+    assert all(r.signature_ok for r in provider.requests)
+
+
+# -- the gateway on its own -----------------------------------------------------------
+
+
+def deliver(gateway: HttpGateway, key: str = "m-1") -> None:
+    gateway.deliver(message_id=key, to="+8613800138000", text="【pb】验证码 123456", purpose="P")
+
+
+def test_gateway_request_is_signed_compact_utf8_json_with_idempotency_key(provider):
+    deliver(HttpGateway(provider.url, secret=SECRET, timeout=TIMEOUT), "m-sig")
+    [received] = provider.requests
+    assert received.signature_ok
+    assert received.key == "m-sig"
+    assert received.headers["Content-Type"] == "application/json"
+    assert received.body == {
+        "message_id": "m-sig",
+        "to": "+8613800138000",
+        "text": "【pb】验证码 123456",
+        "purpose": "P",
+    }
+    # Compact UTF-8 JSON, signed as documented: HMAC-SHA256(secret, timestamp + "." + body).
+    assert received.raw == json.dumps(
+        received.body, ensure_ascii=False, separators=(",", ":")
+    ).encode("utf-8")
+    assert received.raw.startswith(b'{"message_id":"m-sig","to":"+8613800138000","text":"')
+    timestamp = received.headers["X-Phonebind-Timestamp"]
+    assert abs(int(timestamp) - time.time()) < 60
+    assert received.headers["X-Phonebind-Signature"] == sign(SECRET, timestamp, received.raw)
+    expected = hmac.new(SECRET, f"{timestamp}.".encode() + received.raw, hashlib.sha256)
+    assert received.headers["X-Phonebind-Signature"] == "sha256=" + expected.hexdigest()
+
+
+@pytest.mark.parametrize(
+    ("status", "error"),
+    [
+        (400, PermanentGatewayError),
+        (401, PermanentGatewayError),
+        (404, PermanentGatewayError),
+        (422, PermanentGatewayError),
+        (302, GatewayError),  # redirects are not followed
+        (408, GatewayError),
+        (429, GatewayError),
+        (500, GatewayError),
+        (502, GatewayError),
+        (503, GatewayError),
+    ],
+)
+def test_gateway_classifies_answers(provider, status, error):
+    provider.fail_next(1, status)
+    with pytest.raises(error) as raised:
+        deliver(HttpGateway(provider.url, secret=SECRET, timeout=TIMEOUT))
+    assert str(raised.value) == f"HTTP {status}"
+    if error is GatewayError:
+        assert not isinstance(raised.value, PermanentGatewayError)
+
+
+def test_gateway_transport_errors_are_retryable_and_say_nothing_of_the_message(provider):
+    gateway = HttpGateway(provider.url, secret=SECRET, timeout=0.3)
+    provider.hang_next(1, 1.0)
+    with pytest.raises(GatewayError) as timeout:
+        deliver(gateway)
+    assert str(timeout.value) == "timeout after 0.3s"
+    provider.stop()
+    with pytest.raises(GatewayError) as refused:
+        deliver(gateway)
+    assert str(refused.value) == "connection refused"
+    for error in (timeout.value, refused.value):
+        assert not isinstance(error, PermanentGatewayError)
+        assert "138" not in str(error) and "123456" not in str(error)
+        assert error.__cause__ is None  # raised `from None`: no URL error chained in logs
+
+
+def test_gateway_refuses_bad_configuration():
+    with pytest.raises(ValueError):
+        HttpGateway("ftp://127.0.0.1/sms", secret=SECRET, timeout=1)
+    with pytest.raises(ValueError):
+        HttpGateway("http://127.0.0.1/sms", secret=b"", timeout=1)
+    with pytest.raises(ValueError):
+        HttpGateway("http://127.0.0.1/sms", secret=SECRET, timeout=0)
+
+
+# -- through the server, on SQLite and PostgreSQL --------------------------------------
+
+
+def test_code_is_delivered_signed_and_erased_from_the_outbox(sms_server, provider):
+    key = queue_code(sms_server, 1)
+    provider.wait_sent([key])
+    received = provider.sent[key]
+    assert received.signature_ok
+    assert received.key == key == received.body["message_id"]
+    assert received.body["to"] == "+8613800130001"
+    assert received.body["purpose"] == "REBIND_CODE"
+    assert "验证码" in delivered_text(provider, key, sms_server.secrets)
+    row = wait_row(sms_server.database_url, lambda r: r["state"] == "SENT", key)
+    assert row["text"] == "" and row["attempts"] == 1 and row["last_error"] == ""
+    assert_sent_once(provider, [key])
+
+
+def test_two_500s_then_success_delivers_once_on_the_third_attempt(sms_server, provider):
+    provider.fail_next(2, 500)
+    key = queue_code(sms_server, 2)
+    row = run_retry(sms_server, key, 1)
+    assert row["last_error"] == "GatewayError: HTTP 500"
+    run_retry(sms_server, key, 2)
+    provider.wait_sent([key])
+    row = wait_row(sms_server.database_url, lambda r: r["state"] == "SENT", key)
+    assert row["attempts"] == 3 and row["text"] == ""
+    assert [r.status for r in provider.requests_for(key)] == [500, 500, 200]
+    delivered_text(provider, key, sms_server.secrets)
+    assert_sent_once(provider, [key])
+
+
+def test_backoff_grows_exponentially_with_jitter(start_sms_server, provider):
+    server = start_sms_server(sms_max_attempts=6)
+    provider.fail_next(5, 503)
+    key = queue_code(server, 3)
+    for attempt in range(1, 6):
+        before = to_micros(server.clock.now())
+        row = run_retry(server, key, attempt)
+        delay = (row["next_attempt_at"] - before) / 1e6
+        assert 0.5 * 2 ** (attempt - 1) <= delay <= 2 ** (attempt - 1), (attempt, delay)
+    provider.wait_sent([key])
+    assert wait_row(server.database_url, lambda r: r["state"] == "SENT", key)["attempts"] == 6
+    delivered_text(provider, key, server.secrets)
+
+
+def test_timeout_then_success_is_one_sms_for_two_requests(sms_server, provider):
+    provider.hang_next(1, TIMEOUT * 2)  # takes the message, answers too late
+    key = queue_code(sms_server, 4)
+    row = run_retry(sms_server, key, 1)
+    assert row["last_error"] == f"GatewayError: timeout after {TIMEOUT}s"
+    wait_row(sms_server.database_url, lambda r: r["state"] == "SENT", key)
+    requests = provider.requests_for(key)
+    assert len(requests) == 2 and requests[1].duplicate  # seen twice, accepted once
+    delivered_text(provider, key, sms_server.secrets)
+    assert_sent_once(provider, [key], redelivered=(key,))
+
+
+def test_slow_answer_within_the_timeout_is_delivered_once(sms_server, provider):
+    provider.slow_next(1, TIMEOUT / 2)
+    key = queue_code(sms_server, 5)
+    row = wait_row(sms_server.database_url, lambda r: r["state"] == "SENT", key)
+    assert row["attempts"] == 1
+    assert len(provider.requests_for(key)) == 1
+    delivered_text(provider, key, sms_server.secrets)
+    assert_sent_once(provider, [key])
+
+
+def test_provider_down_then_back_delivers_when_it_returns(sms_server, provider):
+    provider.stop()
+    key = queue_code(sms_server, 6)
+    row = run_retry(sms_server, key, 1)
+    assert row["last_error"] == "GatewayError: connection refused"
+    run_retry(sms_server, key, 2)  # still down: a second refusal
+    retry_scheduled(sms_server, key, 3)
+    provider.start()  # the same port
+    run_retry(sms_server, key, 3)
+    provider.wait_sent([key])
+    assert wait_row(sms_server.database_url, lambda r: r["state"] == "SENT", key)["attempts"] == 4
+    assert len(provider.requests_for(key)) == 1
+    delivered_text(provider, key, sms_server.secrets)
+
+
+def dead_letter_lines(caplog: pytest.LogCaptureFixture, key: str) -> list[logging.LogRecord]:
+    return [
+        r
+        for r in caplog.records
+        if r.getMessage() == "sms dead-lettered" and getattr(r, "message_id", "") == key
+    ]
+
+
+def wait_dead_letter_log(caplog, key: str) -> logging.LogRecord:
+    deadline = time.monotonic() + WAIT
+    while not dead_letter_lines(caplog, key):
+        assert time.monotonic() < deadline, "no 'sms dead-lettered' log line"
+        time.sleep(0.01)
+    [record] = dead_letter_lines(caplog, key)
+    return record
+
+
+def test_dead_letter_after_max_attempts_erases_text_and_logs_an_error(
+    start_sms_server, provider, caplog
+):
+    server = start_sms_server(sms_max_attempts=3)
+    provider.fail_next(10, 503)
+    key = queue_code(server, 7)
+    run_retry(server, key, 1)
+    run_retry(server, key, 2)
+    row = wait_row(server.database_url, lambda r: r["state"] == "DEAD", key)
+    assert row["attempts"] == 3 and row["text"] == ""
+    assert row["last_error"] == "GatewayError: HTTP 503"
+    record = wait_dead_letter_log(caplog, key)
+    assert record.levelno == logging.ERROR
+    line = JsonFormatter().format(record)
+    assert '"to": "138****0007"' in line and '"error": "GatewayError: HTTP 503"' in line
+    text = provider.requests_for(key)[0].body["text"]
+    server.secrets.add(text)
+    server.secrets.add(_CODE.search(text).group(1))
+    for secret in ("13800130007", "+8613800130007", text, _CODE.search(text).group(1)):
+        assert secret not in line
+    # Nothing more is tried.
+    server.clock.advance(timedelta(hours=1))
+    server.app.dispatcher.run_once()
+    assert len(provider.requests_for(key)) == 3
+    assert key not in provider.sent
+
+
+def test_permanent_refusal_dead_letters_at_once(sms_server, provider, caplog):
+    provider.fail_next(1, 400)
+    key = queue_code(sms_server, 8)
+    row = wait_row(sms_server.database_url, lambda r: r["state"] == "DEAD", key)
+    assert row["attempts"] == 1 and row["text"] == ""
+    assert row["last_error"] == "PermanentGatewayError: HTTP 400"
+    assert wait_dead_letter_log(caplog, key).levelno == logging.ERROR
+    sms_server.secrets.add(provider.requests_for(key)[0].body["text"])
+
+
+def test_rate_limited_answer_is_retried(sms_server, provider):
+    provider.fail_next(1, 429)
+    key = queue_code(sms_server, 9)
+    assert run_retry(sms_server, key, 1)["last_error"] == "GatewayError: HTTP 429"
+    provider.wait_sent([key])
+    delivered_text(provider, key, sms_server.secrets)
+    assert_sent_once(provider, [key])
+
+
+def test_expired_code_is_never_delivered_and_its_text_erased(sms_server, provider):
+    provider.stop()
+    key = queue_code(sms_server, 10)
+    retry_scheduled(sms_server, key, 1)
+    sms_server.clock.advance(timedelta(minutes=5, seconds=1))  # past the code's not_after
+    provider.start()
+    sms_server.app.dispatcher.wake()
+    row = wait_row(sms_server.database_url, lambda r: r["state"] == "EXPIRED", key)
+    assert row["text"] == ""
+    sms_server.app.dispatcher.run_once()
+    assert provider.requests == []
+
+
+def test_two_dispatchers_on_one_database_deliver_each_message_once(sms_server, provider):
+    """A second dispatcher in the same process, sharing the store, races the first.
+
+    (Two servers from start_server in one process would each bind the models to
+    their own Database, and one's transactions would run on the other's
+    connection; the two-process test below is the deployment shape.)
+    """
+    provider.stop()  # let 30 messages pile up, then release both dispatchers at once
+    app = sms_server.app
+    second = OutboxDispatcher(
+        app.store,
+        Vault(app.settings.keys()),
+        HttpGateway(provider.url, secret=SECRET, timeout=TIMEOUT),
+        sms_server.clock,
+    )
+    keys = [queue_code(sms_server, 100 + n) for n in range(30)]
+    for key in keys:
+        retry_scheduled(sms_server, key, 1)
+    provider.slow_next(30, 0.1)  # a batch takes longer than the idle dispatcher's poll
+    provider.start()
+    sms_server.clock.advance(timedelta(seconds=2))
+    second.start()
+    try:
+        app.dispatcher.wake()
+        provider.wait_sent(keys)
+    finally:
+        second.stop()
+    for key in keys:
+        wait_row(sms_server.database_url, lambda r: r["state"] == "SENT", key)
+        delivered_text(provider, key, sms_server.secrets)
+    assert_sent_once(provider, keys)
+    assert len(provider.requests) == 30
+
+
+def test_delivery_latency_from_send_code_to_the_provider(sms_server, provider):
+    """Prints the median and max time from SendCode's answer to the provider's receipt."""
+    latencies = []
+    for n in range(50):
+        key = queue_code_timed(sms_server, 200 + n)
+        provider.wait_sent([key.key])
+        latencies.append(provider.sent[key.key].at - key.returned)
+    median, worst = statistics.median(latencies), max(latencies)
+    print(
+        f"\n[{sms_server.app.store.dialect}] SendCode -> provider over 50 messages: "
+        f"median {median * 1000:.1f} ms, max {worst * 1000:.1f} ms"
+    )
+    # The dispatcher is woken by the commit, not by its 1 s poll.
+    assert median < 0.5, latencies
+
+
+@dataclass
+class Timed:
+    key: str
+    returned: float
+
+
+def queue_code_timed(server: Running, n: int) -> Timed:
+    old, new = phones(n)
+    account_id = f"sms-{n}"
+    server.api.register(account_id, old)
+    rebind = server.api.start(account_id, new)
+    server.api.send(account_id, rebind.rebind_id, OLD)
+    returned = time.monotonic()
+    return Timed(message_id_for(server.database_url, account_id), returned)
+
+
+# -- real processes: a crash between commit and delivery, and two servers ---------------
+
+
+@dataclass
+class Cli:
+    """`phonebind-server serve --dev --sms-gateway http://…` as a child process."""
+
+    database_url: str
+    gateway: str
+    tmp_path: pathlib.Path
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen | None = None
+    logs: list[str] = field(default_factory=list)
+
+    @property
+    def log_path(self) -> pathlib.Path:
+        return self.tmp_path / f"server-{self.port}-{len(self.logs)}.log"
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        with open(self.log_path, "w", encoding="utf-8") as stderr:
+            self.process = subprocess.Popen(
+                [
+                    str(BIN / "phonebind-server"),
+                    "serve",
+                    "--dev",
+                    "--listen",
+                    self.address,
+                    "--database-url",
+                    self.database_url,
+                    "--sms-gateway",
+                    self.gateway,
+                ],
+                cwd=self.tmp_path,
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+                env={k: v for k, v in os.environ.items() if not k.startswith("PHONEBIND_")},
+            )
+        wait_serving(self.address, self.process)
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=30)
+        self.logs.append(self.log_path.read_text(encoding="utf-8"))
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.returncode is None:
+            self.process.terminate()
+            self.process.wait(timeout=30)
+            self.logs.append(self.log_path.read_text(encoding="utf-8"))
+
+    def delivered(self) -> set[str]:
+        """Message ids this process logged as delivered."""
+        found = set()
+        for text in self.logs:
+            for line in text.splitlines():
+                if line.startswith("{") and '"sms delivered"' in line:
+                    found.add(json.loads(line)["message_id"])
+        return found
+
+
+def rpc_queue_code(address: str, n: int, secrets: Secrets) -> None:
+    old, new = phones(n)
+    secrets.add_phone(old)
+    secrets.add_phone(new)
+    account_id = f"sms-{n}"
+    with grpc.insecure_channel(address) as channel:
+        stub = api_grpc.BindingServiceStub(channel)
+        stub.RegisterAccount(
+            api.RegisterAccountRequest(
+                account_id=account_id,
+                holder_name="张三",
+                id_number="11010519491231002X",
+                phone=old,
+            ),
+            timeout=10,
+        )
+        rebind = stub.StartRebind(
+            api.StartRebindRequest(account_id=account_id, new_phone=new), timeout=10
+        ).rebind
+        stub.SendCode(
+            api.SendCodeRequest(account_id=account_id, rebind_id=rebind.rebind_id, target=OLD),
+            timeout=10,
+        )
+
+
+def assert_logs_clean(logs: list[str], secrets: Secrets) -> None:
+    text = "\n".join(logs)
+    for secret in secrets.values:
+        assert secret not in text, "a secret reached the server's logs"
+
+
+def test_server_killed_between_commit_and_delivery_delivers_after_restart(
+    database_url, tmp_path, secrets_seen
+):
+    provider = Provider(DEV_SECRET)  # --dev signs with the development secret
+    provider.start()
+    provider.stop()  # down, but its port is known
+    server = Cli(database_url, provider.url, tmp_path)
+    server.start()
+    try:
+        rpc_queue_code(server.address, 1, secrets_seen)
+        key = message_id_for(database_url, "sms-1")
+        # Committed; the first delivery was refused and a retry is scheduled (so the
+        # row is not leased to the process we are about to kill).
+        wait_row(
+            database_url,
+            lambda r: r["attempts"] >= 1 and r["last_error"] == "GatewayError: connection refused",
+            key,
+        )
+        server.kill()
+        assert outbox(database_url)[key]["state"] == "PENDING"
+
+        provider.start()
+        server.start()
+        provider.wait_sent([key])
+        row = wait_row(database_url, lambda r: r["state"] == "SENT", key)
+        assert row["text"] == ""
+        assert len(provider.requests_for(key)) == 1  # exactly once
+        assert provider.requests_for(key)[0].signature_ok
+        delivered_text(provider, key, secrets_seen)
+    finally:
+        server.stop()
+        provider.stop()
+    assert key in server.delivered()
+    assert_logs_clean(server.logs, secrets_seen)
+
+
+def test_two_server_processes_on_one_database_deliver_each_message_once(
+    database_url, tmp_path, secrets_seen
+):
+    provider = Provider(DEV_SECRET)
+    provider.start()
+    provider.stop()  # messages pile up while it is down, then both race for them
+    servers = [Cli(database_url, provider.url, tmp_path) for _ in range(2)]
+    for server in servers:
+        server.start()
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            list(
+                pool.map(
+                    lambda n: rpc_queue_code(servers[n % 2].address, 300 + n, secrets_seen),
+                    range(30),
+                )
+            )
+        keys = list(outbox(database_url))
+        assert len(keys) == 30
+        provider.slow_next(30, 0.02)
+        provider.start()
+        provider.wait_sent(keys, timeout=60)
+        for key in keys:
+            wait_row(database_url, lambda r: r["state"] == "SENT" and r["text"] == "", key)
+            delivered_text(provider, key, secrets_seen)
+    finally:
+        for server in servers:
+            server.stop()
+        provider.stop()
+    assert_sent_once(provider, keys)
+    assert len(provider.requests) == 30
+    first, second = (server.delivered() for server in servers)
+    assert not first & second and first | second == set(keys)
+    print(f"\n[{database_url.split(':')[0]}] deliveries per process: {len(first)}, {len(second)}")
+    assert_logs_clean([log for server in servers for log in server.logs], secrets_seen)
+
+
+# -- settings --------------------------------------------------------------------------
+
+
+def production(**extra: str) -> dict[str, str]:
+    """Settings that pass the production checks: a key of its own for every dev key."""
+    keys = {
+        name: ("p1:" if name == "seal_keys" else "")
+        + base64.b64encode(hashlib.sha256(f"test-{name}".encode()).digest()).decode()
+        for name in DEV_KEYS
+        if name != "sms_http_secret"
+    }
+    return {**keys, "sms_gateway": "https://sms.example.internal/v1/send", **extra}
+
+
+def test_http_gateway_settings_outside_dev():
+    secret = base64.b64encode(SECRET).decode()
+    settings = load(production(sms_http_secret=secret), env={})
+    assert settings.http_secret() == SECRET
+    assert settings.sms_http_timeout_seconds == 5.0
+    assert (settings.sms_retry_base_seconds, settings.sms_retry_max_seconds) == (1.0, 300.0)
+    from_env = load(
+        production(),
+        env={"PHONEBIND_SMS_HTTP_SECRET": secret, "PHONEBIND_SMS_HTTP_TIMEOUT_SECONDS": "2.5"},
+    )
+    assert from_env.http_secret() == SECRET and from_env.sms_http_timeout_seconds == 2.5
+    # A sidecar on loopback may speak plain http; anything else needs TLS.
+    load(production(sms_gateway="http://127.0.0.1:8080/sms", sms_http_secret=secret), env={})
+    with pytest.raises(ConfigError, match="https"):
+        load(production(sms_gateway="http://sms.example.internal/", sms_http_secret=secret), env={})
+
+
+@pytest.mark.parametrize(
+    ("extra", "complaint"),
+    [
+        ({}, "sms_http_secret must be set"),
+        ({"sms_http_secret": "not base64!"}, "sms_http_secret must be base64"),
+        ({"sms_http_secret": base64.b64encode(b"short").decode()}, "sms_http_secret must be set"),
+        ({"sms_http_secret": DEV_KEYS["sms_http_secret"]}, "development keys"),
+        ({"sms_http_timeout_seconds": "0"}, "sms_http_timeout_seconds"),
+        ({"sms_retry_base_seconds": "10", "sms_retry_max_seconds": "5"}, "sms_retry_base"),
+        ({"sms_max_attempts": "0"}, "sms_max_attempts"),
+    ],
+)
+def test_http_gateway_settings_are_refused_when_unsafe(extra, complaint):
+    settings = {"sms_http_secret": base64.b64encode(SECRET).decode(), **extra}
+    if not extra:
+        settings = {}
+    with pytest.raises(ConfigError, match=complaint):
+        load(production(**settings), env={})
+
+
+def test_dev_mode_signs_with_the_development_secret():
+    settings = load({"dev": True, "sms_gateway": "http://127.0.0.1:9/sms"}, env={})
+    assert settings.http_secret() == DEV_SECRET
