@@ -45,14 +45,14 @@ def test_committed_generated_code_is_current(tmp_path):
 def test_error_reasons_in_proto_match_the_domain():
     from phonebind.v1 import errors_pb2
     from phonebind_server.domain.errors import Reason
-    from phonebind_server.rpc.errors import STATUS_FOR_REASON
+    from phonebind_server.rpc.errors import STATUS_FOR_REASON, TRANSPORT_REASONS
 
     in_proto = {
         name.removeprefix("ERROR_REASON_")
         for name in errors_pb2.ErrorReason.keys()
         if name != "ERROR_REASON_UNSPECIFIED"
     }
-    assert in_proto == {r.value for r in Reason}
+    assert in_proto == {r.value for r in Reason} | TRANSPORT_REASONS
     assert set(STATUS_FOR_REASON) == set(Reason)
 
 

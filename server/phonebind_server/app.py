@@ -29,6 +29,7 @@ from .domain.ports import Clock
 from .domain.rebind import RebindService
 from .domain.review import ReviewDesk
 from .rpc.audit import AuditServicer
+from .rpc.auth import Credentials
 from .rpc.binding import BindingServicer
 from .rpc.interceptors import ServerInterceptor
 from .rpc.pagination import PageTokens
@@ -97,6 +98,21 @@ class App:
         self.server.wait_for_termination()
 
 
+def _read(path: str) -> bytes:
+    with open(path, "rb") as handle:
+        return handle.read()
+
+
+def _tls_credentials(settings: Settings) -> grpc.ServerCredentials:
+    """TLS; with a client CA, mutual TLS: a client certificate is required."""
+    client_ca = _read(settings.tls_client_ca) if settings.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [(_read(settings.tls_key), _read(settings.tls_cert))],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
+
+
 def create_server(
     settings: Settings,
     *,
@@ -133,13 +149,14 @@ def create_server(
         # delivery times out, or another dispatcher would take the rest again.
         batch=max(1, min(20, int(30 // settings.sms_http_timeout_seconds))),
     )
+    credentials = Credentials.load(settings.credentials_file) if settings.credentials_file else None
     trail = AuditTrail(keys.audit_key)
     audit_log = AuditLog(store, trail, clock)
     service = RebindService(store, vault, settings.policy, clock, outbox=dispatcher, audit=trail)
 
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=settings.threads, thread_name_prefix="rpc"),
-        interceptors=[ServerInterceptor(on_refusal=audit_log.refusal)],
+        interceptors=[ServerInterceptor(credentials, on_refusal=audit_log.refusal)],
         options=[
             ("grpc.max_receive_message_length", settings.max_receive_bytes),
             # Several worker processes share one port only when asked to.
@@ -165,7 +182,10 @@ def create_server(
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
-    port = server.add_insecure_port(settings.listen)
+    if settings.tls_cert:
+        port = server.add_secure_port(settings.listen, _tls_credentials(settings))
+    else:
+        port = server.add_insecure_port(settings.listen)
     if port == 0:
         raise RuntimeError(f"cannot listen on {settings.listen}")
     app = App(server, port, store, dispatcher, health_servicer, service, settings)

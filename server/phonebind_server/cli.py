@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import multiprocessing
 import os
@@ -13,6 +14,7 @@ from collections.abc import Sequence
 
 from . import logs
 from .config import ConfigError, Settings, load
+from .rpc.auth import ROLES, new_token, token_digest
 
 log = logging.getLogger("phonebind.cli")
 
@@ -38,6 +40,22 @@ def _parser() -> argparse.ArgumentParser:
 
     migrate = commands.add_parser("migrate", help="apply pending schema migrations")
     common(migrate)
+
+    token = commands.add_parser(
+        "token", help="make a caller token and print its credentials-file entry"
+    )
+    token.add_argument("--name", required=True, help="the caller's name")
+    token.add_argument(
+        "--roles", required=True, help="comma-separated: " + ", ".join(sorted(ROLES))
+    )
+
+    certs = commands.add_parser(
+        "dev-certs", help="write a development CA, server and client certificates"
+    )
+    certs.add_argument("directory")
+    certs.add_argument(
+        "--clients", default="dev-client", help="comma-separated client certificate names"
+    )
 
     audit = commands.add_parser("audit", help="the audit trail")
     audit_commands = audit.add_subparsers(dest="audit_command", required=True)
@@ -71,6 +89,14 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "token":
+        return _token(args.name, args.roles)
+    if args.command == "dev-certs":
+        from .devcerts import write_dev_certs
+
+        for path in write_dev_certs(args.directory, tuple(args.clients.split(","))):
+            print(path)
+        return 0
     flags = {
         k: v
         for k, v in vars(args).items()
@@ -98,6 +124,23 @@ def _migrate(settings: Settings) -> int:
     finally:
         store.close()
     print(f"applied migrations: {applied or 'none pending'}")
+    return 0
+
+
+def _token(name: str, roles_text: str) -> int:
+    roles = [r.strip() for r in roles_text.split(",") if r.strip()]
+    unknown = sorted(set(roles) - ROLES)
+    if not roles or unknown:
+        print(f"phonebind-server: unknown roles {unknown}; use {sorted(ROLES)}", file=sys.stderr)
+        return 2
+    token = new_token()
+    # The token goes to the caller once; the file keeps only its digest.
+    print(f"token: {token}")
+    print()
+    print("[[caller]]")
+    print(f"name = {json.dumps(name, ensure_ascii=False)}")
+    print(f"roles = {json.dumps(roles)}")
+    print(f'token_sha256 = "{token_digest(token)}"')
     return 0
 
 

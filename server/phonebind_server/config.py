@@ -54,6 +54,11 @@ class Settings:
     sms_gateway: str = "log"
     dev: bool = False
     reflection: bool = False
+    allow_reflection: bool = False
+    credentials_file: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
     log_level: str = "INFO"
     threads: int = 16
     workers: int = 1
@@ -204,9 +209,21 @@ def check(settings: Settings) -> None:
     """Refuses settings that would be unsafe outside a developer's machine."""
     settings.keys()
     _check_sms(settings)
+    if bool(settings.tls_cert) != bool(settings.tls_key):
+        raise ConfigError("tls_cert and tls_key go together")
+    if settings.tls_client_ca and not settings.tls_cert:
+        raise ConfigError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
     if settings.dev:
+        if not _loopback_host(settings.listen.rsplit(":", 1)[0].strip("[]")):
+            raise ConfigError("--dev listens on loopback only (127.0.0.1, ::1 or localhost)")
         return
     problems = []
+    if not settings.tls_cert:
+        problems.append("TLS is not configured (set tls_cert and tls_key)")
+    if not settings.credentials_file:
+        problems.append("no caller credentials (set credentials_file)")
+    if settings.reflection and not settings.allow_reflection:
+        problems.append("reflection is on (set allow_reflection to keep it in production)")
     if settings.uses_dev_keys():
         names = ", ".join(n for n, v in DEV_KEYS.items() if getattr(settings, n) == v)
         problems.append(f"development keys are configured (set {names})")
@@ -223,7 +240,10 @@ def _http_gateway(settings: Settings) -> bool:
 
 
 def _loopback(url: str) -> bool:
-    host = urlsplit(url).hostname or ""
+    return _loopback_host(urlsplit(url).hostname or "")
+
+
+def _loopback_host(host: str) -> bool:
     try:
         return host == "localhost" or ipaddress.ip_address(host).is_loopback
     except ValueError:

@@ -107,6 +107,10 @@ def to_status(error: DomainError, language: str = "zh-CN") -> grpc.Status:
     return rpc_status.to_status(status)
 
 
+# Reasons of failures outside the domain: the caller's credentials, or a fault.
+TRANSPORT_REASONS = frozenset({"UNAUTHENTICATED", "PERMISSION_DENIED", "INTERNAL"})
+
+
 def plain_status(code: grpc.StatusCode, message: str, reason: str) -> grpc.Status:
     """A status for failures outside the domain (internal errors, auth)."""
     info = error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN)

@@ -16,6 +16,7 @@ from ..domain.errors import DomainError, Reason
 from ..domain.messages import pick_language
 from ..domain.ports import StoreUnavailable
 from ..logs import language_var, request_id_var, safe_header
+from .auth import PUBLIC_PREFIXES, AuthError, Credentials, authenticate
 from .errors import plain_status, to_status
 
 log = logging.getLogger("phonebind.rpc")
@@ -30,23 +31,27 @@ def _plain_id(value: object) -> str:
 
 
 class ServerInterceptor(grpc.ServerInterceptor):
-    """Wraps each unary handler: request id in, errors out as rich statuses, one log line.
+    """Wraps each unary handler: who is calling, request id, errors as rich statuses, a log line.
 
-    A refused call (a domain error whose effects were rolled back) is recorded
-    in the audit trail through `on_refusal(reason, account_id, rebind_id, caller)`.
+    Callers are authenticated and checked against the role table before the
+    handler runs, so a refused caller never reaches a lookup. A refused call
+    (a domain error whose effects were rolled back, or an auth refusal) is
+    recorded in the audit trail through `on_refusal(reason, account_id,
+    rebind_id, caller)`. Public methods (health, reflection) pass untouched.
     """
 
-    def __init__(self, on_refusal: RefusalHook | None = None) -> None:
+    def __init__(
+        self, credentials: Credentials | None = None, on_refusal: RefusalHook | None = None
+    ) -> None:
+        self._credentials = credentials
         self._on_refusal = on_refusal
 
-    def _record_refusal(self, error: DomainError, request: Any, caller: str) -> None:
-        if self._on_refusal is None or error.audited:
-            return
-        if error.reason is Reason.STORE_UNAVAILABLE:
+    def _record_refusal(self, reason: str, request: Any, caller: str) -> None:
+        if self._on_refusal is None:
             return
         try:
             self._on_refusal(
-                error.reason.value,
+                reason,
                 _plain_id(getattr(request, "account_id", "")),
                 _plain_id(getattr(request, "rebind_id", "")),
                 caller,
@@ -60,27 +65,38 @@ class ServerInterceptor(grpc.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
         handler = continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
-            return handler
         method = handler_call_details.method
+        if handler is None or handler.unary_unary is None or method.startswith(PUBLIC_PREFIXES):
+            return handler
         incoming = dict(handler_call_details.invocation_metadata or ())
         behaviour = handler.unary_unary
 
         def wrapped(request: Any, context: grpc.ServicerContext) -> Any:
             request_id = safe_header(incoming.get("x-request-id", "")) or uuid.uuid4().hex
-            token = request_id_var.set(request_id)
-            caller = "anonymous"
-            call_token = current_call.set(CallContext(caller, method, request_id))
             language = pick_language(incoming.get("accept-language", ""))
-            language_token = language_var.set(language)
             context.set_trailing_metadata((("x-request-id", request_id),))
             started = time.perf_counter()
+            tokens = (request_id_var.set(request_id), language_var.set(language))
+            caller = "unauthenticated"
             outcome = "OK"
+            call_token = current_call.set(CallContext(caller, method, request_id))
             try:
+                subject = context.auth_context().get("x509_subject", [b""])[0].decode()
+                who = authenticate(method, incoming, subject, self._credentials)
+                caller = who.name if who is not None else "public"
+                current_call.set(CallContext(caller, method, request_id))
                 return behaviour(request, context)
+            except AuthError as error:
+                outcome = "PERMISSION_DENIED" if error.permission else "UNAUTHENTICATED"
+                caller = error.caller
+                current_call.set(CallContext(caller, method, request_id))
+                self._record_refusal(outcome, request, caller)
+                code = getattr(grpc.StatusCode, outcome)
+                context.abort_with_status(plain_status(code, error.message, outcome))
             except DomainError as error:
                 outcome = error.reason.value
-                self._record_refusal(error, request, caller)
+                if not error.audited and error.reason is not Reason.STORE_UNAVAILABLE:
+                    self._record_refusal(outcome, request, caller)
                 context.abort_with_status(to_status(error, language))
             except StoreUnavailable:
                 outcome = Reason.STORE_UNAVAILABLE.value
@@ -103,17 +119,19 @@ class ServerInterceptor(grpc.ServerInterceptor):
                     plain_status(grpc.StatusCode.INTERNAL, "internal error", "INTERNAL")
                 )
             finally:
-                log.info(
+                log.log(
+                    logging.INFO if outcome == "OK" else logging.WARNING,
                     "rpc",
                     extra={
                         "method": method,
+                        "caller": caller,
                         "outcome": outcome,
                         "duration_ms": round((time.perf_counter() - started) * 1000, 3),
                     },
                 )
-                request_id_var.reset(token)
+                request_id_var.reset(tokens[0])
+                language_var.reset(tokens[1])
                 current_call.reset(call_token)
-                language_var.reset(language_token)
 
         return grpc.unary_unary_rpc_method_handler(
             wrapped,

@@ -1,0 +1,202 @@
+"""Who may call what: callers, their credentials and the role each RPC needs.
+
+Callers authenticate with a bearer token (`authorization: Bearer <token>`)
+whose SHA-256 is in the credentials file, or with a client certificate whose
+subject the file names (mutual TLS). Tokens are random and long, so a plain
+SHA-256 is enough to keep the file useless to a reader; they are looked up by
+digest and compared in constant time.
+
+The credentials file (TOML):
+
+    [[caller]]
+    name = "loan-app-backend"
+    roles = ["flow"]
+    token_sha256 = "<hex of sha256(token)>"
+
+    [[caller]]
+    name = "kyc-service"
+    roles = ["kyc"]
+    cert_subject = "CN=kyc-service"   # as the client certificate's subject
+
+`phonebind-server token --name NAME --roles r1,r2` prints a new token and its entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import tomllib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+ROLES = frozenset({"kyc", "flow", "reader", "reviewer", "auditor"})
+
+_BINDING = "/phonebind.v1.BindingService/"
+_REVIEW = "/phonebind.v1.ReviewService/"
+_AUDIT = "/phonebind.v1.AuditService/"
+
+# The one table of what each RPC needs (DESIGN §1). A method not listed here
+# is refused to every authenticated caller.
+RPC_ROLES: dict[str, frozenset[str]] = {
+    _BINDING + "RegisterAccount": frozenset({"kyc"}),
+    _BINDING + "GetAccount": frozenset({"flow", "reader"}),
+    _BINDING + "ListBindingHistory": frozenset({"reader"}),
+    **{
+        _BINDING + name: frozenset({"flow"})
+        for name in (
+            "StartRebind",
+            "VerifyIdentity",
+            "SendCode",
+            "VerifyCode",
+            "CompleteRebind",
+            "CancelRebind",
+            "GetRebind",
+        )
+    },
+    **{
+        _REVIEW + name: frozenset({"reviewer"})
+        for name in ("ListReviews", "ApproveRebind", "RejectRebind")
+    },
+    **{_AUDIT + name: frozenset({"auditor"}) for name in ("ListAuditEvents", "VerifyAuditChain")},
+}
+
+# Open to anyone who reaches the port: load balancers' health checks, and
+# reflection when it is switched on (never by default in production).
+PUBLIC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+
+class CredentialsError(ValueError):
+    """The credentials file is unreadable or inconsistent."""
+
+
+@dataclass(frozen=True)
+class Caller:
+    name: str
+    roles: frozenset[str]
+
+    def may_call(self, method: str) -> bool:
+        return bool(RPC_ROLES.get(method, frozenset()) & self.roles)
+
+
+DEV_CALLER = Caller("dev-anonymous", ROLES)
+
+
+def token_digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def new_token() -> str:
+    return "pbt_" + secrets.token_urlsafe(32)
+
+
+class Credentials:
+    def __init__(self, callers: Iterable[tuple[Caller, str, str]]) -> None:
+        """`callers`: (caller, token_sha256 or "", cert_subject or "")."""
+        self._by_digest: dict[str, Caller] = {}
+        self._by_subject: dict[str, Caller] = {}
+        for caller, digest, subject in callers:
+            if digest:
+                if digest in self._by_digest:
+                    raise CredentialsError(f"caller {caller.name}: token used twice")
+                self._by_digest[digest] = caller
+            if subject:
+                self._by_subject[_normal_subject(subject)] = caller
+
+    @classmethod
+    def load(cls, path: str) -> Credentials:
+        try:
+            with open(path, "rb") as handle:
+                document = tomllib.load(handle)
+        except (OSError, tomllib.TOMLDecodeError) as error:
+            raise CredentialsError(f"cannot read credentials file {path}: {error}") from None
+        return cls.from_document(document)
+
+    @classmethod
+    def from_document(cls, document: Mapping[str, object]) -> Credentials:
+        entries = document.get("caller", [])
+        if not isinstance(entries, list) or not entries:
+            raise CredentialsError("the credentials file lists no [[caller]]")
+        callers = []
+        for entry in entries:
+            name = str(entry.get("name", "")).strip()
+            roles = frozenset(entry.get("roles", []))
+            digest = str(entry.get("token_sha256", "")).lower()
+            subject = str(entry.get("cert_subject", ""))
+            if not name:
+                raise CredentialsError("a caller has no name")
+            if not roles or not roles <= ROLES:
+                raise CredentialsError(
+                    f"caller {name}: roles must be some of {', '.join(sorted(ROLES))}"
+                )
+            if digest and (len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest)):
+                raise CredentialsError(f"caller {name}: token_sha256 must be 64 hex digits")
+            if not digest and not subject:
+                raise CredentialsError(f"caller {name}: needs token_sha256 or cert_subject")
+            callers.append((Caller(name, roles), digest, subject))
+        return cls(callers)
+
+    def by_token(self, token: str) -> Caller | None:
+        # Looked up by digest: timing can at most hint at a digest's prefix, which
+        # does not help anyone find a token that hashes to it.
+        return self._by_digest.get(token_digest(token))
+
+    def by_subject(self, subject: str) -> Caller | None:
+        return self._by_subject.get(_normal_subject(subject))
+
+    @property
+    def has_tokens(self) -> bool:
+        return bool(self._by_digest)
+
+
+def _normal_subject(subject: str) -> str:
+    return ",".join(part.strip() for part in subject.split(",") if part.strip())
+
+
+def bearer_token(metadata: Mapping[str, str]) -> str | None:
+    """The token of an `authorization: Bearer <token>` header, if there is one."""
+    value = metadata.get("authorization", "")
+    scheme, _, token = value.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip() or len(token) > 512:
+        return None
+    return token.strip()
+
+
+class AuthError(Exception):
+    def __init__(self, permission: bool, message: str, caller: str = "unauthenticated") -> None:
+        super().__init__(message)
+        self.permission = permission  # False: UNAUTHENTICATED, True: PERMISSION_DENIED
+        self.message = message
+        self.caller = caller
+
+
+def authenticate(
+    method: str,
+    metadata: Mapping[str, str],
+    cert_subject: str,
+    credentials: Credentials | None,
+) -> Caller | None:
+    """The caller of `method`, None for public methods; AuthError when refused.
+
+    Without credentials (development mode) everyone is DEV_CALLER.
+    """
+    if method.startswith(PUBLIC_PREFIXES):
+        return None
+    if credentials is None:
+        return DEV_CALLER
+    caller = None
+    if "authorization" in metadata:
+        token = bearer_token(metadata)
+        caller = credentials.by_token(token) if token else None
+        if caller is None:
+            raise AuthError(False, "the bearer token is not valid")
+    elif cert_subject:
+        caller = credentials.by_subject(cert_subject)
+        if caller is None:
+            raise AuthError(False, "the client certificate names no known caller")
+    else:
+        raise AuthError(False, "credentials are required: a bearer token or a client certificate")
+    if not caller.may_call(method):
+        raise AuthError(
+            True, f"caller {caller.name} may not call {method.rsplit('/', 1)[-1]}", caller.name
+        )
+    return caller

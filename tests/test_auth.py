@@ -1,0 +1,258 @@
+"""Callers and roles, bearer tokens, TLS and mutual TLS."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import grpc
+import pytest
+from conftest import start_server
+from google.protobuf import message_factory
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from support import error_details
+
+from phonebind.v1 import (
+    audit_service_pb2,
+    audit_service_pb2_grpc,
+    binding_service_pb2,
+    review_service_pb2,
+)
+from phonebind_client import PhonebindClient, PhonebindError
+from phonebind_server.devcerts import cert_pem, issue, key_pem, make_ca
+from phonebind_server.rpc.auth import ROLES, RPC_ROLES, new_token, token_digest
+
+SERVICES = [
+    binding_service_pb2.DESCRIPTOR.services_by_name["BindingService"],
+    review_service_pb2.DESCRIPTOR.services_by_name["ReviewService"],
+    audit_service_pb2.DESCRIPTOR.services_by_name["AuditService"],
+]
+METHODS = {
+    f"/{service.full_name}/{method.name}": message_factory.GetMessageClass(method.input_type)
+    for service in SERVICES
+    for method in service.methods
+}
+TOKENS = {role: new_token() for role in sorted(ROLES)}
+
+
+def credentials_file(tmp_path, extra: str = "") -> str:
+    entries = [
+        f'[[caller]]\nname = "svc-{role}"\nroles = ["{role}"]\n'
+        f'token_sha256 = "{token_digest(token)}"\n'
+        for role, token in TOKENS.items()
+    ]
+    path = tmp_path / "callers.toml"
+    path.write_text("\n".join(entries) + extra, encoding="utf-8")
+    return str(path)
+
+
+@pytest.fixture
+def guarded(database_url, tmp_path, clock, secrets_seen):
+    running = start_server(
+        database_url, tmp_path, clock, secrets_seen, credentials_file=credentials_file(tmp_path)
+    )
+    yield running
+    running.channel.close()
+    running.app.stop(grace=0)
+
+
+def call(channel: grpc.Channel, method: str, metadata=()):
+    request_class = METHODS[method]
+    stub = channel.unary_unary(
+        method,
+        request_serializer=request_class.SerializeToString,
+        response_deserializer=lambda raw: raw,
+    )
+    return stub(
+        request_class(account_id="nobody")
+        if "account_id" in request_class.DESCRIPTOR.fields_by_name
+        else request_class(),
+        metadata=metadata,
+        timeout=10,
+    )
+
+
+def bearer(token: str):
+    return (("authorization", f"Bearer {token}"),)
+
+
+def test_every_method_is_in_the_role_table():
+    assert set(METHODS) == set(RPC_ROLES)
+
+
+@pytest.mark.parametrize("role", sorted(ROLES))
+def test_each_role_against_each_rpc(guarded, role):
+    for method, allowed in RPC_ROLES.items():
+        try:
+            call(guarded.channel, method, bearer(TOKENS[role]))
+            outcome = grpc.StatusCode.OK
+        except grpc.RpcError as error:
+            outcome = error.code()
+        if role in allowed:
+            # Past the door: the service itself answers (bad input, not found, or OK).
+            assert outcome not in (
+                grpc.StatusCode.UNAUTHENTICATED,
+                grpc.StatusCode.PERMISSION_DENIED,
+            ), method
+        else:
+            assert outcome == grpc.StatusCode.PERMISSION_DENIED, method
+
+
+def test_missing_wrong_and_malformed_tokens_are_unauthenticated(guarded):
+    method = "/phonebind.v1.BindingService/GetAccount"
+    for metadata in [(), bearer("pbt_not-a-real-token"), (("authorization", "Basic abc"),)]:
+        with pytest.raises(grpc.RpcError) as caught:
+            call(guarded.channel, method, metadata)
+        code, reason, _ = error_details(caught.value)
+        assert (code, reason) == (grpc.StatusCode.UNAUTHENTICATED, "UNAUTHENTICATED")
+
+
+def test_permission_is_checked_before_any_lookup(guarded):
+    """A refused caller learns nothing: a real and a missing account answer alike."""
+    guarded.api.stub.RegisterAccount(
+        binding_service_pb2.RegisterAccountRequest(
+            account_id="real",
+            holder_name="张三",
+            id_number="11010519491231002X",
+            phone="13800138701",
+        ),
+        metadata=bearer(TOKENS["kyc"]),
+    )
+    guarded.secrets.add_phone("13800138701")
+    answers = []
+    for account in ["real", "missing"]:
+        with pytest.raises(grpc.RpcError) as caught:
+            guarded.api.stub.StartRebind(
+                binding_service_pb2.StartRebindRequest(account_id=account, new_phone="13900139701"),
+                metadata=bearer(TOKENS["reader"]),
+            )
+        answers.append((caught.value.code(), caught.value.details()))
+    assert answers[0] == answers[1]
+    assert answers[0][0] == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_a_token_speaks_for_its_own_caller_only(guarded):
+    audit = audit_service_pb2_grpc.AuditServiceStub(guarded.channel)
+    with pytest.raises(grpc.RpcError) as caught:
+        call(
+            guarded.channel, "/phonebind.v1.BindingService/RegisterAccount", bearer(TOKENS["flow"])
+        )
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    refused = audit.ListAuditEvents(
+        audit_service_pb2.ListAuditEventsRequest(action="CALL_REFUSED"),
+        metadata=bearer(TOKENS["auditor"]),
+    ).events
+    assert [(e.caller, e.outcome) for e in refused] == [("svc-flow", "PERMISSION_DENIED")]
+
+
+def test_health_stays_open_and_the_client_sends_its_token(guarded):
+    health = health_pb2_grpc.HealthStub(guarded.channel)
+    assert health.Check(health_pb2.HealthCheckRequest()).status == 1
+    with PhonebindClient(guarded.target, token=TOKENS["reader"]) as client:
+        with pytest.raises(PhonebindError) as caught:
+            client.get_account("nobody")
+        assert caught.value.reason == "ACCOUNT_NOT_FOUND"
+
+
+# -- TLS and mutual TLS ------------------------------------------------------------
+
+
+@pytest.fixture
+def pki(tmp_path):
+    ca = make_ca()
+    server = issue(ca, "localhost", server=True)
+    files = {
+        "ca": tmp_path / "ca.pem",
+        "cert": tmp_path / "server.pem",
+        "key": tmp_path / "server-key.pem",
+    }
+    files["ca"].write_bytes(cert_pem(ca[0]))
+    files["cert"].write_bytes(cert_pem(server[0]))
+    files["key"].write_bytes(key_pem(server[1]))
+    return ca, {k: str(v) for k, v in files.items()}
+
+
+def client_credentials(ca_pem: bytes, client=None) -> grpc.ChannelCredentials:
+    if client is None:
+        return grpc.ssl_channel_credentials(root_certificates=ca_pem)
+    cert, key = client
+    return grpc.ssl_channel_credentials(
+        root_certificates=ca_pem, private_key=key_pem(key), certificate_chain=cert_pem(cert)
+    )
+
+
+def test_tls_with_bearer_token(database_url, tmp_path, clock, secrets_seen, pki):
+    ca, files = pki
+    running = start_server(
+        database_url,
+        tmp_path,
+        clock,
+        secrets_seen,
+        credentials_file=credentials_file(tmp_path),
+        tls_cert=files["cert"],
+        tls_key=files["key"],
+    )
+    try:
+        target = f"localhost:{running.app.port}"
+        with PhonebindClient(
+            target, credentials=client_credentials(cert_pem(ca[0])), token=TOKENS["reader"]
+        ) as client:
+            with pytest.raises(PhonebindError) as caught:
+                client.get_account("nobody")
+            assert caught.value.reason == "ACCOUNT_NOT_FOUND"
+        with grpc.insecure_channel(target) as plain, pytest.raises(grpc.RpcError) as caught:
+            call(plain, "/phonebind.v1.BindingService/GetAccount", bearer(TOKENS["reader"]))
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        running.channel.close()
+        running.app.stop(grace=0)
+
+
+def test_mutual_tls_maps_the_certificate_to_a_caller(
+    database_url, tmp_path, clock, secrets_seen, pki
+):
+    ca, files = pki
+    extra = (
+        '\n[[caller]]\nname = "cert-reader"\nroles = ["reader"]\ncert_subject = "CN=reader-svc"\n'
+    )
+    running = start_server(
+        database_url,
+        tmp_path,
+        clock,
+        secrets_seen,
+        credentials_file=credentials_file(tmp_path, extra),
+        tls_cert=files["cert"],
+        tls_key=files["key"],
+        tls_client_ca=files["ca"],
+    )
+    ca_pem = cert_pem(ca[0])
+    target = f"localhost:{running.app.port}"
+    now = datetime.now(UTC)
+
+    def get_account(credentials) -> grpc.StatusCode:
+        with grpc.secure_channel(target, credentials) as channel:
+            try:
+                call(channel, "/phonebind.v1.BindingService/GetAccount")
+            except grpc.RpcError as error:
+                return error.code()
+        return grpc.StatusCode.OK
+
+    try:
+        good = issue(ca, "reader-svc", server=False)
+        assert get_account(client_credentials(ca_pem, good)) == grpc.StatusCode.NOT_FOUND
+        stranger = issue(ca, "someone-else", server=False)
+        assert get_account(client_credentials(ca_pem, stranger)) == grpc.StatusCode.UNAUTHENTICATED
+        # The handshake itself fails: no certificate, an untrusted CA, an expired certificate.
+        assert get_account(client_credentials(ca_pem)) == grpc.StatusCode.UNAVAILABLE
+        rogue = issue(make_ca("rogue CA"), "reader-svc", server=False)
+        assert get_account(client_credentials(ca_pem, rogue)) == grpc.StatusCode.UNAVAILABLE
+        expired = issue(
+            ca,
+            "reader-svc",
+            server=False,
+            not_before=now - timedelta(days=30),
+            not_after=now - timedelta(days=1),
+        )
+        assert get_account(client_credentials(ca_pem, expired)) == grpc.StatusCode.UNAVAILABLE
+    finally:
+        running.channel.close()
+        running.app.stop(grace=0)

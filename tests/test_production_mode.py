@@ -1,0 +1,106 @@
+"""Production refuses unsafe settings, each with a message naming it."""
+
+from __future__ import annotations
+
+import base64
+import os
+import subprocess
+import sys
+
+import pytest
+
+from phonebind_server.config import ConfigError, load
+from phonebind_server.devcerts import write_dev_certs
+from phonebind_server.rpc.auth import new_token, token_digest
+
+
+def key() -> str:
+    return base64.b64encode(os.urandom(32)).decode()
+
+
+@pytest.fixture
+def safe(tmp_path) -> dict[str, str]:
+    """A complete production configuration, as environment variables."""
+    write_dev_certs(str(tmp_path / "certs"))
+    callers = tmp_path / "callers.toml"
+    callers.write_text(
+        '[[caller]]\nname = "app"\nroles = ["flow"]\n'
+        f'token_sha256 = "{token_digest(new_token())}"\n',
+        encoding="utf-8",
+    )
+    return {
+        "PHONEBIND_LISTEN": "0.0.0.0:50051",
+        "PHONEBIND_DATABASE_URL": f"sqlite:///{tmp_path}/p.db",
+        "PHONEBIND_SMS_GATEWAY": "https://sms.provider.invalid/send",
+        "PHONEBIND_SMS_HTTP_SECRET": key(),
+        "PHONEBIND_INDEX_KEY": key(),
+        "PHONEBIND_CODE_KEY": key(),
+        "PHONEBIND_SEAL_KEYS": f"k1:{key()}",
+        "PHONEBIND_AUDIT_KEY": key(),
+        "PHONEBIND_TLS_CERT": str(tmp_path / "certs" / "server.pem"),
+        "PHONEBIND_TLS_KEY": str(tmp_path / "certs" / "server-key.pem"),
+        "PHONEBIND_CREDENTIALS_FILE": str(callers),
+    }
+
+
+def test_a_complete_production_configuration_loads(safe):
+    settings = load(env=safe)
+    assert not settings.dev and not settings.reflection
+    assert settings.keys().active_seal_key == "k1"
+
+
+UNSAFE = {
+    "development keys": {"PHONEBIND_CODE_KEY": None},
+    "TLS is not configured": {"PHONEBIND_TLS_CERT": None, "PHONEBIND_TLS_KEY": None},
+    "no caller credentials": {"PHONEBIND_CREDENTIALS_FILE": None},
+    "file and log SMS gateways": {"PHONEBIND_SMS_GATEWAY": "log"},
+    "needs https": {"PHONEBIND_SMS_GATEWAY": "http://sms.provider.invalid/send"},
+    "reflection is on": {"PHONEBIND_REFLECTION": "true"},
+}
+
+
+@pytest.mark.parametrize("problem", sorted(UNSAFE))
+def test_production_refuses_each_unsafe_setting(safe, problem):
+    env = dict(safe)
+    for name, value in UNSAFE[problem].items():
+        if value is None:
+            env.pop(name)
+        else:
+            env[name] = value
+    if problem == "development keys":
+        from phonebind_server.config import DEV_KEYS
+
+        env["PHONEBIND_CODE_KEY"] = DEV_KEYS["code_key"]
+    with pytest.raises(ConfigError) as caught:
+        load(env=env)
+    assert problem in str(caught.value)
+
+
+def test_reflection_can_be_allowed_explicitly(safe):
+    settings = load(env={**safe, "PHONEBIND_REFLECTION": "1", "PHONEBIND_ALLOW_REFLECTION": "1"})
+    assert settings.reflection
+
+
+def test_dev_mode_listens_on_loopback_only():
+    with pytest.raises(ConfigError, match="loopback"):
+        load({"dev": True, "listen": "0.0.0.0:50051"}, env={})
+    assert load({"dev": True, "listen": "[::1]:0"}, env={}).dev
+
+
+def test_mutual_tls_needs_tls(safe):
+    env = {**safe, "PHONEBIND_TLS_CLIENT_CA": "/x/ca.pem"}
+    env.pop("PHONEBIND_TLS_CERT")
+    env.pop("PHONEBIND_TLS_KEY")
+    with pytest.raises(ConfigError, match="tls"):
+        load(env=env)
+
+
+def test_serve_refuses_to_start_with_a_clear_message(safe):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PHONEBIND_")}
+    env.update(safe)
+    env.pop("PHONEBIND_TLS_CERT")
+    env.pop("PHONEBIND_TLS_KEY")
+    binary = os.path.join(os.path.dirname(sys.executable), "phonebind-server")
+    run = subprocess.run([binary, "serve"], env=env, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2
+    assert "refusing to start outside --dev: TLS is not configured" in run.stderr
