@@ -227,10 +227,12 @@ class Api:
         self.send(account_id, rebind_id, target)
         return self.verify(account_id, rebind_id, target, self.inbox.next_code(e164(phone)))
 
-    def ready_rebind(self, account_id: str, old_phone: str, new_phone: str) -> res.Rebind:
+    def ready_rebind(
+        self, account_id: str, old_phone: str, new_phone: str, name: str = HOLDER
+    ) -> res.Rebind:
         """Registers nothing; starts a rebind and does every step up to READY."""
         rebind = self.start(account_id, new_phone)
-        self.identity(account_id, rebind.rebind_id)
+        self.identity(account_id, rebind.rebind_id, name=name)
         self.send_and_verify(account_id, rebind.rebind_id, OLD, old_phone)
         rebind = self.send_and_verify(account_id, rebind.rebind_id, NEW, new_phone)
         assert rebind.state == res.REBIND_STATE_READY

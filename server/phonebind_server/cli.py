@@ -57,6 +57,13 @@ def _parser() -> argparse.ArgumentParser:
         "--clients", default="dev-client", help="comma-separated client certificate names"
     )
 
+    rotate = commands.add_parser(
+        "rotate-keys",
+        help="re-encrypt every sealed number under active_seal_key, in small transactions",
+    )
+    common(rotate)
+    rotate.add_argument("--batch", type=int, default=500, help="rows per transaction")
+
     audit = commands.add_parser("audit", help="the audit trail")
     audit_commands = audit.add_subparsers(dest="audit_command", required=True)
     verify = audit_commands.add_parser(
@@ -100,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     flags = {
         k: v
         for k, v in vars(args).items()
-        if k not in ("command", "migrate", "audit_command", "account_id")
+        if k not in ("command", "migrate", "audit_command", "account_id", "batch")
     }
     try:
         settings = load(flags)
@@ -110,6 +117,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.configure(settings.log_level)
     if args.command == "migrate":
         return _migrate(settings)
+    if args.command == "rotate-keys":
+        return _rotate_keys(settings, args.batch)
     if args.command == "audit":
         return _audit_verify(settings, args.account_id or "")
     return _serve(settings, migrate=bool(getattr(args, "migrate", False) or settings.dev))
@@ -141,6 +150,25 @@ def _token(name: str, roles_text: str) -> int:
     print(f"name = {json.dumps(name, ensure_ascii=False)}")
     print(f"roles = {json.dumps(roles)}")
     print(f'token_sha256 = "{token_digest(token)}"')
+    return 0
+
+
+def _rotate_keys(settings: Settings, batch: int) -> int:
+    """Runs beside live servers: they read every configured key and write with the active one."""
+    from .domain.pii import Vault
+    from .store.repository import PeeweeStore
+
+    vault = Vault(settings.keys())
+    store = PeeweeStore(settings.database_url)
+    try:
+        for model, column in PeeweeStore.SEALED_COLUMNS:
+            total = 0
+            while done := store.reseal_batch(model, column, vault, batch):
+                total += done
+            print(f"{model._meta.table_name}.{column}: {total} re-encrypted")
+    finally:
+        store.close()
+    print(f"every sealed value now uses key {settings.keys().active_seal_key}")
     return 0
 
 

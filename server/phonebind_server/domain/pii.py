@@ -76,6 +76,15 @@ class Vault:
         ciphertext = self._ciphers[kid].encrypt(nonce, plaintext.encode(), kid.encode())
         return f"{_SEAL_VERSION}:{kid}:{base64.urlsafe_b64encode(nonce + ciphertext).decode()}"
 
+    @property
+    def active_prefix(self) -> str:
+        """How every value sealed under the active key begins."""
+        return f"{_SEAL_VERSION}:{self._keys.active_seal_key}:"
+
+    def reseal(self, token: str) -> str:
+        """The same plaintext sealed under the active key."""
+        return self.seal(self.unseal(token))
+
     def unseal(self, token: str) -> str:
         version, kid, payload = token.split(":", 2)
         if version != _SEAL_VERSION or kid not in self._ciphers:

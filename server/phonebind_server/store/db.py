@@ -20,6 +20,8 @@ SQLITE_PRAGMAS = {
     "synchronous": "normal",
     "busy_timeout": 10_000,
     "foreign_keys": 1,
+    # Erased outbox texts (which held codes) are overwritten, not just unlinked.
+    "secure_delete": 1,
 }
 
 

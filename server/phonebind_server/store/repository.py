@@ -34,6 +34,7 @@ from ..domain.model import (
     SealedPhone,
     Step,
 )
+from ..domain.pii import Vault
 from ..domain.ports import Conflict, StoreUnavailable
 from .db import is_postgres, open_database
 from .migrate import migrate, pending
@@ -522,6 +523,39 @@ class PeeweeStore:
     def outbox_pending(self) -> int:
         with self.transaction(write=False):
             return SmsOutboxRow.select().where(SmsOutboxRow.state == "PENDING").count()
+
+    # -- key rotation ------------------------------------------------------------------
+
+    SEALED_COLUMNS = (
+        (AccountRow, "phone_sealed"),
+        (RebindRow, "new_phone_sealed"),
+        (BindingChangeRow, "old_phone_sealed"),
+        (BindingChangeRow, "new_phone_sealed"),
+        (SmsOutboxRow, "to_sealed"),
+    )
+
+    def reseal_batch(self, model: type[peewee.Model], column: str, vault: Vault, limit: int) -> int:
+        """Re-encrypts up to `limit` values of one column under the active key.
+
+        Each row is updated only if it still holds the value read, so a server
+        writing at the same time never loses its write.
+        """
+        field = getattr(model, column)
+        key = model._meta.primary_key
+        prefix = vault.active_prefix
+        with self.transaction():
+            rows = list(
+                model.select(key, field)
+                .where(peewee.fn.SUBSTR(field, 1, len(prefix)) != prefix)
+                .order_by(key)
+                .limit(limit)
+                .tuples()
+            )
+            for row_key, value in rows:
+                model.update({field: vault.reseal(value)}).where(
+                    (key == row_key) & (field == value)
+                ).execute()
+        return len(rows)
 
     # -- audit reading (AuditService, `audit verify`) ------------------------------
 
