@@ -28,6 +28,7 @@ from .domain.pii import Vault
 from .domain.ports import Clock
 from .domain.rebind import RebindService
 from .domain.review import ReviewDesk
+from .metrics import Metrics
 from .rpc.audit import AuditServicer
 from .rpc.auth import Credentials
 from .rpc.binding import BindingServicer
@@ -64,6 +65,8 @@ class App:
     health: health.HealthServicer
     service: RebindService
     settings: Settings
+    metrics: Metrics
+    metrics_port: int = 0
     _stopped: threading.Event = field(default_factory=threading.Event)
     _watch: threading.Thread | None = None
 
@@ -132,6 +135,8 @@ def create_server(
         )
     keys = settings.keys()
     vault = Vault(keys)
+    metrics = Metrics()
+    metrics.watch_outbox(lambda: store.outbox_stats(clock.now()))
     dispatcher = OutboxDispatcher(
         store,
         vault,
@@ -148,6 +153,7 @@ def create_server(
         # A claimed batch must finish inside its 60 s lease even if every
         # delivery times out, or another dispatcher would take the rest again.
         batch=max(1, min(20, int(30 // settings.sms_http_timeout_seconds))),
+        metrics=metrics,
     )
     credentials = Credentials.load(settings.credentials_file) if settings.credentials_file else None
     trail = AuditTrail(keys.audit_key)
@@ -156,7 +162,9 @@ def create_server(
 
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=settings.threads, thread_name_prefix="rpc"),
-        interceptors=[ServerInterceptor(credentials, on_refusal=audit_log.refusal)],
+        interceptors=[
+            ServerInterceptor(credentials, on_refusal=audit_log.refusal, metrics=metrics)
+        ],
         options=[
             ("grpc.max_receive_message_length", settings.max_receive_bytes),
             # Several worker processes share one port only when asked to.
@@ -188,7 +196,9 @@ def create_server(
         port = server.add_insecure_port(settings.listen)
     if port == 0:
         raise RuntimeError(f"cannot listen on {settings.listen}")
-    app = App(server, port, store, dispatcher, health_servicer, service, settings)
+    app = App(server, port, store, dispatcher, health_servicer, service, settings, metrics)
+    if settings.metrics_listen:
+        app.metrics_port = metrics.serve(settings.metrics_listen)
     store_up = store.ping()
     app.set_serving(store_up)
     server.start()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import multiprocessing
@@ -81,6 +82,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--threads", type=int, help="RPC worker threads per process")
     serve.add_argument(
         "--workers", type=int, help="server processes sharing the port (SO_REUSEPORT)"
+    )
+    serve.add_argument(
+        "--metrics-listen",
+        dest="metrics_listen",
+        help="HOST:PORT of the Prometheus endpoint (worker i uses PORT+i)",
     )
     serve.add_argument(
         "--reflection", action="store_const", const=True, help="enable server reflection"
@@ -243,8 +249,12 @@ def _supervise(settings: Settings) -> int:
     stopping = threading.Event()
     workers: list[multiprocessing.process.BaseProcess] = []
 
-    def spawn() -> multiprocessing.process.BaseProcess:
-        process = context.Process(target=_worker, args=(settings,), name="phonebind-worker")
+    def spawn(index: int) -> multiprocessing.process.BaseProcess:
+        own = settings
+        if settings.metrics_listen:
+            host, _, port = settings.metrics_listen.rpartition(":")
+            own = dataclasses.replace(settings, metrics_listen=f"{host}:{int(port) + index}")
+        process = context.Process(target=_worker, args=(own,), name=f"phonebind-worker-{index}")
         process.start()
         return process
 
@@ -257,12 +267,12 @@ def _supervise(settings: Settings) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    workers.extend(spawn() for _ in range(settings.workers))
+    workers.extend(spawn(index) for index in range(settings.workers))
     while not stopping.is_set():
         for index, process in enumerate(workers):
             if not process.is_alive() and not stopping.is_set():
                 log.error("worker died, restarting", extra={"exitcode": process.exitcode})
-                workers[index] = spawn()
+                workers[index] = spawn(index)
         stopping.wait(0.5)
     for process in workers:
         process.join(settings.grace_seconds + 5)

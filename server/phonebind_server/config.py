@@ -62,6 +62,7 @@ class Settings:
     log_level: str = "INFO"
     threads: int = 16
     workers: int = 1
+    metrics_listen: str = ""
     grace_seconds: float = 10.0
     max_receive_bytes: int = 64 * 1024
     health_interval_seconds: float = 2.0

@@ -16,8 +16,9 @@ from ..domain.errors import DomainError, Reason
 from ..domain.messages import pick_language
 from ..domain.ports import StoreUnavailable
 from ..logs import language_var, request_id_var, safe_header
+from ..metrics import Metrics
 from .auth import PUBLIC_PREFIXES, AuthError, Credentials, authenticate
-from .errors import plain_status, to_status
+from .errors import STATUS_FOR_REASON, plain_status, to_status
 
 log = logging.getLogger("phonebind.rpc")
 
@@ -41,10 +42,14 @@ class ServerInterceptor(grpc.ServerInterceptor):
     """
 
     def __init__(
-        self, credentials: Credentials | None = None, on_refusal: RefusalHook | None = None
+        self,
+        credentials: Credentials | None = None,
+        on_refusal: RefusalHook | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self._credentials = credentials
         self._on_refusal = on_refusal
+        self._metrics = metrics
 
     def _record_refusal(self, reason: str, request: Any, caller: str) -> None:
         if self._on_refusal is None:
@@ -78,7 +83,7 @@ class ServerInterceptor(grpc.ServerInterceptor):
             started = time.perf_counter()
             tokens = (request_id_var.set(request_id), language_var.set(language))
             caller = "unauthenticated"
-            outcome = "OK"
+            outcome = status = "OK"
             call_token = current_call.set(CallContext(caller, method, request_id))
             try:
                 subject = context.auth_context().get("x509_subject", [b""])[0].decode()
@@ -87,7 +92,7 @@ class ServerInterceptor(grpc.ServerInterceptor):
                 current_call.set(CallContext(caller, method, request_id))
                 return behaviour(request, context)
             except AuthError as error:
-                outcome = "PERMISSION_DENIED" if error.permission else "UNAUTHENTICATED"
+                outcome = status = "PERMISSION_DENIED" if error.permission else "UNAUTHENTICATED"
                 caller = error.caller
                 current_call.set(CallContext(caller, method, request_id))
                 self._record_refusal(outcome, request, caller)
@@ -95,11 +100,13 @@ class ServerInterceptor(grpc.ServerInterceptor):
                 context.abort_with_status(plain_status(code, error.message, outcome))
             except DomainError as error:
                 outcome = error.reason.value
+                status = STATUS_FOR_REASON[error.reason].name
                 if not error.audited and error.reason is not Reason.STORE_UNAVAILABLE:
                     self._record_refusal(outcome, request, caller)
                 context.abort_with_status(to_status(error, language))
             except StoreUnavailable:
                 outcome = Reason.STORE_UNAVAILABLE.value
+                status = "UNAVAILABLE"
                 context.abort_with_status(
                     to_status(
                         DomainError(
@@ -113,12 +120,15 @@ class ServerInterceptor(grpc.ServerInterceptor):
             except Exception:
                 if context.code() is not None:  # aborted by a handler on purpose
                     raise
-                outcome = "INTERNAL"
+                outcome = status = "INTERNAL"
                 log.exception("unhandled error", extra={"method": method})
                 context.abort_with_status(
                     plain_status(grpc.StatusCode.INTERNAL, "internal error", "INTERNAL")
                 )
             finally:
+                elapsed = time.perf_counter() - started
+                if self._metrics is not None:
+                    self._metrics.observe_rpc(method, outcome, status, elapsed)
                 log.log(
                     logging.INFO if outcome == "OK" else logging.WARNING,
                     "rpc",
@@ -126,7 +136,7 @@ class ServerInterceptor(grpc.ServerInterceptor):
                         "method": method,
                         "caller": caller,
                         "outcome": outcome,
-                        "duration_ms": round((time.perf_counter() - started) * 1000, 3),
+                        "duration_ms": round(elapsed * 1000, 3),
                     },
                 )
                 request_id_var.reset(tokens[0])

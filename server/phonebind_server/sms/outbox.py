@@ -19,6 +19,7 @@ from datetime import timedelta
 
 from ..domain.pii import Vault
 from ..domain.ports import Clock, StoreUnavailable
+from ..metrics import Metrics
 from ..store.repository import OutboxItem, PeeweeStore
 from .gateways import GatewayError, PermanentGatewayError, SmsGateway
 
@@ -39,7 +40,9 @@ class OutboxDispatcher:
         lease: timedelta = timedelta(seconds=60),
         batch: int = 20,
         poll_seconds: float = 1.0,
+        metrics: Metrics | None = None,
     ) -> None:
+        self._metrics = metrics
         self._store = store
         self._vault = vault
         self._gateway = gateway
@@ -104,6 +107,8 @@ class OutboxDispatcher:
             self._failed(item, f"{type(error).__name__}: {error}")
             return False
         self._store.mark_sms_sent(item.seq, self._clock.now())
+        if self._metrics is not None:
+            self._metrics.sms_sent.labels(item.purpose).inc()
         log.info(
             "sms delivered",
             extra={"message_id": item.message_id, "to": item.to_masked, "purpose": item.purpose},
@@ -111,7 +116,10 @@ class OutboxDispatcher:
         return True
 
     def _failed(self, item: OutboxItem, error: str, *, permanent: bool = False) -> None:
-        if permanent or item.attempts >= self._max_attempts:
+        dead = permanent or item.attempts >= self._max_attempts
+        if self._metrics is not None:
+            self._metrics.sms_failed.labels(item.purpose, str(dead).lower()).inc()
+        if dead:
             self._store.mark_sms_failed(item.seq, error, retry_at=None)
             log.error(
                 "sms dead-lettered",
@@ -125,7 +133,7 @@ class OutboxDispatcher:
             )
             return
         delay = min(self._max_delay, self._base_delay * 2 ** (item.attempts - 1))
-        delay *= random.uniform(0.5, 1.0)  # noqa: S311 - jitter, not a secret
+        delay *= random.uniform(0.5, 1.0)  # noqa: S311  # nosec B311  # retry jitter, not a secret
         self._store.mark_sms_failed(item.seq, error, retry_at=self._clock.now() + delay)
         log.warning(
             "sms delivery failed, will retry",

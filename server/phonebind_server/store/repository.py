@@ -524,6 +524,22 @@ class PeeweeStore:
         with self.transaction(write=False):
             return SmsOutboxRow.select().where(SmsOutboxRow.state == "PENDING").count()
 
+    def outbox_stats(self, now: datetime) -> tuple[int, float]:
+        """(messages pending, age in seconds of the oldest of them)."""
+        with self.transaction(write=False):
+            count, oldest = (
+                SmsOutboxRow.select(
+                    peewee.fn.COUNT(SmsOutboxRow.seq), peewee.fn.MIN(SmsOutboxRow.created_at)
+                )
+                .where(SmsOutboxRow.state == "PENDING")
+                .tuples()
+                .get()
+            )
+        if not count:
+            return 0, 0.0
+        age = now - SmsOutboxRow.created_at.python_value(oldest)
+        return count, max(0.0, age.total_seconds())
+
     # -- key rotation ------------------------------------------------------------------
 
     SEALED_COLUMNS = (

@@ -1,0 +1,60 @@
+"""The Prometheus endpoint reports calls, failures, codes sent and the outbox."""
+
+from __future__ import annotations
+
+import urllib.request
+
+import grpc
+import pytest
+from conftest import start_server
+from support import NEW
+
+METHOD = "/phonebind.v1.BindingService/VerifyCode"
+
+
+@pytest.fixture
+def measured(database_url, tmp_path, clock, secrets_seen):
+    running = start_server(
+        database_url, tmp_path, clock, secrets_seen, metrics_listen="127.0.0.1:0"
+    )
+    yield running
+    running.app.stop(grace=0)
+    running.channel.close()
+
+
+def scrape(running) -> dict[str, float]:
+    url = f"http://127.0.0.1:{running.app.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as answer:
+        text = answer.read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
+
+
+def test_metrics_count_calls_failures_codes_and_outbox(measured):
+    pb = measured.api
+    pb.register("m-1", "13800138901")
+    rebind = pb.start("m-1", "13900139901")
+    pb.send("m-1", rebind.rebind_id, NEW)
+    code = pb.inbox.next_code("+8613900139901")
+    wrong = "000000" if code != "000000" else "111111"
+    with pytest.raises(grpc.RpcError):
+        pb.verify("m-1", rebind.rebind_id, NEW, wrong)
+    with pytest.raises(grpc.RpcError):
+        pb.send("m-1", rebind.rebind_id, NEW)
+    pb.verify("m-1", rebind.rebind_id, NEW, code)
+    measured.snapshot()  # the outbox has delivered
+
+    samples = scrape(measured)
+    assert samples[f'phonebind_rpcs_total{{method="{METHOD}",outcome="OK"}}'] == 1
+    assert samples[f'phonebind_rpcs_total{{method="{METHOD}",outcome="CODE_MISMATCH"}}'] == 1
+    assert samples['phonebind_verification_failures_total{reason="CODE_MISMATCH"}'] == 1
+    assert samples['phonebind_limit_refusals_total{reason="RESEND_TOO_SOON"}'] == 1
+    assert samples['phonebind_sms_delivered_total{purpose="REBIND_CODE"}'] == 1
+    assert samples["phonebind_outbox_pending"] == 0
+    assert samples["phonebind_outbox_oldest_age_seconds"] == 0
+    count = f'phonebind_rpc_duration_seconds_count{{method="{METHOD}",status="INVALID_ARGUMENT"}}'
+    assert samples[count] == 1
