@@ -841,7 +841,15 @@ def production(**extra: str) -> dict[str, str]:
         for name in DEV_KEYS
         if name != "sms_http_secret"
     }
-    return {**keys, "sms_gateway": "https://sms.example.internal/v1/send", **extra}
+    return {
+        **keys,
+        "sms_gateway": "https://sms.example.internal/v1/send",
+        # Checked for presence here; the server reads them when it starts.
+        "tls_cert": "/etc/phonebind/server.pem",
+        "tls_key": "/etc/phonebind/server-key.pem",
+        "credentials_file": "/etc/phonebind/callers.toml",
+        **extra,
+    }
 
 
 def test_http_gateway_settings_outside_dev():

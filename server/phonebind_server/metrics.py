@@ -8,6 +8,7 @@ process can be scraped. Names are prefixed `phonebind_`.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
@@ -41,6 +42,7 @@ class _OutboxCollector(Collector):
 
 class Metrics:
     def __init__(self) -> None:
+        self._children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
         self.registry = CollectorRegistry(auto_describe=True)
         self.rpcs = Counter(
             "phonebind_rpcs",
@@ -84,8 +86,13 @@ class Metrics:
         self.registry.register(_OutboxCollector(read))
 
     def observe_rpc(self, method: str, outcome: str, status: str, seconds: float) -> None:
-        self.rpcs.labels(method, outcome).inc()
-        self.latency.labels(method, status).observe(seconds)
+        key = (method, outcome, status)
+        children = self._children.get(key)
+        if children is None:  # labels() is a locked lookup; keep the children once made
+            children = (self.rpcs.labels(method, outcome), self.latency.labels(method, status))
+            self._children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
         if outcome in VERIFICATION_FAILURES:
             self.verification_failures.labels(outcome).inc()
         elif outcome in LIMIT_REFUSALS:

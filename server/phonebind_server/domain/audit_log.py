@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from .audit import AuditEvent, AuditTrail, ChainReport, StoredEvent, account_chain, refusal_chain
+from .audit import AuditEvent, AuditTrail, ChainReport, StoredEvent, refusal_chain
 from .errors import Reason, invalid
 from .ports import Clock, Store
 from .rebind import check_account_id
@@ -40,8 +40,12 @@ class AuditLog:
             raise invalid(Reason.INVALID_ARGUMENT, "page_size", "page_size must not be negative")
         if account_id:
             check_account_id(account_id)
-        if len(rebind_id) > 64 or len(action) > 64:
-            raise invalid(Reason.INVALID_ARGUMENT, "action", "filters are at most 64 characters")
+        for name, value in (("rebind_id", rebind_id), ("action", action)):
+            # Printable only: PostgreSQL refuses NUL in a string outright.
+            if len(value) > 64 or not value.isprintable():
+                raise invalid(
+                    Reason.INVALID_ARGUMENT, name, f"{name} must be at most 64 printable characters"
+                )
         size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
         rows = self._store.audit_events(
             account_id=account_id,
@@ -59,8 +63,5 @@ class AuditLog:
     def verify(self, account_id: str = "") -> ChainReport:
         if account_id:
             check_account_id(account_id)
-            with self._store.transaction(write=False) as tx:
-                exists = tx.get_account(account_id) is not None
-            chains = self._store.audit_chains([account_chain(account_id)])
-            return self._trail.verify(chains, [account_id] if exists else [])
-        return self._trail.verify(self._store.audit_chains(), self._store.account_ids())
+        chains, account_ids = self._store.audit_snapshot(account_id or None)
+        return self._trail.verify(chains, account_ids)

@@ -7,6 +7,7 @@ number shows only the masked new number.
 
 from __future__ import annotations
 
+import functools
 from datetime import timedelta
 
 _CODE = {
@@ -163,6 +164,7 @@ def notice_text(code: str, language: str, **values: object) -> str:
     return _NOTICES[code][language].format(**values)
 
 
+@functools.lru_cache(maxsize=256)
 def pick_language(accept_language: str) -> str:
     """The best supported language for an Accept-Language value (zh-CN by default)."""
     best, best_q = "zh-CN", -1.0

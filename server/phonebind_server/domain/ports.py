@@ -6,7 +6,6 @@ and are tested against these protocols on SQLite and PostgreSQL alike.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from contextlib import AbstractContextManager
 from datetime import datetime
 from typing import Protocol
@@ -117,11 +116,11 @@ class Store(Protocol):
         limit: int = 100,
     ) -> list[StoredEvent]: ...
 
-    def audit_chains(
-        self, chain_ids: list[str] | None = None
-    ) -> Iterable[tuple[str, list[StoredEvent], tuple[int, str, str] | None]]: ...
-
-    def account_ids(self) -> list[str]: ...
+    def audit_snapshot(
+        self, account_id: str | None = None
+    ) -> tuple[list[tuple[str, list[StoredEvent], tuple[int, str, str] | None]], list[str]]:
+        """All chains (or one account's) and the account ids, from one snapshot."""
+        ...
 
 
 class Outbox(Protocol):

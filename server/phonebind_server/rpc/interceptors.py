@@ -50,6 +50,8 @@ class ServerInterceptor(grpc.ServerInterceptor):
         self._credentials = credentials
         self._on_refusal = on_refusal
         self._metrics = metrics
+        # Only a server that asks for client certificates needs the peer's subject.
+        self._read_subject = credentials is not None
 
     def _record_refusal(self, reason: str, request: Any, caller: str) -> None:
         if self._on_refusal is None:
@@ -86,7 +88,9 @@ class ServerInterceptor(grpc.ServerInterceptor):
             outcome = status = "OK"
             call_token = current_call.set(CallContext(caller, method, request_id))
             try:
-                subject = context.auth_context().get("x509_subject", [b""])[0].decode()
+                subject = ""
+                if self._read_subject and "authorization" not in incoming:
+                    subject = context.auth_context().get("x509_subject", [b""])[0].decode()
                 who = authenticate(method, incoming, subject, self._credentials)
                 caller = who.name if who is not None else "public"
                 current_call.set(CallContext(caller, method, request_id))
@@ -129,16 +133,18 @@ class ServerInterceptor(grpc.ServerInterceptor):
                 elapsed = time.perf_counter() - started
                 if self._metrics is not None:
                     self._metrics.observe_rpc(method, outcome, status, elapsed)
-                log.log(
-                    logging.INFO if outcome == "OK" else logging.WARNING,
-                    "rpc",
-                    extra={
-                        "method": method,
-                        "caller": caller,
-                        "outcome": outcome,
-                        "duration_ms": round(elapsed * 1000, 3),
-                    },
-                )
+                level = logging.INFO if outcome == "OK" else logging.WARNING
+                if log.isEnabledFor(level):
+                    log.log(
+                        level,
+                        "rpc",
+                        extra={
+                            "method": method,
+                            "caller": caller,
+                            "outcome": outcome,
+                            "duration_ms": round(elapsed * 1000, 3),
+                        },
+                    )
                 request_id_var.reset(tokens[0])
                 language_var.reset(tokens[1])
                 current_call.reset(call_token)

@@ -18,7 +18,7 @@ from datetime import datetime, timedelta
 
 import peewee
 
-from ..domain.audit import StoredEvent, canonical_details
+from ..domain.audit import StoredEvent, account_chain, canonical_details
 from ..domain.model import (
     Account,
     BindingChange,
@@ -50,6 +50,7 @@ from .models import (
     RebindRow,
     SmsOutboxRow,
 )
+from .statements import Statements
 
 log = logging.getLogger(__name__)
 
@@ -80,9 +81,10 @@ def _steps(text: str) -> tuple[Step, ...]:
 class PeeweeTx:
     """The domain's Tx port over the tables of models.py."""
 
-    def __init__(self, db: peewee.Database) -> None:
+    def __init__(self, db: peewee.Database, statements: Statements) -> None:
         self._db = db
         self._lock_rows = is_postgres(db)
+        self._sql = statements
 
     def _select(self, model: type[peewee.Model], lock: bool) -> peewee.ModelSelect:
         query = model.select()
@@ -91,30 +93,27 @@ class PeeweeTx:
     # accounts
 
     def get_account(self, account_id: str, *, lock: bool = False) -> Account | None:
-        row = self._select(AccountRow, lock).where(AccountRow.account_id == account_id).first()
+        row = self._sql.select_one(AccountRow, ("account_id",), (account_id,), lock=lock)
         return None if row is None else _account(row)
 
     def account_id_for_phone(self, phone_index: str) -> str | None:
-        row = (
-            AccountRow.select(AccountRow.account_id)
-            .where(AccountRow.phone_index == phone_index)
-            .tuples()
-            .first()
+        row = self._sql.select_one(
+            AccountRow, ("phone_index",), (phone_index,), columns=("account_id",)
         )
-        return None if row is None else row[0]
+        return None if row is None else row.account_id
 
     def insert_account(self, account: Account) -> None:
-        AccountRow.insert(**_account_columns(account)).execute()
+        self._sql.insert(AccountRow, _account_columns(account))
 
     def update_account(self, account: Account) -> None:
         columns = _account_columns(account)
         columns.pop("account_id")
-        AccountRow.update(**columns).where(AccountRow.account_id == account.account_id).execute()
+        self._sql.update(AccountRow, ("account_id",), (account.account_id,), columns)
 
     # rebinds
 
     def get_rebind(self, rebind_id: str, *, lock: bool = False) -> Rebind | None:
-        row = self._select(RebindRow, lock).where(RebindRow.rebind_id == rebind_id).first()
+        row = self._sql.select_one(RebindRow, ("rebind_id",), (rebind_id,), lock=lock)
         return None if row is None else _rebind(row)
 
     def open_rebinds(self, account_id: str) -> list[Rebind]:
@@ -124,12 +123,12 @@ class PeeweeTx:
         return [_rebind(row) for row in query]
 
     def insert_rebind(self, rebind: Rebind) -> None:
-        RebindRow.insert(**_rebind_columns(rebind)).execute()
+        self._sql.insert(RebindRow, _rebind_columns(rebind))
 
     def update_rebind(self, rebind: Rebind) -> None:
         columns = _rebind_columns(rebind)
         columns.pop("rebind_id")
-        RebindRow.update(**columns).where(RebindRow.rebind_id == rebind.rebind_id).execute()
+        self._sql.update(RebindRow, ("rebind_id",), (rebind.rebind_id,), columns)
 
     def list_reviews(
         self, state: str, *, now: datetime, after: tuple[datetime, str] | None, limit: int
@@ -157,11 +156,7 @@ class PeeweeTx:
     # challenges
 
     def get_challenge(self, rebind_id: str, target: CodeTarget) -> Challenge | None:
-        row = (
-            ChallengeRow.select()
-            .where((ChallengeRow.rebind_id == rebind_id) & (ChallengeRow.target == target.value))
-            .first()
-        )
+        row = self._sql.select_one(ChallengeRow, ("rebind_id", "target"), (rebind_id, target.value))
         if row is None:
             return None
         return Challenge(
@@ -186,14 +181,7 @@ class PeeweeTx:
             "expires_at": challenge.expires_at,
             "resend_at": challenge.resend_at,
         }
-        ChallengeRow.insert(**columns).on_conflict(
-            conflict_target=[ChallengeRow.rebind_id, ChallengeRow.target],
-            update={
-                getattr(ChallengeRow, k): v
-                for k, v in columns.items()
-                if k not in ("rebind_id", "target")
-            },
-        ).execute()
+        self._sql.upsert(ChallengeRow, ("rebind_id", "target"), columns)
 
     # history
 
@@ -263,22 +251,25 @@ class PeeweeTx:
     # outbox
 
     def enqueue_sms(self, message: OutboundSms) -> None:
-        SmsOutboxRow.insert(
-            message_id=message.message_id,
-            to_index=message.to.index,
-            to_sealed=message.to.sealed,
-            to_masked=message.to.masked,
-            purpose=message.purpose,
-            text=message.text,
-            state="PENDING",
-            attempts=0,
-            created_at=message.created_at,
-            next_attempt_at=message.created_at,
-            not_after=message.not_after,
-            last_error="",
-            account_id=message.account_id,
-            rebind_id=message.rebind_id,
-        ).execute()
+        self._sql.insert(
+            SmsOutboxRow,
+            {
+                "message_id": message.message_id,
+                "to_index": message.to.index,
+                "to_sealed": message.to.sealed,
+                "to_masked": message.to.masked,
+                "purpose": message.purpose,
+                "text": message.text,
+                "state": "PENDING",
+                "attempts": 0,
+                "created_at": message.created_at,
+                "next_attempt_at": message.created_at,
+                "not_after": message.not_after,
+                "last_error": "",
+                "account_id": message.account_id,
+                "rebind_id": message.rebind_id,
+            },
+        )
 
     def sms_sent_times(self, phone_index: str, purpose: str, *, since: datetime) -> list[datetime]:
         query = (
@@ -317,31 +308,41 @@ class PeeweeTx:
         return [row.failed_at for row in query]
 
     def lock_audit_head(self, chain_id: str) -> tuple[int, str]:
-        AuditHeadRow.insert(
-            chain_id=chain_id, chain_seq=0, last_mac="", mac=""
-        ).on_conflict_ignore().execute()
-        head = self._select(AuditHeadRow, True).where(AuditHeadRow.chain_id == chain_id).get()
+        head = self._sql.select_one(AuditHeadRow, ("chain_id",), (chain_id,), lock=True)
+        if head is None:  # a new chain: create its head, then lock it like any other
+            self._sql.insert(
+                AuditHeadRow,
+                {"chain_id": chain_id, "chain_seq": 0, "last_mac": "", "mac": ""},
+                ignore_conflict=True,
+            )
+            head = self._sql.select_one(AuditHeadRow, ("chain_id",), (chain_id,), lock=True)
         return head.chain_seq, head.last_mac
 
     def insert_audit(self, event: StoredEvent, head_mac: str) -> None:
-        AuditEventRow.insert(
-            chain_id=event.chain_id,
-            chain_seq=event.chain_seq,
-            at=event.at,
-            caller=event.caller,
-            rpc=event.rpc,
-            request_id=event.request_id,
-            action=event.action,
-            outcome=event.outcome,
-            account_id=event.account_id,
-            rebind_id=event.rebind_id,
-            details=canonical_details(event.details),
-            prev_mac=event.prev_mac,
-            mac=event.mac,
-        ).execute()
-        AuditHeadRow.update(chain_seq=event.chain_seq, last_mac=event.mac, mac=head_mac).where(
-            AuditHeadRow.chain_id == event.chain_id
-        ).execute()
+        self._sql.insert(
+            AuditEventRow,
+            {
+                "chain_id": event.chain_id,
+                "chain_seq": event.chain_seq,
+                "at": event.at,
+                "caller": event.caller,
+                "rpc": event.rpc,
+                "request_id": event.request_id,
+                "action": event.action,
+                "outcome": event.outcome,
+                "account_id": event.account_id,
+                "rebind_id": event.rebind_id,
+                "details": canonical_details(event.details),
+                "prev_mac": event.prev_mac,
+                "mac": event.mac,
+            },
+        )
+        self._sql.update(
+            AuditHeadRow,
+            ("chain_id",),
+            (event.chain_id,),
+            {"chain_seq": event.chain_seq, "last_mac": event.mac, "mac": head_mac},
+        )
 
     def serialize(self, key: str) -> None:
         # SQLite write transactions are already serial (BEGIN IMMEDIATE).
@@ -357,14 +358,10 @@ class PeeweeTx:
     def get_idempotency(
         self, operation: str, account_id: str, request_id: str
     ) -> IdempotencyRecord | None:
-        row = (
-            IdempotencyRow.select()
-            .where(
-                (IdempotencyRow.operation == operation)
-                & (IdempotencyRow.account_id == account_id)
-                & (IdempotencyRow.request_id == request_id)
-            )
-            .first()
+        row = self._sql.select_one(
+            IdempotencyRow,
+            ("operation", "account_id", "request_id"),
+            (operation, account_id, request_id),
         )
         if row is None:
             return None
@@ -378,14 +375,17 @@ class PeeweeTx:
         )
 
     def put_idempotency(self, record: IdempotencyRecord) -> None:
-        IdempotencyRow.insert(
-            operation=record.operation,
-            account_id=record.account_id,
-            request_id=record.request_id,
-            fingerprint=record.fingerprint,
-            result=json.dumps(record.result),
-            created_at=record.created_at,
-        ).execute()
+        self._sql.insert(
+            IdempotencyRow,
+            {
+                "operation": record.operation,
+                "account_id": record.account_id,
+                "request_id": record.request_id,
+                "fingerprint": record.fingerprint,
+                "result": json.dumps(record.result),
+                "created_at": record.created_at,
+            },
+        )
 
 
 @dataclass(frozen=True)
@@ -407,6 +407,7 @@ class PeeweeStore:
         self.db = open_database(url, max_connections=max_connections)
         self.db.bind(ALL_MODELS, bind_refs=False, bind_backrefs=False)
         self._postgres = is_postgres(self.db)
+        self._statements = Statements(self.db)
 
     @property
     def dialect(self) -> str:
@@ -444,12 +445,21 @@ class PeeweeStore:
             log.debug("closing a broken connection failed", exc_info=True)
 
     @contextmanager
-    def transaction(self, *, write: bool = True) -> Iterator[PeeweeTx]:
-        options = {"lock_type": "IMMEDIATE"} if write and not self._postgres else {}
+    def transaction(self, *, write: bool = True, snapshot: bool = False) -> Iterator[PeeweeTx]:
+        """A unit of work. Reads (`write=False`) run in autocommit: each of their
+        statements sees committed data, and they skip BEGIN/COMMIT round trips;
+        `snapshot=True` reads everything from one consistent snapshot instead."""
         with self._connected():
+            if not write and not snapshot:
+                yield PeeweeTx(self.db, self._statements)
+                return
+            if snapshot:
+                options = {"isolation_level": "REPEATABLE READ"} if self._postgres else {}
+            else:
+                options = {} if self._postgres else {"lock_type": "IMMEDIATE"}
             try:
                 with self.db.atomic(**options):
-                    yield PeeweeTx(self.db)
+                    yield PeeweeTx(self.db, self._statements)
             except peewee.IntegrityError as error:
                 raise Conflict(_conflict_name(error)) from error
 
@@ -602,11 +612,17 @@ class PeeweeStore:
         with self.transaction(write=False):
             return [_audit(row) for row in query.order_by(AuditEventRow.seq).limit(limit)]
 
-    def audit_chains(
-        self, chain_ids: list[str] | None = None
-    ) -> Iterator[tuple[str, list[StoredEvent], tuple[int, str, str] | None]]:
-        """Each chain's events in chain order, with its head (seq, last MAC, head MAC)."""
-        with self.transaction(write=False):
+    def audit_snapshot(
+        self, account_id: str | None = None
+    ) -> tuple[list[tuple[str, list[StoredEvent], tuple[int, str, str] | None]], list[str]]:
+        """Every chain (or one account's) with its events in chain order and its head
+        (seq, last MAC, head MAC), and the account ids, all from one snapshot."""
+        chain_ids = None if account_id is None else [account_chain(account_id)]
+        accounts = AccountRow.select(AccountRow.account_id)
+        if account_id is not None:
+            accounts = accounts.where(AccountRow.account_id == account_id)
+        with self.transaction(write=False, snapshot=True):
+            account_ids = [row[0] for row in accounts.tuples()]
             heads_query = AuditHeadRow.select()
             events_query = AuditEventRow.select().order_by(
                 AuditEventRow.chain_id, AuditEventRow.chain_seq
@@ -618,12 +634,8 @@ class PeeweeStore:
             chains: dict[str, list[StoredEvent]] = {chain: [] for chain in heads}
             for row in events_query:
                 chains.setdefault(row.chain_id, []).append(_audit(row))
-        for chain_id in sorted(chains):
-            yield chain_id, chains[chain_id], heads.get(chain_id)
-
-    def account_ids(self) -> list[str]:
-        with self.transaction(write=False):
-            return [row[0] for row in AccountRow.select(AccountRow.account_id).tuples()]
+        ordered = [(chain, chains[chain], heads.get(chain)) for chain in sorted(chains)]
+        return ordered, account_ids
 
     def prune_idempotency(self, before: datetime) -> int:
         with self.transaction():
