@@ -34,3 +34,7 @@ class UtcTimestampField(peewee.BigIntegerField):
 
 def to_micros(value: datetime) -> int:
     return UtcTimestampField().db_value(value)  # type: ignore[return-value]
+
+
+def from_micros(value: int) -> datetime:
+    return UtcTimestampField().python_value(value)  # type: ignore[return-value]

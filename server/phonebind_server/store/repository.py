@@ -37,6 +37,7 @@ from ..domain.model import (
 from ..domain.pii import Vault
 from ..domain.ports import Conflict, StoreUnavailable
 from .db import is_postgres, open_database
+from .fields import from_micros, to_micros
 from .migrate import migrate, pending
 from .models import (
     ALL_MODELS,
@@ -55,7 +56,23 @@ from .statements import Statements
 log = logging.getLogger(__name__)
 
 _OPEN = [s.value for s in RebindState if s.is_open]
+_HAS_OPEN_REBIND = (
+    "SELECT 1 FROM rebinds WHERE account_id = ? AND state IN ("  # noqa: S608 - constants
+    + ", ".join(f"'{state}'" for state in _OPEN)
+    + ") LIMIT 1"
+)
 _UNAVAILABLE = (peewee.OperationalError, peewee.InterfaceError)
+_EXPIRE_UNSENT = (
+    "UPDATE sms_outbox SET state = 'EXPIRED', text = '' "
+    "WHERE state = 'PENDING' AND not_after IS NOT NULL AND not_after <= ? RETURNING seq"
+)
+_DUE_MESSAGES = (
+    "SELECT seq, message_id, to_sealed, to_masked, purpose, text, attempts FROM sms_outbox "
+    "WHERE state = 'PENDING' AND next_attempt_at <= ? ORDER BY next_attempt_at LIMIT ?"
+)
+_LEASE_MESSAGE = (
+    "UPDATE sms_outbox SET next_attempt_at = ?, attempts = attempts + 1 WHERE seq = ? RETURNING seq"
+)
 
 
 def _conflict_name(error: peewee.IntegrityError) -> str:
@@ -120,6 +137,9 @@ class PeeweeTx:
         query = self._select(RebindRow, True).where(
             (RebindRow.account_id == account_id) & (RebindRow.state.in_(_OPEN))
         )
+        # Most accounts have none: a cheap existence check first.
+        if not self._sql.fetch(_HAS_OPEN_REBIND, (account_id,)):
+            return []
         return [_rebind(row) for row in query]
 
     def insert_rebind(self, rebind: Rebind) -> None:
@@ -186,18 +206,21 @@ class PeeweeTx:
     # history
 
     def insert_change(self, change: BindingChange) -> None:
-        BindingChangeRow.insert(
-            rebind_id=change.rebind_id,
-            account_id=change.account_id,
-            old_phone_index=change.old_phone.index,
-            old_phone_sealed=change.old_phone.sealed,
-            old_phone_masked=change.old_phone.masked,
-            new_phone_index=change.new_phone.index,
-            new_phone_sealed=change.new_phone.sealed,
-            new_phone_masked=change.new_phone.masked,
-            old_phone_lost=change.old_phone_lost,
-            completed_at=change.completed_at,
-        ).execute()
+        self._sql.insert(
+            BindingChangeRow,
+            {
+                "rebind_id": change.rebind_id,
+                "account_id": change.account_id,
+                "old_phone_index": change.old_phone.index,
+                "old_phone_sealed": change.old_phone.sealed,
+                "old_phone_masked": change.old_phone.masked,
+                "new_phone_index": change.new_phone.index,
+                "new_phone_sealed": change.new_phone.sealed,
+                "new_phone_masked": change.new_phone.masked,
+                "old_phone_lost": change.old_phone_lost,
+                "completed_at": change.completed_at,
+            },
+        )
 
     def list_changes(
         self, account_id: str, *, before_seq: int | None, limit: int
@@ -226,26 +249,21 @@ class PeeweeTx:
         ]
 
     def count_changes(self, account_id: str, *, since: datetime) -> int:
-        return (
-            BindingChangeRow.select()
-            .where(
-                (BindingChangeRow.account_id == account_id)
-                & (BindingChangeRow.completed_at >= since)
-            )
-            .count()
+        rows = self._sql.fetch(
+            "SELECT COUNT(*) FROM binding_changes WHERE account_id = ? AND completed_at >= ?",
+            (account_id, to_micros(since)),
         )
+        return rows[0][0]
 
     def phone_released_by_other(
         self, phone_index: str, *, account_id: str, since: datetime
     ) -> bool:
-        return (
-            BindingChangeRow.select()
-            .where(
-                (BindingChangeRow.old_phone_index == phone_index)
-                & (BindingChangeRow.account_id != account_id)
-                & (BindingChangeRow.completed_at >= since)
+        return bool(
+            self._sql.fetch(
+                "SELECT 1 FROM binding_changes WHERE old_phone_index = ? AND account_id <> ? "
+                "AND completed_at >= ? LIMIT 1",
+                (phone_index, account_id, to_micros(since)),
             )
-            .exists()
         )
 
     # outbox
@@ -271,41 +289,34 @@ class PeeweeTx:
             },
         )
 
+    def _times(self, sql: str, params: tuple[object, ...]) -> list[datetime]:
+        return [from_micros(row[0]) for row in self._sql.fetch(sql, params)]
+
     def sms_sent_times(self, phone_index: str, purpose: str, *, since: datetime) -> list[datetime]:
-        query = (
-            SmsOutboxRow.select(SmsOutboxRow.created_at)
-            .where(
-                (SmsOutboxRow.to_index == phone_index)
-                & (SmsOutboxRow.purpose == purpose)
-                & (SmsOutboxRow.created_at > since)
-            )
-            .order_by(SmsOutboxRow.created_at)
+        return self._times(
+            "SELECT created_at FROM sms_outbox WHERE to_index = ? AND purpose = ? "
+            "AND created_at > ? ORDER BY created_at",
+            (phone_index, purpose, to_micros(since)),
         )
-        return [row.created_at for row in query]
 
     def rebind_start_times(self, account_id: str, *, since: datetime) -> list[datetime]:
-        query = (
-            RebindRow.select(RebindRow.created_at)
-            .where((RebindRow.account_id == account_id) & (RebindRow.created_at > since))
-            .order_by(RebindRow.created_at)
+        return self._times(
+            "SELECT created_at FROM rebinds WHERE account_id = ? AND created_at > ? "
+            "ORDER BY created_at",
+            (account_id, to_micros(since)),
         )
-        return [row.created_at for row in query]
 
     def record_identity_failure(self, account_id: str, rebind_id: str, at: datetime) -> None:
-        IdentityFailureRow.insert(
-            account_id=account_id, rebind_id=rebind_id, failed_at=at
-        ).execute()
+        self._sql.insert(
+            IdentityFailureRow, {"account_id": account_id, "rebind_id": rebind_id, "failed_at": at}
+        )
 
     def identity_failure_times(self, account_id: str, *, since: datetime) -> list[datetime]:
-        query = (
-            IdentityFailureRow.select(IdentityFailureRow.failed_at)
-            .where(
-                (IdentityFailureRow.account_id == account_id)
-                & (IdentityFailureRow.failed_at > since)
-            )
-            .order_by(IdentityFailureRow.failed_at)
+        return self._times(
+            "SELECT failed_at FROM identity_failures WHERE account_id = ? AND failed_at > ? "
+            "ORDER BY failed_at",
+            (account_id, to_micros(since)),
         )
-        return [row.failed_at for row in query]
 
     def lock_audit_head(self, chain_id: str) -> tuple[int, str]:
         head = self._sql.select_one(AuditHeadRow, ("chain_id",), (chain_id,), lock=True)
@@ -479,45 +490,33 @@ class PeeweeStore:
         On PostgreSQL concurrent dispatchers skip each other's rows (FOR UPDATE
         SKIP LOCKED); on SQLite the immediate transaction serialises them.
         """
-        with self.transaction():
-            query = (
-                SmsOutboxRow.select()
-                .where((SmsOutboxRow.state == "PENDING") & (SmsOutboxRow.next_attempt_at <= now))
-                .order_by(SmsOutboxRow.next_attempt_at)
-                .limit(limit)
+        micros = to_micros(now)
+        with self.transaction() as tx:
+            sql = tx._sql
+            # A code nobody received in time is never sent; its text goes at once.
+            sql.fetch(_EXPIRE_UNSENT, (micros,))
+            rows = sql.fetch(
+                _DUE_MESSAGES + (" FOR UPDATE SKIP LOCKED" if self._postgres else ""),
+                (micros, limit),
             )
-            if self._postgres:
-                query = query.for_update(skip_locked=True)
-            rows = list(query)
+            lease_end = to_micros(now + lease)
             items = []
-            for row in rows:
-                if row.not_after is not None and row.not_after <= now:
-                    SmsOutboxRow.update(state="EXPIRED", text="").where(
-                        SmsOutboxRow.seq == row.seq
-                    ).execute()
-                    continue
-                SmsOutboxRow.update(
-                    next_attempt_at=now + lease, attempts=SmsOutboxRow.attempts + 1
-                ).where(SmsOutboxRow.seq == row.seq).execute()
+            for seq, message_id, to_sealed, to_masked, purpose, text, attempts in rows:
+                sql.fetch(_LEASE_MESSAGE, (lease_end, seq))
                 items.append(
-                    OutboxItem(
-                        row.seq,
-                        row.message_id,
-                        row.to_sealed,
-                        row.to_masked,
-                        row.purpose,
-                        row.text,
-                        row.attempts + 1,
-                    )
+                    OutboxItem(seq, message_id, to_sealed, to_masked, purpose, text, attempts + 1)
                 )
             return items
 
     def mark_sms_sent(self, seq: int, now: datetime) -> None:
-        with self.transaction():
+        with self.transaction() as tx:
             # The text (which may hold a code) is erased once delivered.
-            SmsOutboxRow.update(state="SENT", sent_at=now, text="", last_error="").where(
-                SmsOutboxRow.seq == seq
-            ).execute()
+            tx._sql.update(
+                SmsOutboxRow,
+                ("seq",),
+                (seq,),
+                {"state": "SENT", "sent_at": now, "text": "", "last_error": ""},
+            )
 
     def mark_sms_failed(self, seq: int, error: str, *, retry_at: datetime | None) -> None:
         with self.transaction():

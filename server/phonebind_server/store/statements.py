@@ -73,6 +73,17 @@ class Statements:
             }
         )
 
+    def fetch(self, sql: str, params: Sequence[Any], *, lock: bool = False) -> list[tuple]:
+        """Rows of a fixed SQL text written with `?` placeholders (FOR UPDATE when
+        `lock`, on PostgreSQL). Values must already be in their column form."""
+        lock = lock and self._postgres
+        key = ("fetch", sql, lock)
+        text = self._sql.get(key)
+        if text is None:
+            text = sql.replace("?", self._param) + (" FOR UPDATE" if lock else "")
+            self._sql[key] = text
+        return self._db.execute_sql(text, list(params)).fetchall()
+
     def insert(
         self,
         model: type[peewee.Model],
