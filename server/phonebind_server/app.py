@@ -80,12 +80,23 @@ class App:
             self.health.set(name, status)
 
     def _watch_store(self, last: bool) -> None:
+        # Pings run on one thread of their own (and its one connection); one that
+        # hangs past the deadline counts as down, and later pings queue behind it.
+        deadline = max(1.0, 2 * self.settings.health_interval_seconds)
+        pinger = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ping")
+        pending: futures.Future[bool] | None = None
         while not self._stopped.wait(self.settings.health_interval_seconds):
-            up = self.store.ping()
+            if pending is None or pending.done():
+                pending = pinger.submit(self.store.ping)
+            try:
+                up = pending.result(timeout=deadline)
+            except futures.TimeoutError:
+                up = False
             if up != last:
                 log.warning("store is %s", "reachable" if up else "unreachable")
                 self.set_serving(up)
                 last = up
+        pinger.shutdown(wait=False, cancel_futures=True)
 
     def stop(self, grace: float | None = None) -> None:
         """Stops taking calls (health NOT_SERVING first), lets in-flight ones finish."""

@@ -225,12 +225,28 @@ def _serve_one(settings: Settings, *, migrate: bool) -> int:
     def drain(signum: int, _frame: object) -> None:
         log.info("draining", extra={"signal": signal.Signals(signum).name})
         threading.Thread(target=app.stop, name="drain").start()
+        limit = settings.grace_seconds + 5
+        deadline = threading.Timer(limit, _exit_stuck, args=(limit,))
+        deadline.daemon = True
+        deadline.start()
 
     signal.signal(signal.SIGTERM, drain)
     signal.signal(signal.SIGINT, drain)
     print(f"phonebind listening on port {app.port}", flush=True)
     app.wait()
     return 0
+
+
+def _exit_stuck(seconds: float) -> None:
+    """Ends a draining process that is still alive `seconds` after the signal.
+
+    grace_seconds bounds a drain: a call still running after it (blocked on a
+    lock, or on a database that stopped answering) was already cut for its
+    client, and its thread would keep the process and its transaction alive.
+    Exiting closes the connection, so the database rolls that transaction back.
+    """
+    log.error("calls still running %s s after the signal; exiting", seconds)  # flushed at once
+    os._exit(1)
 
 
 def _worker(settings: Settings) -> None:

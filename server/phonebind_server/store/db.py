@@ -31,7 +31,20 @@ def open_database(url: str, *, max_connections: int = 32) -> peewee.Database:
     if url.startswith(("postgres://", "postgresql://")):
         url = url.replace("postgres://", "postgresql://", 1)
         pooled = "postgresql+pool://" + url[len("postgresql://") :]
-        return connect(pooled, max_connections=max_connections, stale_timeout=300, timeout=10)
+        return connect(
+            pooled,
+            max_connections=max_connections,
+            stale_timeout=300,
+            timeout=10,
+            # A database host that vanishes (dropped packets, no RST) is noticed
+            # by the kernel within seconds instead of hanging calls for minutes.
+            connect_timeout=3,
+            keepalives=1,
+            keepalives_idle=5,
+            keepalives_interval=2,
+            keepalives_count=2,
+            tcp_user_timeout=5000,
+        )
     raise ValueError("database URL must start with sqlite:/// or postgresql://")
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -57,7 +58,7 @@ log = logging.getLogger(__name__)
 
 _OPEN = [s.value for s in RebindState if s.is_open]
 _HAS_OPEN_REBIND = (
-    "SELECT 1 FROM rebinds WHERE account_id = ? AND state IN ("  # noqa: S608 - constants
+    "SELECT 1 FROM rebinds WHERE account_id = ? AND state IN ("  # noqa: S608  # nosec B608  # constants
     + ", ".join(f"'{state}'" for state in _OPEN)
     + ") LIMIT 1"
 )
@@ -419,6 +420,10 @@ class PeeweeStore:
         self.db.bind(ALL_MODELS, bind_refs=False, bind_backrefs=False)
         self._postgres = is_postgres(self.db)
         self._statements = Statements(self.db)
+        # How often the store was found unreachable, and per thread the count its
+        # connection has seen (see _connected).
+        self._outages = 0
+        self._seen = threading.local()
 
     @property
     def dialect(self) -> str:
@@ -442,9 +447,16 @@ class PeeweeStore:
     @contextmanager
     def _connected(self) -> Iterator[None]:
         try:
+            if self._postgres and getattr(self._seen, "outages", self._outages) != self._outages:
+                # The database was unreachable since this thread's pooled connection
+                # was last used, so it may be dead: check it in, and the pool tests it
+                # (SELECT 1) before handing it out, instead of a call failing on it.
+                self._drop_connection()
             self.db.connect(reuse_if_open=True)
+            self._seen.outages = self._outages
             yield
         except _UNAVAILABLE as error:
+            self._outages += 1
             self._drop_connection()
             raise StoreUnavailable(type(error).__name__) from error
 
