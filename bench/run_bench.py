@@ -618,7 +618,8 @@ def markdown(report: dict[str, Any], names: dict[str, str]) -> str:
         "## How it is measured",
         "",
         "Each configuration gets a fresh server (`phonebind-server serve --dev`, file SMS "
-        "gateway, log level WARNING, default 16 RPC threads per worker) on a fresh database, "
+        "gateway, log level WARNING, the default RPC thread pool per worker) on a fresh "
+        "database, "
         "on this same machine as the load tool and PostgreSQL, which share its cores. "
         f"`phonebind-load` runs {s['concurrency']} threads in {s['processes']} process(es), "
         "each thread on its own connection, closed loop, for "

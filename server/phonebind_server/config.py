@@ -60,7 +60,7 @@ class Settings:
     tls_key: str = ""
     tls_client_ca: str = ""
     log_level: str = "INFO"
-    threads: int = 16
+    threads: int = 8
     workers: int = 1
     metrics_listen: str = ""
     grace_seconds: float = 10.0
