@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import random
 import threading
+from concurrent import futures
 from datetime import timedelta
 
 from ..domain.pii import Vault
@@ -41,6 +42,7 @@ class OutboxDispatcher:
         batch: int = 20,
         poll_seconds: float = 1.0,
         metrics: Metrics | None = None,
+        express_threads: int = 4,
     ) -> None:
         self._metrics = metrics
         self._store = store
@@ -54,6 +56,11 @@ class OutboxDispatcher:
         self._batch = batch
         self._poll = poll_seconds
         self._wake = threading.Event()
+        # A code is waited for by a person: a few threads deliver new messages
+        # at once, so one slow provider call or one busy loop does not queue them.
+        self._express = futures.ThreadPoolExecutor(
+            max_workers=express_threads, thread_name_prefix="sms"
+        )
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -64,11 +71,28 @@ class OutboxDispatcher:
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
         self._wake.set()
+        self._express.shutdown(wait=False, cancel_futures=True)
         if self._thread is not None:
             self._thread.join(timeout)
 
     def wake(self) -> None:
+        """New messages were committed: deliver one at once on an express thread,
+        while the loop (batches, retries, backlog) is woken as well."""
         self._wake.set()
+        if not self._stop.is_set():
+            try:
+                self._express.submit(self._express_one)
+            except RuntimeError:  # shut down meanwhile
+                pass
+
+    def _express_one(self) -> None:
+        try:
+            for item in self._store.claim_sms(self._clock.now(), limit=1, lease=self._lease):
+                self._deliver(item)
+        except StoreUnavailable:
+            pass  # the loop retries once the store is back
+        except Exception:
+            log.exception("express delivery failed")
 
     def _loop(self) -> None:
         while not self._stop.is_set():

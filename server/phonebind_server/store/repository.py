@@ -13,7 +13,7 @@ import json
 import logging
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -420,6 +420,7 @@ class PeeweeStore:
         self.db.bind(ALL_MODELS, bind_refs=False, bind_backrefs=False)
         self._postgres = is_postgres(self.db)
         self._statements = Statements(self.db)
+        self._sqlite_writer = threading.Lock()
         # How often the store was found unreachable, and per thread the count its
         # connection has seen (see _connected).
         self._outages = 0
@@ -480,8 +481,12 @@ class PeeweeStore:
                 options = {"isolation_level": "REPEATABLE READ"} if self._postgres else {}
             else:
                 options = {} if self._postgres else {"lock_type": "IMMEDIATE"}
+            # SQLite has one writer at a time. Threads of this process queue on a
+            # lock, which hands over at once, instead of on SQLite's busy handler,
+            # which sleeps in growing steps (1 ms ... 100 ms) between retries.
+            serial = self._sqlite_writer if write and not self._postgres else nullcontext()
             try:
-                with self.db.atomic(**options):
+                with serial, self.db.atomic(**options):
                     yield PeeweeTx(self.db, self._statements)
             except peewee.IntegrityError as error:
                 raise Conflict(_conflict_name(error)) from error
