@@ -136,7 +136,9 @@ def create_server(
 ) -> App:
     """Builds and starts a server on settings.listen (port 0 picks a free one)."""
     clock = clock or SystemClock()
-    store = PeeweeStore(settings.database_url, max_connections=settings.threads + 4)
+    # One connection per RPC thread, plus the SMS express threads (4), the outbox
+    # loop, the health pinger and spares: a thread never waits for a connection.
+    store = PeeweeStore(settings.database_url, max_connections=settings.threads + 10)
     if migrate:
         store.migrate()
     missing = store.pending_migrations()
