@@ -5,10 +5,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import grpc
 from google.rpc import error_details_pb2
@@ -247,52 +251,82 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_serving(address: str, process=None, timeout: float = 30) -> None:
-    """Waits until Health/Check on `address` answers SERVING."""
+def serving(address: str) -> bool:
+    """Whether Health/Check on `address` answers SERVING now."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    deadline = time.monotonic() + timeout
     with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            assert process is None or process.poll() is None, "the server exited"
-            try:
-                answer = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if answer.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
+        try:
+            answer = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=1
+            )
+        except grpc.RpcError:
+            return False
+    return answer.status == health_pb2.HealthCheckResponse.SERVING
+
+
+@dataclass
+class Serve:
+    """`phonebind-server serve --dev` as a child process, with its logs in a file
+    (a pipe nobody reads would fill up and stall the server)."""
+
+    database_url: str
+    tmp_path: Path
+    sms_file: str
+    extra: tuple[str, ...] = ()
+    env: dict[str, str] = field(default_factory=dict)
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.tmp_path / f"serve-{self.port}.log"
+
+    def start(self) -> Serve:
+        environment = {k: v for k, v in os.environ.items() if not k.startswith("PHONEBIND_")}
+        with open(self.log_path, "w", encoding="utf-8") as log:
+            self.process = subprocess.Popen(
+                [
+                    os.path.join(os.path.dirname(sys.executable), "phonebind-server"),
+                    "serve",
+                    "--dev",
+                    "--listen",
+                    self.address,
+                    "--database-url",
+                    self.database_url,
+                    "--sms-gateway",
+                    f"file:{self.sms_file}",
+                    *self.extra,
+                ],
+                cwd=self.tmp_path,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**environment, **self.env},
+            )
+        deadline = time.monotonic() + 30
+        while self.alive() and not serving(self.address):
+            assert time.monotonic() < deadline, f"{self.address} did not become SERVING"
             time.sleep(0.05)
-    raise AssertionError(f"{address} did not become SERVING")
+        assert self.alive(), f"the server exited: {self.log()[-2000:]}"
+        return self
 
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
 
-def spawn_server(port: int, database_url: str, sms_file: str, *extra: str, cwd=None):
-    """`phonebind-server serve --dev` as a separate process, started and SERVING."""
-    import subprocess
-    import sys
+    def log(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
 
-    binary = os.path.join(os.path.dirname(sys.executable), "phonebind-server")
-    process = subprocess.Popen(
-        [
-            binary,
-            "serve",
-            "--dev",
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--database-url",
-            database_url,
-            "--sms-gateway",
-            f"file:{sms_file}",
-            *extra,
-        ],
-        cwd=cwd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        wait_serving(f"127.0.0.1:{port}", process)
-    except AssertionError:
-        process.kill()
-        raise
-    return process
+    def stop(self, timeout: float = 30) -> int:
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=timeout)
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=30)

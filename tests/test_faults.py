@@ -39,7 +39,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, timedelta
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -51,7 +51,18 @@ from conftest import TABLES, start_server
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
-from support import HOLDER, ID_NUMBER, NEW, OLD, Api, Inbox, Secrets, e164, error_details, free_port
+from support import (
+    HOLDER,
+    ID_NUMBER,
+    NEW,
+    OLD,
+    Api,
+    Inbox,
+    Secrets,
+    Serve,
+    e164,
+    error_details,
+)
 
 from phonebind.v1 import binding_service_pb2 as api
 from phonebind.v1 import resources_pb2 as res
@@ -303,78 +314,6 @@ def postgres_db(postgres_url: str) -> str:
 
 
 # -- `phonebind-server serve` as a child process ----------------------------------------
-
-
-@dataclass
-class Serve:
-    """`phonebind-server serve --dev` with its logs in a file (a pipe nobody reads
-    would fill up and stall the server)."""
-
-    database_url: str
-    tmp_path: Path
-    sms_file: str
-    extra: tuple[str, ...] = ()
-    env: dict[str, str] = field(default_factory=dict)
-    port: int = field(default_factory=free_port)
-    process: subprocess.Popen | None = None
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    @property
-    def log_path(self) -> Path:
-        return self.tmp_path / f"serve-{self.port}.log"
-
-    def start(self) -> Serve:
-        environment = {k: v for k, v in os.environ.items() if not k.startswith("PHONEBIND_")}
-        with open(self.log_path, "w", encoding="utf-8") as log:
-            self.process = subprocess.Popen(
-                [
-                    str(BIN / "phonebind-server"),
-                    "serve",
-                    "--dev",
-                    "--listen",
-                    self.address,
-                    "--database-url",
-                    self.database_url,
-                    "--sms-gateway",
-                    f"file:{self.sms_file}",
-                    *self.extra,
-                ],
-                cwd=self.tmp_path,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env={**environment, **self.env},
-            )
-        channel = grpc.insecure_channel(self.address)
-        try:
-            wait_until(
-                lambda: not self.alive() or health(channel) == "SERVING",
-                30,
-                f"{self.address} SERVING",
-            )
-        finally:
-            channel.close()
-        assert self.alive(), f"the server exited: {self.log()[-2000:]}"
-        return self
-
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def log(self) -> str:
-        return self.log_path.read_text(encoding="utf-8", errors="replace")
-
-    def stop(self, timeout: float = 30) -> int:
-        assert self.process is not None
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout=timeout)
-
-    def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(timeout=30)
 
 
 def children(pid: int) -> list[int]:

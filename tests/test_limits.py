@@ -14,10 +14,9 @@ from support import (
     Api,
     Inbox,
     Secrets,
+    Serve,
     error_details,
-    free_port,
     make_id_number,
-    spawn_server,
 )
 
 from phonebind.v1 import binding_service_pb2 as api
@@ -139,9 +138,8 @@ def test_two_processes_never_exceed_the_per_number_cap(database_url, tmp_path, p
     sms_file = str(tmp_path / "sms.jsonl")
     if database_url.startswith("sqlite"):
         database_url = f"sqlite:///{tmp_path}/shared.db"
-    ports = [free_port() for _ in range(processes)]
-    servers = [spawn_server(port, database_url, sms_file) for port in ports]
-    channels = [grpc.insecure_channel(f"127.0.0.1:{port}") for port in ports]
+    servers = [Serve(database_url, tmp_path, sms_file).start() for _ in range(processes)]
+    channels = [grpc.insecure_channel(server.address) for server in servers]
     try:
         apis = [Api(channel, Inbox(sms_file, Secrets()), Secrets()) for channel in channels]
         rebinds = []
@@ -170,6 +168,5 @@ def test_two_processes_never_exceed_the_per_number_cap(database_url, tmp_path, p
     finally:
         for channel in channels:
             channel.close()
-        for process in servers:
-            process.terminate()
-            process.wait(timeout=30)
+        for server in servers:
+            server.stop()
