@@ -10,7 +10,9 @@ import contextvars
 import json
 import logging
 import sys
+from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import Any
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
 # The caller's language for end-user text (from accept-language metadata).
@@ -27,6 +29,23 @@ def safe_header(value: str) -> str:
     return ""
 
 
+def _stamp_request_id(
+    factory: Callable[..., logging.LogRecord],
+) -> Callable[..., logging.LogRecord]:
+    def make(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = factory(*args, **kwargs)
+        if (request_id := request_id_var.get()) and not hasattr(record, "request_id"):
+            record.request_id = request_id
+        return record
+
+    return make
+
+
+# Each record carries the request id of the call that logged it, whenever and
+# wherever it is formatted.
+logging.setLogRecordFactory(_stamp_request_id(logging.getLogRecordFactory()))
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, object] = {
@@ -35,7 +54,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        if request_id := request_id_var.get():
+        if request_id := getattr(record, "request_id", ""):
             entry["request_id"] = request_id
         for key, value in vars(record).items():
             if key not in _STANDARD and not key.startswith("_"):

@@ -6,6 +6,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -24,6 +25,23 @@ log = logging.getLogger("phonebind.rpc")
 
 
 RefusalHook = Callable[[str, str, str, str], None]
+
+
+@dataclass(frozen=True)
+class _Status(grpc.Status):
+    code: grpc.StatusCode
+    details: str
+    trailing_metadata: tuple[tuple[str, str | bytes], ...]
+
+
+def _tagged(status: grpc.Status, request_id: str) -> grpc.Status:
+    """The status with the request id in its trailers: an abort replaces the
+    trailers set earlier, and a failed call is the one whose id matters most."""
+    return _Status(
+        status.code,
+        status.details,
+        (*status.trailing_metadata, ("x-request-id", request_id)),
+    )
 
 
 def _plain_id(value: object) -> str:
@@ -111,24 +129,29 @@ class ServerInterceptor(grpc.ServerInterceptor):
                 current_call.set(CallContext(caller, method, request_id))
                 self._record_refusal(outcome, request, caller)
                 code = getattr(grpc.StatusCode, outcome)
-                context.abort_with_status(plain_status(code, error.message, outcome))
+                context.abort_with_status(
+                    _tagged(plain_status(code, error.message, outcome), request_id)
+                )
             except DomainError as error:
                 outcome = error.reason.value
                 status = STATUS_FOR_REASON[error.reason].name
                 if not error.audited and error.reason is not Reason.STORE_UNAVAILABLE:
                     self._record_refusal(outcome, request, caller)
-                context.abort_with_status(to_status(error, language))
+                context.abort_with_status(_tagged(to_status(error, language), request_id))
             except StoreUnavailable:
                 outcome = Reason.STORE_UNAVAILABLE.value
                 status = "UNAVAILABLE"
                 context.abort_with_status(
-                    to_status(
-                        DomainError(
-                            Reason.STORE_UNAVAILABLE,
-                            "the store is unavailable; retry shortly",
-                            retry_after=timedelta(seconds=1),
+                    _tagged(
+                        to_status(
+                            DomainError(
+                                Reason.STORE_UNAVAILABLE,
+                                "the store is unavailable; retry shortly",
+                                retry_after=timedelta(seconds=1),
+                            ),
+                            language,
                         ),
-                        language,
+                        request_id,
                     )
                 )
             except Exception:
@@ -137,7 +160,10 @@ class ServerInterceptor(grpc.ServerInterceptor):
                 outcome = status = "INTERNAL"
                 log.exception("unhandled error", extra={"method": method})
                 context.abort_with_status(
-                    plain_status(grpc.StatusCode.INTERNAL, "internal error", "INTERNAL")
+                    _tagged(
+                        plain_status(grpc.StatusCode.INTERNAL, "internal error", "INTERNAL"),
+                        request_id,
+                    )
                 )
             finally:
                 elapsed = time.perf_counter() - started
