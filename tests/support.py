@@ -265,6 +265,15 @@ def serving(address: str) -> bool:
     return answer.status == health_pb2.HealthCheckResponse.SERVING
 
 
+def wait_serving(address: str, process: subprocess.Popen, why=lambda: "") -> None:
+    """Waits (30 s at most) until the server process answers SERVING."""
+    deadline = time.monotonic() + 30
+    while not serving(address):
+        assert process.poll() is None, f"the server exited: {why()}"
+        assert time.monotonic() < deadline, f"{address} did not become SERVING"
+        time.sleep(0.05)
+
+
 @dataclass
 class Serve:
     """`phonebind-server serve --dev` as a child process, with its logs in a file
@@ -307,11 +316,7 @@ class Serve:
                 stderr=subprocess.STDOUT,
                 env={**environment, **self.env},
             )
-        deadline = time.monotonic() + 30
-        while self.alive() and not serving(self.address):
-            assert time.monotonic() < deadline, f"{self.address} did not become SERVING"
-            time.sleep(0.05)
-        assert self.alive(), f"the server exited: {self.log()[-2000:]}"
+        wait_serving(self.address, self.process, lambda: self.log()[-2000:])
         return self
 
     def alive(self) -> bool:

@@ -27,6 +27,7 @@ import signal
 import sqlite3
 import statistics
 import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -39,8 +40,7 @@ import grpc
 import psycopg2
 import pytest
 from conftest import Running, start_server
-from support import OLD, FakeClock, Secrets
-from test_readme import BIN, free_port, wait_serving
+from support import OLD, FakeClock, Secrets, free_port, wait_serving
 
 from phonebind.v1 import binding_service_pb2 as api
 from phonebind.v1 import binding_service_pb2_grpc as api_grpc
@@ -687,7 +687,7 @@ class Cli:
         with open(self.log_path, "w", encoding="utf-8") as stderr:
             self.process = subprocess.Popen(
                 [
-                    str(BIN / "phonebind-server"),
+                    os.path.join(os.path.dirname(sys.executable), "phonebind-server"),
                     "serve",
                     "--dev",
                     "--listen",
