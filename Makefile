@@ -34,6 +34,7 @@ proto: install
 lint: install node_modules/.installed
 	$(BIN)/ruff check client/phonebind_client server tests bench scripts
 	$(BIN)/ruff format --check client/phonebind_client server tests bench scripts
+	$(BIN)/bandit -q -r server/phonebind_server -x server/phonebind_server/domain/cn_provinces.py
 	node_modules/.bin/buf lint
 
 run: install

@@ -11,12 +11,20 @@ from phonebind.v1 import audit_service_pb2 as api
 from phonebind.v1 import audit_service_pb2_grpc as api_grpc
 
 from ..domain.audit_log import AuditLog
+from ..domain.errors import Reason, invalid
 from . import convert
 from .pagination import PageTokens
 
 
-def _time(value: timestamp_pb2.Timestamp, present: bool) -> datetime | None:
-    return value.ToDatetime(tzinfo=UTC) if present else None
+def _time(request: api.ListAuditEventsRequest, name: str) -> datetime | None:
+    """The filter time, None when unset; INVALID_ARGUMENT outside Timestamp's range."""
+    if not request.HasField(name):
+        return None
+    value: timestamp_pb2.Timestamp = getattr(request, name)
+    try:
+        return value.ToDatetime(tzinfo=UTC)
+    except ValueError:  # seconds beyond 0001..9999, or nanos outside 0..999999999
+        raise invalid(Reason.INVALID_ARGUMENT, name, f"{name} is not a valid time") from None
 
 
 class AuditServicer(api_grpc.AuditServiceServicer):
@@ -25,6 +33,7 @@ class AuditServicer(api_grpc.AuditServiceServicer):
         self._tokens = page_tokens
 
     def ListAuditEvents(self, request: api.ListAuditEventsRequest, context: grpc.ServicerContext):
+        since, until = _time(request, "start_time"), _time(request, "end_time")
         filters = (
             request.account_id,
             request.rebind_id,
@@ -38,8 +47,8 @@ class AuditServicer(api_grpc.AuditServiceServicer):
             account_id=request.account_id,
             rebind_id=request.rebind_id,
             action=request.action,
-            since=_time(request.start_time, request.HasField("start_time")),
-            until=_time(request.end_time, request.HasField("end_time")),
+            since=since,
+            until=until,
             page_size=request.page_size,
             after_seq=None if cursor is None else int(cursor),
         )
