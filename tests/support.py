@@ -15,12 +15,30 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
+from google.protobuf import message_factory
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from phonebind.v1 import audit_service_pb2, review_service_pb2
 from phonebind.v1 import binding_service_pb2 as api
 from phonebind.v1 import binding_service_pb2_grpc as api_grpc
 from phonebind.v1 import resources_pb2 as res
+
+# Every RPC of the three services: path -> (request class, response class), in
+# the order the protos declare them.
+SERVICES = [
+    api.DESCRIPTOR.services_by_name["BindingService"],
+    review_service_pb2.DESCRIPTOR.services_by_name["ReviewService"],
+    audit_service_pb2.DESCRIPTOR.services_by_name["AuditService"],
+]
+RPCS = {
+    f"/{service.full_name}/{method.name}": (
+        message_factory.GetMessageClass(method.input_type),
+        message_factory.GetMessageClass(method.output_type),
+    )
+    for service in SERVICES
+    for method in service.methods
+}
 
 OLD = res.CODE_TARGET_OLD_PHONE
 NEW = res.CODE_TARGET_NEW_PHONE

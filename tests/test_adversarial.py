@@ -29,7 +29,7 @@ import grpc
 import psycopg2
 import pytest
 from conftest import PG_ENV, Running, start_server
-from google.protobuf import message_factory, timestamp_pb2
+from google.protobuf import timestamp_pb2
 from google.protobuf.descriptor import FieldDescriptor
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -41,6 +41,7 @@ from support import (
     ID_NUMBER,
     NEW,
     OLD,
+    RPCS,
     FakeClock,
     Secrets,
     e164,
@@ -51,28 +52,13 @@ from support import (
 from phonebind.v1 import (
     audit_service_pb2,
     audit_service_pb2_grpc,
-    binding_service_pb2,
-    review_service_pb2,
 )
 from phonebind.v1 import binding_service_pb2 as api
 from phonebind.v1 import resources_pb2 as res
 from phonebind_server.logs import JsonFormatter
 from phonebind_server.rpc.errors import STATUS_FOR_REASON, TRANSPORT_REASONS
 
-SERVICES = [
-    binding_service_pb2.DESCRIPTOR.services_by_name["BindingService"],
-    review_service_pb2.DESCRIPTOR.services_by_name["ReviewService"],
-    audit_service_pb2.DESCRIPTOR.services_by_name["AuditService"],
-]
-# path -> (request class, response class), in the order the protos declare them.
-METHODS = {
-    f"/{service.full_name}/{method.name}": (
-        message_factory.GetMessageClass(method.input_type),
-        message_factory.GetMessageClass(method.output_type),
-    )
-    for service in SERVICES
-    for method in service.methods
-}
+METHODS = RPCS
 
 EXAMPLES_PER_RPC = int(os.environ.get("PHONEBIND_ADVERSARIAL_EXAMPLES", "100"))
 

@@ -7,30 +7,19 @@ from datetime import UTC, datetime, timedelta
 import grpc
 import pytest
 from conftest import start_server
-from google.protobuf import message_factory
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from support import error_details
+from support import RPCS, error_details
 
 from phonebind.v1 import (
     audit_service_pb2,
     audit_service_pb2_grpc,
     binding_service_pb2,
-    review_service_pb2,
 )
 from phonebind_client import PhonebindClient, PhonebindError
 from phonebind_server.devcerts import cert_pem, issue, key_pem, make_ca
 from phonebind_server.rpc.auth import ROLES, RPC_ROLES, new_token, token_digest
 
-SERVICES = [
-    binding_service_pb2.DESCRIPTOR.services_by_name["BindingService"],
-    review_service_pb2.DESCRIPTOR.services_by_name["ReviewService"],
-    audit_service_pb2.DESCRIPTOR.services_by_name["AuditService"],
-]
-METHODS = {
-    f"/{service.full_name}/{method.name}": message_factory.GetMessageClass(method.input_type)
-    for service in SERVICES
-    for method in service.methods
-}
+METHODS = {path: request for path, (request, _) in RPCS.items()}
 TOKENS = {role: new_token() for role in sorted(ROLES)}
 
 
