@@ -104,3 +104,18 @@ def test_serve_refuses_to_start_with_a_clear_message(safe):
     run = subprocess.run([binary, "serve"], env=env, capture_output=True, text=True, timeout=60)
     assert run.returncode == 2
     assert "refusing to start outside --dev: TLS is not configured" in run.stderr
+
+
+def test_migrate_needs_only_the_database(tmp_path):
+    """Migrations run before any key, certificate or credential exists."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PHONEBIND_")}
+    binary = os.path.join(os.path.dirname(sys.executable), "phonebind-server")
+    run = subprocess.run(
+        [binary, "migrate", "--database-url", f"sqlite:///{tmp_path}/m.db"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "applied migrations: [1, 2, 3]" in run.stdout

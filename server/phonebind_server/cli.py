@@ -116,17 +116,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         if k not in ("command", "migrate", "audit_command", "account_id", "batch")
     }
     try:
-        settings = load(flags)
+        settings = load(flags, serving=args.command == "serve")
     except ConfigError as error:
         print(f"phonebind-server: {error}", file=sys.stderr)
         return 2
     logs.configure(settings.log_level)
-    if args.command == "migrate":
-        return _migrate(settings)
-    if args.command == "rotate-keys":
-        return _rotate_keys(settings, args.batch)
-    if args.command == "audit":
-        return _audit_verify(settings, args.account_id or "")
+    try:
+        if args.command == "migrate":
+            return _migrate(settings)
+        if args.command == "rotate-keys":
+            return _rotate_keys(settings, args.batch)
+        if args.command == "audit":
+            return _audit_verify(settings, args.account_id or "")
+    except ConfigError as error:  # a tool that needs keys the settings lack
+        print(f"phonebind-server: {error}", file=sys.stderr)
+        return 2
     return _serve(settings, migrate=bool(getattr(args, "migrate", False) or settings.dev))
 
 

@@ -164,7 +164,10 @@ def load(
     *,
     env: Mapping[str, str] | None = None,
     config_file: str | None = None,
+    serving: bool = True,
 ) -> Settings:
+    """The settings; `serving=False` (migrations, tools) skips the checks that
+    only a running server needs: keys, TLS, credentials, gateways."""
     env = os.environ if env is None else env
     flags = {k: v for k, v in (flags or {}).items() if v is not None}
     settings = Settings()
@@ -202,7 +205,8 @@ def load(
             **{name: getattr(settings, name) or value for name, value in DEV_KEYS.items()},
         )
     settings = dataclasses.replace(settings, policy=policy)
-    check(settings)
+    if serving:
+        check(settings)
     return settings
 
 
