@@ -10,7 +10,9 @@ import grpc
 
 from phonebind.v1 import binding_service_pb2 as api
 from phonebind.v1 import binding_service_pb2_grpc as api_grpc
+from phonebind.v1 import resources_pb2
 
+from ..domain.model import Account, Rebind
 from ..domain.rebind import RebindService
 from . import convert
 from .pagination import PageTokens
@@ -21,10 +23,10 @@ class BindingServicer(api_grpc.BindingServiceServicer):
         self._service = service
         self._tokens = page_tokens
 
-    def _account(self, entity):
-        return convert.account(entity, self._service.now(), self._service.policy)
+    def _account(self, entity: Account) -> resources_pb2.Account:
+        return convert.account(entity, self._service.now())
 
-    def _rebind(self, entity):
+    def _rebind(self, entity: Rebind) -> resources_pb2.Rebind:
         return convert.rebind(entity, self._service.policy)
 
     def RegisterAccount(self, request: api.RegisterAccountRequest, context: grpc.ServicerContext):

@@ -24,7 +24,7 @@ def timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
     return ts
 
 
-def account(entity: Account, now: datetime, policy: Policy) -> pb.Account:
+def account(entity: Account, now: datetime) -> pb.Account:
     if entity.rebind_locked_until is not None and entity.rebind_locked_until > now:
         state = pb.ACCOUNT_STATE_REBIND_LOCKED
     elif entity.hold_until is not None and entity.hold_until > now:

@@ -135,12 +135,12 @@ class PeeweeTx:
         return None if row is None else _rebind(row)
 
     def open_rebinds(self, account_id: str) -> list[Rebind]:
-        query = self._select(RebindRow, True).where(
-            (RebindRow.account_id == account_id) & (RebindRow.state.in_(_OPEN))
-        )
         # Most accounts have none: a cheap existence check first.
         if not self._sql.fetch(_HAS_OPEN_REBIND, (account_id,)):
             return []
+        query = self._select(RebindRow, True).where(
+            (RebindRow.account_id == account_id) & (RebindRow.state.in_(_OPEN))
+        )
         return [_rebind(row) for row in query]
 
     def insert_rebind(self, rebind: Rebind) -> None:
