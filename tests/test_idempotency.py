@@ -295,3 +295,15 @@ def test_request_ids_are_scoped_per_account(server):
         for operation in ("RegisterAccount", "SendCode", "StartRebind")
         for account_id in ("idem-a", "idem-b")
     ]
+
+
+def test_request_ids_are_forgotten_after_their_lifetime(server, clock):
+    """Housekeeping drops idempotency records older than idempotency_ttl (24 h)."""
+    pb = server.api
+    pb.register("idem-ttl", "13800138999", request_id="r-old")
+    clock.advance(timedelta(hours=23))
+    pb.register("idem-ttl-2", "13800138998", request_id="r-new")
+    clock.advance(timedelta(hours=1, microseconds=1))
+    assert server.app.housekeep() == 1
+    rows = server.app.store.db.execute_sql("SELECT request_id FROM idempotency_keys").fetchall()
+    assert [r[0] for r in rows] == ["r-new"]

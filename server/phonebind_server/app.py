@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from concurrent import futures
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -25,7 +26,7 @@ from .config import Settings
 from .domain.audit import AuditTrail
 from .domain.audit_log import AuditLog
 from .domain.pii import Vault
-from .domain.ports import Clock
+from .domain.ports import Clock, StoreUnavailable
 from .domain.rebind import RebindService
 from .domain.review import ReviewDesk
 from .metrics import Metrics
@@ -41,6 +42,9 @@ from .store.db import describe
 from .store.repository import PeeweeStore
 
 log = logging.getLogger(__name__)
+
+# How often a process forgets request_ids past their lifetime.
+HOUSEKEEPING_SECONDS = 600.0
 
 SERVICE_NAMES = (
     binding_service_pb2.DESCRIPTOR.services_by_name["BindingService"].full_name,
@@ -66,6 +70,7 @@ class App:
     service: RebindService
     settings: Settings
     metrics: Metrics
+    clock: Clock
     metrics_port: int = 0
     _stopped: threading.Event = field(default_factory=threading.Event)
     _watch: threading.Thread | None = None
@@ -79,13 +84,25 @@ class App:
         for name in ("", *SERVICE_NAMES):
             self.health.set(name, status)
 
+    def housekeep(self) -> int:
+        """Forgets request_ids older than the policy's idempotency_ttl; how many went."""
+        cutoff = self.clock.now() - self.settings.policy.idempotency_ttl
+        return self.store.prune_idempotency(cutoff)
+
     def _watch_store(self, last: bool) -> None:
         # Pings run on one thread of their own (and its one connection); one that
         # hangs past the deadline counts as down, and later pings queue behind it.
         deadline = max(1.0, 2 * self.settings.health_interval_seconds)
         pinger = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ping")
         pending: futures.Future[bool] | None = None
+        next_housekeeping = 0.0
         while not self._stopped.wait(self.settings.health_interval_seconds):
+            if last and time.monotonic() >= next_housekeeping:
+                next_housekeeping = time.monotonic() + HOUSEKEEPING_SECONDS
+                try:
+                    self.housekeep()
+                except StoreUnavailable:
+                    next_housekeeping = 0.0
             if pending is None or pending.done():
                 pending = pinger.submit(self.store.ping)
             try:
@@ -209,7 +226,7 @@ def create_server(
         port = server.add_insecure_port(settings.listen)
     if port == 0:
         raise RuntimeError(f"cannot listen on {settings.listen}")
-    app = App(server, port, store, dispatcher, health_servicer, service, settings, metrics)
+    app = App(server, port, store, dispatcher, health_servicer, service, settings, metrics, clock)
     if settings.metrics_listen:
         app.metrics_port = metrics.serve(settings.metrics_listen)
     store_up = store.ping()
