@@ -143,10 +143,6 @@ class Credentials:
     def by_subject(self, subject: str) -> Caller | None:
         return self._by_subject.get(_normal_subject(subject))
 
-    @property
-    def has_tokens(self) -> bool:
-        return bool(self._by_digest)
-
 
 def _normal_subject(subject: str) -> str:
     return ",".join(part.strip() for part in subject.split(",") if part.strip())
