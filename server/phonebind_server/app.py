@@ -89,6 +89,12 @@ class App:
         cutoff = self.clock.now() - self.settings.policy.idempotency_ttl
         return self.store.prune_idempotency(cutoff)
 
+    def _housekeep_quietly(self) -> None:
+        try:
+            self.housekeep()
+        except StoreUnavailable:
+            log.warning("housekeeping skipped: store unavailable")
+
     def _watch_store(self, last: bool) -> None:
         # Pings run on one thread of their own (and its one connection); one that
         # hangs past the deadline counts as down, and later pings queue behind it.
@@ -98,11 +104,10 @@ class App:
         next_housekeeping = 0.0
         while not self._stopped.wait(self.settings.health_interval_seconds):
             if last and time.monotonic() >= next_housekeeping:
+                # On the pinger's thread, never this one: a store that hangs must
+                # still turn health NOT_SERVING (the next ping times out behind it).
                 next_housekeeping = time.monotonic() + HOUSEKEEPING_SECONDS
-                try:
-                    self.housekeep()
-                except StoreUnavailable:
-                    next_housekeeping = 0.0
+                pinger.submit(self._housekeep_quietly)
             if pending is None or pending.done():
                 pending = pinger.submit(self.store.ping)
             try:
