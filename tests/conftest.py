@@ -72,10 +72,8 @@ def secrets_seen() -> Iterator[Secrets]:
     seen = Secrets()
     start = len(_capture.lines)
     yield seen
-    lines = _capture.lines[start:]
-    for value in seen.values:
-        leaked = [line for line in lines if value in line]
-        assert not leaked, f"a secret reached the logs: {leaked[0][:200]}"
+    leaked = seen.leaked(_capture.lines[start:])
+    assert not leaked, f"a secret reached the logs: {leaked[0][:200]}"
 
 
 # -- databases --------------------------------------------------------------------

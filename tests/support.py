@@ -90,6 +90,29 @@ class Secrets:
         if len(value) >= 6:
             self.values.add(value)
 
+    def leaked(self, lines: list[str]) -> list[str]:
+        """The JSON log lines that hold one of the secrets.
+
+        Random ids, hashes and timings hold arbitrary runs of digits, so a six-digit
+        code turns up in them by chance; they are left out of the search.
+        """
+        if not self.values:
+            return []
+        alternatives = "|".join(map(re.escape, sorted(self.values)))
+        secret = re.compile(rf"(?<![0-9])(?:{alternatives})(?![0-9])")
+        found = []
+        for line in lines:
+            record = json.loads(line)
+            text = "\n".join(str(v) for k, v in record.items() if k not in _NOISE_FIELDS)
+            if secret.search(_HEX_TOKEN.sub("", text)):
+                found.append(line)
+        return found
+
+
+_NOISE_FIELDS = frozenset({"time", "request_id", "message_id", "duration_ms"})
+# Hex ids and digests (request ids, blind indexes, MACs) with at least one letter.
+_HEX_TOKEN = re.compile(r"(?=[0-9a-f]*[a-f])[0-9a-f]{16,}")
+
 
 _CODE = re.compile(r"(?<![0-9])([0-9]{6})(?![0-9])")
 

@@ -7,6 +7,7 @@ import logging
 
 import grpc
 import pytest
+from support import Secrets
 
 from phonebind.v1 import binding_service_pb2 as api
 from phonebind_server.logs import JsonFormatter
@@ -51,3 +52,25 @@ def test_log_gateway_writes_the_message_to_its_own_development_logger(caplog, pu
     LogGateway().deliver(message_id="m-1", to="+8613800138000", text="code 123456", purpose=purpose)
     [record] = [r for r in caplog.records if r.name == "phonebind.sms.dev"]
     assert "code 123456" in record.getMessage() and purpose in record.getMessage()
+
+
+def test_leak_check_finds_secrets_but_not_digits_inside_random_ids():
+    secrets = Secrets()
+    secrets.add("368298")
+    secrets.add_phone("+86 138 0013 8000")
+
+    def line(**fields):
+        return json.dumps({"time": "2026-11-28T20:05:35.928+00:00", "message": "rpc", **fields})
+
+    chance = [
+        line(request_id="368298651a6bdc25ba754f743dc87aac"),
+        line(detail="blind index a0368298ffe1c2d3e4f5a6b7"),
+        line(duration_ms=368298.1),
+    ]
+    leaks = [
+        line(detail="code 368298 sent"),
+        line(detail="to +8613800138000"),
+        line(detail="national 13800138000"),
+    ]
+    assert secrets.leaked(chance) == []
+    assert secrets.leaked(leaks) == leaks
