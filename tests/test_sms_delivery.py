@@ -298,7 +298,7 @@ def run_retry(server: Running, key: str, attempts: int) -> dict[str, object]:
     row = retry_scheduled(server, key, attempts)
     due = row["next_attempt_at"] - to_micros(server.clock.now())
     server.clock.advance(timedelta(microseconds=max(0, due)))
-    server.app.dispatcher.wake()
+    server.app.dispatcher.wake_loop()
     return row
 
 
@@ -588,7 +588,7 @@ def test_expired_code_is_never_delivered_and_its_text_erased(sms_server, provide
     retry_scheduled(sms_server, key, 1)
     sms_server.clock.advance(timedelta(minutes=5, seconds=1))  # past the code's not_after
     provider.start()
-    sms_server.app.dispatcher.wake()
+    sms_server.app.dispatcher.wake_loop()
     row = wait_row(sms_server.database_url, lambda r: r["state"] == "EXPIRED", key)
     assert row["text"] == ""
     sms_server.app.dispatcher.run_once()
@@ -618,7 +618,7 @@ def test_two_dispatchers_on_one_database_deliver_each_message_once(sms_server, p
     sms_server.clock.advance(timedelta(seconds=2))
     second.start()
     try:
-        app.dispatcher.wake()
+        app.dispatcher.wake_loop()
         provider.wait_sent(keys)
     finally:
         second.stop()

@@ -76,18 +76,25 @@ class OutboxDispatcher:
             self._thread.join(timeout)
 
     def wake(self) -> None:
-        """New messages were committed: deliver one at once on an express thread,
-        while the loop (batches, retries, backlog) is woken as well."""
-        self._wake.set()
+        """A new message was committed: deliver one at once on an express thread.
+
+        Each committed message gets its own express delivery, so the loop is left
+        to its poll: waking it too cost an empty claim per message (profiled: a
+        tenth of the statements of a rebind flow)."""
         if not self._stop.is_set():
             try:
                 self._express.submit(self._express_one)
             except RuntimeError:  # shut down meanwhile
                 pass
 
+    def wake_loop(self) -> None:
+        """Runs the loop's pass (expiry, retries, backlog) now instead of at its next poll."""
+        self._wake.set()
+
     def _express_one(self) -> None:
         try:
-            for item in self._store.claim_sms(self._clock.now(), limit=1, lease=self._lease):
+            now = self._clock.now()
+            for item in self._store.claim_sms(now, limit=1, lease=self._lease, expire=False):
                 self._deliver(item)
         except StoreUnavailable:
             pass  # the loop retries once the store is back

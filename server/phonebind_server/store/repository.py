@@ -69,7 +69,8 @@ _EXPIRE_UNSENT = (
 )
 _DUE_MESSAGES = (
     "SELECT seq, message_id, to_sealed, to_masked, purpose, text, attempts FROM sms_outbox "
-    "WHERE state = 'PENDING' AND next_attempt_at <= ? ORDER BY next_attempt_at LIMIT ?"
+    "WHERE state = 'PENDING' AND next_attempt_at <= ? AND (not_after IS NULL OR not_after > ?) "
+    "ORDER BY next_attempt_at LIMIT ?"
 )
 _LEASE_MESSAGE = (
     "UPDATE sms_outbox SET next_attempt_at = ?, attempts = attempts + 1 WHERE seq = ? RETURNING seq"
@@ -501,8 +502,14 @@ class PeeweeStore:
 
     # -- outbox dispatcher --------------------------------------------------------
 
-    def claim_sms(self, now: datetime, *, limit: int, lease: timedelta) -> list[OutboxItem]:
+    def claim_sms(
+        self, now: datetime, *, limit: int, lease: timedelta, expire: bool = True
+    ) -> list[OutboxItem]:
         """Takes due messages for delivery by leasing them for `lease`.
+
+        A code past its not_after is never taken; with `expire` such messages are
+        also marked EXPIRED and their text erased (the loop does this; the express
+        deliveries of fresh messages skip the extra statement).
 
         On PostgreSQL concurrent dispatchers skip each other's rows (FOR UPDATE
         SKIP LOCKED); on SQLite the immediate transaction serialises them.
@@ -510,11 +517,11 @@ class PeeweeStore:
         micros = to_micros(now)
         with self.transaction() as tx:
             sql = tx._sql
-            # A code nobody received in time is never sent; its text goes at once.
-            sql.fetch(_EXPIRE_UNSENT, (micros,))
+            if expire:
+                sql.fetch(_EXPIRE_UNSENT, (micros,))
             rows = sql.fetch(
                 _DUE_MESSAGES + (" FOR UPDATE SKIP LOCKED" if self._postgres else ""),
-                (micros, limit),
+                (micros, micros, limit),
             )
             lease_end = to_micros(now + lease)
             items = []
