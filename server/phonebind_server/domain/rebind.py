@@ -395,15 +395,15 @@ class RebindService:
         fingerprint = _fingerprint("send", account_id, rebind_id, target.value)
         try:
             with self._store.transaction() as tx:
-                if request_id:  # a retry racing the first waits on its lock, then replays
-                    tx.get_rebind(rebind_id, lock=True)
+                # Locked before the replay check: a retry racing the first waits, then replays.
+                row = tx.get_rebind(rebind_id, lock=True)
                 if replay := self._replay(tx, "SendCode", account_id, request_id, fingerprint):
                     return CodeSent(
                         expires_at=datetime.fromisoformat(replay.result["expires_at"]),
                         resend_at=datetime.fromisoformat(replay.result["resend_at"]),
                         attempts_left=int(replay.result["attempts_left"]),
                     )
-                rebind = self._open_rebind(tx, account_id, rebind_id, now)
+                rebind = self._require_open(row, account_id, now)
                 self._require_step(rebind, target.step)
                 current = tx.get_challenge(rebind_id, target)
                 if current is not None and now < current.resend_at:
@@ -529,14 +529,14 @@ class RebindService:
         fingerprint = _fingerprint("complete", account_id, rebind_id)
         try:
             with self._store.transaction() as tx:
-                if request_id:  # a retry racing the first waits on its lock, then replays
-                    tx.get_rebind(rebind_id, lock=True)
+                # Locked before the replay check: a retry racing the first waits, then replays.
+                row = tx.get_rebind(rebind_id, lock=True)
                 if self._replay(tx, "CompleteRebind", account_id, request_id, fingerprint):
                     return Completion(
                         rebind=self._owned_rebind(tx, account_id, rebind_id, now),
                         account=self._account(tx, account_id),
                     )
-                rebind = self._open_rebind(tx, account_id, rebind_id, now)
+                rebind = self._require_open(row, account_id, now)
                 if rebind.state is RebindState.AWAITING_REVIEW:
                     raise DomainError(Reason.REVIEW_PENDING, "the change waits for a reviewer")
                 if rebind.state is not RebindState.READY:
@@ -652,7 +652,13 @@ class RebindService:
         self, tx: Tx, account_id: str, rebind_id: str, now: datetime, *, allow_locked: bool = False
     ) -> Rebind:
         """The caller's rebind, locked for this unit of work, and still open."""
-        rebind = tx.get_rebind(rebind_id, lock=True)
+        return self._require_open(
+            tx.get_rebind(rebind_id, lock=True), account_id, now, allow_locked=allow_locked
+        )
+
+    def _require_open(
+        self, rebind: Rebind | None, account_id: str, now: datetime, *, allow_locked: bool = False
+    ) -> Rebind:
         if rebind is None or rebind.account_id != account_id:
             raise DomainError(Reason.REBIND_NOT_FOUND, "no such rebind for this account")
         rebind = effective(rebind, now)
