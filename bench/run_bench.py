@@ -200,6 +200,13 @@ def cpu_seconds(process: subprocess.Popen[bytes], workers: int) -> dict[str, flo
     return used
 
 
+def machine_busy_seconds() -> float:
+    """CPU time the whole machine has spent busy (all cores, every process) so far."""
+    fields = [int(v) for v in pathlib.Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle and iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
 def server_env() -> dict[str, str]:
     # The flags alone configure the server: no PHONEBIND_* setting leaks in.
     return {k: v for k, v in os.environ.items() if not k.startswith("PHONEBIND_")}
@@ -386,8 +393,13 @@ def measure(config: Config, settings: Settings, pg_base: str) -> Result:
 
             def run(name: str, scenario: str, *extra: str) -> dict[str, Any]:
                 before, wall = cpu_seconds(process, config.workers), time.monotonic()
+                machine_before = machine_busy_seconds()
                 summary = load(address, scenario, settings, *extra)
                 after, wall = cpu_seconds(process, config.workers), time.monotonic() - wall
+                # The whole machine (servers, load tool, PostgreSQL): near the core
+                # count, more workers have no CPU left to use.
+                machine = (machine_busy_seconds() - machine_before) / wall
+                summary["machine_cpu_cores"] = round(machine, 2)
                 # Server CPU while the load tool ran (setup and warm-up included),
                 # in cores: about 1 per worker means the workers were CPU-bound.
                 cores = {k: round((v - before.get(k, 0.0)) / wall, 2) for k, v in after.items()}
@@ -467,6 +479,7 @@ def figures(result: Result) -> dict[str, Any]:
         "available": True,
         "rpcs": rpcs,
         "server_cpu_cores": {name: run.get("server_cpu_cores") for name, run in runs.items()},
+        "machine_cpu_cores": {name: run.get("machine_cpu_cores") for name, run in runs.items()},
         "server_cpu_cores_by_process": {
             name: run.get("server_cpu_cores_by_process") for name, run in runs.items()
         },
@@ -582,7 +595,11 @@ def text_table(configs: dict[str, dict[str, Any]], names: dict[str, str]) -> str
             f"{'':<22} flows/s {fig['flows_per_s']:.1f} (half-peak run: "
             f"{_num(fig['half_rate']['flows_per_s'], 1)}/s); RSS MB after: {rss}"
         )
+        machine_cpu = ", ".join(
+            f"{RUN_NAMES.get(k, k)} {_num(v)}" for k, v in fig.get("machine_cpu_cores", {}).items()
+        )
         lines.append(f"{'':<22} server CPU cores busy: {cpu}")
+        lines.append(f"{'':<22} machine CPU cores busy: {machine_cpu}")
     return "\n".join(lines)
 
 
@@ -675,10 +692,17 @@ def markdown(report: dict[str, Any], names: dict[str, str]) -> str:
         cpu = ", ".join(
             f"{RUN_NAMES.get(k, k)} {_num(v)}" for k, v in fig["server_cpu_cores"].items()
         )
+        machine_cpu = ", ".join(
+            f"{RUN_NAMES.get(k, k)} {_num(v)}"
+            for k, v in fig.get("machine_cpu_cores", {}).items()
+            if v is not None
+        )
         sms = fig["sms_delivery_ms"]
         out += [
             f"Server CPU, in cores busy while each run lasted (setup and warm-up included): "
-            f"{cpu}. A code reached the handset (the SMS file) p50 {_num(sms.get('p50'))} ms, "
+            f"{cpu}; the whole machine (servers, load tool, PostgreSQL), of its "
+            f"{m['cores']}: {machine_cpu or 'not measured'}. "
+            f"A code reached the handset (the SMS file) p50 {_num(sms.get('p50'))} ms, "
             f"p99 {_num(sms.get('p99'))} ms after SendCode answered (outbox dispatcher, "
             "file gateway and the tool's polling; not part of any RPC's latency).",
             "",
