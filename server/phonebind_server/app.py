@@ -160,7 +160,7 @@ def create_server(
     clock = clock or SystemClock()
     # One connection per RPC thread, plus the SMS express threads (4), the outbox
     # loop, the health pinger and spares: a thread never waits for a connection.
-    store = PeeweeStore(settings.database_url, max_connections=settings.rpc_threads() + 10)
+    store = PeeweeStore(settings.database_url, max_connections=settings.threads + 10)
     if migrate:
         store.migrate()
     missing = store.pending_migrations()
@@ -196,7 +196,7 @@ def create_server(
     service = RebindService(store, vault, settings.policy, clock, outbox=dispatcher, audit=trail)
 
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=settings.rpc_threads(), thread_name_prefix="rpc"),
+        futures.ThreadPoolExecutor(max_workers=settings.threads, thread_name_prefix="rpc"),
         interceptors=[
             ServerInterceptor(credentials, on_refusal=audit_log.refusal, metrics=metrics)
         ],

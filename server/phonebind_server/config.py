@@ -60,7 +60,7 @@ class Settings:
     tls_key: str = ""
     tls_client_ca: str = ""
     log_level: str = "INFO"
-    threads: int = 0  # 0: sized for the database, see rpc_threads()
+    threads: int = 8
     workers: int = 1
     metrics_listen: str = ""
     grace_seconds: float = 10.0
@@ -94,16 +94,6 @@ class Settings:
             )
         except ValueError as error:
             raise ConfigError(str(error)) from None
-
-    def rpc_threads(self) -> int:
-        """RPC worker threads per process: `threads`, or when it is 0, 2 on SQLite
-        and 8 on PostgreSQL. SQLite calls are in-process and take microseconds, so
-        more threads only add GIL hand-offs (measured: a quarter more CPU per
-        GetAccount at 8 than at 2); PostgreSQL calls wait on the network, and
-        threads overlap those waits."""
-        if self.threads > 0:
-            return self.threads
-        return 8 if self.database_url.startswith(("postgres://", "postgresql://")) else 2
 
     def http_secret(self) -> bytes:
         """The http SMS gateway's signing secret (empty when unset)."""
@@ -266,8 +256,6 @@ def _loopback_host(host: str) -> bool:
 
 
 def _check_sms(settings: Settings) -> None:
-    if settings.threads < 0:
-        raise ConfigError("threads must be 0 (sized for the database) or more")
     if settings.sms_max_attempts < 1:
         raise ConfigError("sms_max_attempts must be at least 1")
     if settings.sms_http_timeout_seconds <= 0:
