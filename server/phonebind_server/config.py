@@ -256,6 +256,8 @@ def _loopback_host(host: str) -> bool:
 
 
 def _check_sms(settings: Settings) -> None:
+    if settings.threads < 1:
+        raise ConfigError("threads must be at least 1")
     if settings.sms_max_attempts < 1:
         raise ConfigError("sms_max_attempts must be at least 1")
     if settings.sms_http_timeout_seconds <= 0:
