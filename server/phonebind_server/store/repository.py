@@ -67,13 +67,13 @@ _EXPIRE_UNSENT = (
     "UPDATE sms_outbox SET state = 'EXPIRED', text = '' "
     "WHERE state = 'PENDING' AND not_after IS NOT NULL AND not_after <= ? RETURNING seq"
 )
-_DUE_MESSAGES = (
-    "SELECT seq, message_id, to_sealed, to_masked, purpose, text, attempts FROM sms_outbox "
-    "WHERE state = 'PENDING' AND next_attempt_at <= ? AND (not_after IS NULL OR not_after > ?) "
-    "ORDER BY next_attempt_at LIMIT ?"
-)
-_LEASE_MESSAGE = (
-    "UPDATE sms_outbox SET next_attempt_at = ?, attempts = attempts + 1 WHERE seq = ? RETURNING seq"
+# Leases the due messages in one statement: their next attempt moves to the
+# lease's end, so no other claim takes them until it runs out.
+_CLAIM_DUE = (
+    "UPDATE sms_outbox SET next_attempt_at = ?, attempts = attempts + 1 WHERE seq IN ("
+    "SELECT seq FROM sms_outbox WHERE state = 'PENDING' AND next_attempt_at <= ? "
+    "AND (not_after IS NULL OR not_after > ?) ORDER BY next_attempt_at LIMIT ?{lock}) "
+    "RETURNING seq, message_id, to_sealed, to_masked, purpose, text, attempts"
 )
 
 
@@ -520,17 +520,11 @@ class PeeweeStore:
             if expire:
                 sql.fetch(_EXPIRE_UNSENT, (micros,))
             rows = sql.fetch(
-                _DUE_MESSAGES + (" FOR UPDATE SKIP LOCKED" if self._postgres else ""),
-                (micros, micros, limit),
+                _CLAIM_DUE.format(lock=" FOR UPDATE SKIP LOCKED" if self._postgres else ""),
+                (to_micros(now + lease), micros, micros, limit),
             )
-            lease_end = to_micros(now + lease)
-            items = []
-            for seq, message_id, to_sealed, to_masked, purpose, text, attempts in rows:
-                sql.fetch(_LEASE_MESSAGE, (lease_end, seq))
-                items.append(
-                    OutboxItem(seq, message_id, to_sealed, to_masked, purpose, text, attempts + 1)
-                )
-            return items
+            # RETURNING gives no order: oldest first, as they were queued.
+            return [OutboxItem(*row) for row in sorted(rows)]
 
     def mark_sms_sent(self, seq: int, now: datetime) -> None:
         with self.transaction() as tx:
