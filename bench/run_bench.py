@@ -200,11 +200,13 @@ def cpu_seconds(process: subprocess.Popen[bytes], workers: int) -> dict[str, flo
     return used
 
 
-def machine_busy_seconds() -> float:
-    """CPU time the whole machine has spent busy (all cores, every process) so far."""
+def machine_seconds() -> tuple[float, float]:
+    """CPU time the whole machine has spent busy (all cores, every process) so far,
+    and the time the hypervisor took from it (steal)."""
     fields = [int(v) for v in pathlib.Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = fields[3] + fields[4]  # idle and iowait
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (user + nice + system + irq + softirq) / ticks, steal / ticks
 
 
 def server_env() -> dict[str, str]:
@@ -393,13 +395,18 @@ def measure(config: Config, settings: Settings, pg_base: str) -> Result:
 
             def run(name: str, scenario: str, *extra: str) -> dict[str, Any]:
                 before, wall = cpu_seconds(process, config.workers), time.monotonic()
-                machine_before = machine_busy_seconds()
+                machine_before = machine_seconds()
                 summary = load(address, scenario, settings, *extra)
                 after, wall = cpu_seconds(process, config.workers), time.monotonic() - wall
                 # The whole machine (servers, load tool, PostgreSQL): near the core
                 # count, more workers have no CPU left to use.
-                machine = (machine_busy_seconds() - machine_before) / wall
-                summary["machine_cpu_cores"] = round(machine, 2)
+                busy, steal = (
+                    (b - a) / wall for a, b in zip(machine_before, machine_seconds(), strict=True)
+                )
+                summary["machine_cpu_cores"] = round(busy, 2)
+                # A shared host may take CPU from this machine mid-run; the figures
+                # of a run with much steal are low.
+                summary["steal_cpu_cores"] = round(steal, 2)
                 # Server CPU while the load tool ran (setup and warm-up included),
                 # in cores: about 1 per worker means the workers were CPU-bound.
                 cores = {k: round((v - before.get(k, 0.0)) / wall, 2) for k, v in after.items()}
@@ -480,6 +487,7 @@ def figures(result: Result) -> dict[str, Any]:
         "rpcs": rpcs,
         "server_cpu_cores": {name: run.get("server_cpu_cores") for name, run in runs.items()},
         "machine_cpu_cores": {name: run.get("machine_cpu_cores") for name, run in runs.items()},
+        "steal_cpu_cores": {name: run.get("steal_cpu_cores") for name, run in runs.items()},
         "server_cpu_cores_by_process": {
             name: run.get("server_cpu_cores_by_process") for name, run in runs.items()
         },
@@ -588,19 +596,20 @@ def text_table(configs: dict[str, dict[str, Any]], names: dict[str, str]) -> str
                 f"{_num(row['half_rate_p99_ms']):>10}"
             )
         rss = ", ".join(f"{k} {v:.0f}" for k, v in fig["rss_mb_after"].items())
-        cpu = ", ".join(
-            f"{RUN_NAMES.get(k, k)} {_num(v)}" for k, v in fig["server_cpu_cores"].items()
-        )
         lines.append(
             f"{'':<22} flows/s {fig['flows_per_s']:.1f} (half-peak run: "
             f"{_num(fig['half_rate']['flows_per_s'], 1)}/s); RSS MB after: {rss}"
         )
-        machine_cpu = ", ".join(
-            f"{RUN_NAMES.get(k, k)} {_num(v)}" for k, v in fig.get("machine_cpu_cores", {}).items()
-        )
-        lines.append(f"{'':<22} server CPU cores busy: {cpu}")
-        lines.append(f"{'':<22} machine CPU cores busy: {machine_cpu}")
+        lines.append(f"{'':<22} server CPU cores busy: {_per_run(fig, 'server_cpu_cores')}")
+        lines.append(f"{'':<22} machine CPU cores busy: {_per_run(fig, 'machine_cpu_cores')}")
+        lines.append(f"{'':<22} taken by the host (steal): {_per_run(fig, 'steal_cpu_cores')}")
     return "\n".join(lines)
+
+
+def _per_run(fig: dict[str, Any], key: str) -> str:
+    """`Health/Check 0.91, GetAccount 1.02, ...` from a per-run figure."""
+    values = {k: v for k, v in fig.get(key, {}).items() if v is not None}
+    return ", ".join(f"{RUN_NAMES.get(k, k)} {_num(v)}" for k, v in values.items()) or "n/a"
 
 
 def markdown(report: dict[str, Any], names: dict[str, str]) -> str:
@@ -689,19 +698,12 @@ def markdown(report: dict[str, Any], names: dict[str, str]) -> str:
             f"RSS: {rss_before} at start; {rss_after} after the runs.",
             "",
         ]
-        cpu = ", ".join(
-            f"{RUN_NAMES.get(k, k)} {_num(v)}" for k, v in fig["server_cpu_cores"].items()
-        )
-        machine_cpu = ", ".join(
-            f"{RUN_NAMES.get(k, k)} {_num(v)}"
-            for k, v in fig.get("machine_cpu_cores", {}).items()
-            if v is not None
-        )
         sms = fig["sms_delivery_ms"]
         out += [
             f"Server CPU, in cores busy while each run lasted (setup and warm-up included): "
-            f"{cpu}; the whole machine (servers, load tool, PostgreSQL), of its "
-            f"{m['cores']}: {machine_cpu or 'not measured'}. "
+            f"{_per_run(fig, 'server_cpu_cores')}; the whole machine (servers, load tool, "
+            f"PostgreSQL), of its {m['cores']}: {_per_run(fig, 'machine_cpu_cores')}; "
+            f"taken from it by the host (steal): {_per_run(fig, 'steal_cpu_cores')}. "
             f"A code reached the handset (the SMS file) p50 {_num(sms.get('p50'))} ms, "
             f"p99 {_num(sms.get('p99'))} ms after SendCode answered (outbox dispatcher, "
             "file gateway and the tool's polling; not part of any RPC's latency).",
