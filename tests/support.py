@@ -102,7 +102,12 @@ class Secrets:
         secret = re.compile(rf"(?<![0-9])(?:{alternatives})(?![0-9])")
         found = []
         for line in lines:
-            record = json.loads(line)
+            try:
+                record = json.loads(line)
+            except ValueError:  # a plain line (a process's own stdout) counts whole
+                record = {"line": line}
+            if not isinstance(record, dict):
+                record = {"line": line}
             text = "\n".join(str(v) for k, v in record.items() if k not in _NOISE_FIELDS)
             if secret.search(_HEX_TOKEN.sub("", text)):
                 found.append(line)

@@ -71,6 +71,7 @@ def test_leak_check_finds_secrets_but_not_digits_inside_random_ids():
         line(detail="code 368298 sent"),
         line(detail="to +8613800138000"),
         line(detail="national 13800138000"),
+        "a plain line with code 368298",
     ]
     assert secrets.leaked(chance) == []
     assert secrets.leaked(leaks) == leaks
