@@ -323,13 +323,16 @@ def wait_serving(address: str, process: subprocess.Popen, why=lambda: "") -> Non
 @dataclass
 class Serve:
     """`phonebind-server serve --dev` as a child process, with its logs in a file
-    (a pipe nobody reads would fill up and stall the server)."""
+    (a pipe nobody reads would fill up and stall the server). The file gateway
+    writes to `sms_file`, unless `gateway` names another. Restarting keeps the
+    earlier runs' logs in the same file."""
 
     database_url: str
     tmp_path: Path
-    sms_file: str
+    sms_file: str = ""
     extra: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
+    gateway: str = ""
     port: int = field(default_factory=free_port)
     process: subprocess.Popen | None = None
 
@@ -343,7 +346,7 @@ class Serve:
 
     def start(self) -> Serve:
         environment = {k: v for k, v in os.environ.items() if not k.startswith("PHONEBIND_")}
-        with open(self.log_path, "w", encoding="utf-8") as log:
+        with open(self.log_path, "a", encoding="utf-8") as log:
             self.process = subprocess.Popen(
                 [
                     os.path.join(os.path.dirname(sys.executable), "phonebind-server"),
@@ -354,7 +357,7 @@ class Serve:
                     "--database-url",
                     self.database_url,
                     "--sms-gateway",
-                    f"file:{self.sms_file}",
+                    self.gateway or f"file:{self.sms_file}",
                     *self.extra,
                 ],
                 cwd=self.tmp_path,

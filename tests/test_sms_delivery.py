@@ -20,27 +20,22 @@ import hmac
 import http.server
 import json
 import logging
-import os
-import pathlib
 import re
-import signal
 import sqlite3
 import statistics
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 
 import grpc
 import psycopg2
 import pytest
 from conftest import Running, start_server
-from support import OLD, FakeClock, Secrets, free_port, wait_serving
+from support import OLD, FakeClock, Secrets, Serve
 
 from phonebind.v1 import binding_service_pb2 as api
 from phonebind.v1 import binding_service_pb2_grpc as api_grpc
@@ -664,66 +659,13 @@ def queue_code_timed(server: Running, n: int) -> Timed:
 # -- real processes: a crash between commit and delivery, and two servers ---------------
 
 
-@dataclass
-class Cli:
-    """`phonebind-server serve --dev --sms-gateway http://…` as a child process."""
-
-    database_url: str
-    gateway: str
-    tmp_path: pathlib.Path
-    port: int = field(default_factory=free_port)
-    process: subprocess.Popen | None = None
-    logs: list[str] = field(default_factory=list)
-
-    @property
-    def log_path(self) -> pathlib.Path:
-        return self.tmp_path / f"server-{self.port}-{len(self.logs)}.log"
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        with open(self.log_path, "w", encoding="utf-8") as stderr:
-            self.process = subprocess.Popen(
-                [
-                    os.path.join(os.path.dirname(sys.executable), "phonebind-server"),
-                    "serve",
-                    "--dev",
-                    "--listen",
-                    self.address,
-                    "--database-url",
-                    self.database_url,
-                    "--sms-gateway",
-                    self.gateway,
-                ],
-                cwd=self.tmp_path,
-                stdout=subprocess.DEVNULL,
-                stderr=stderr,
-                env={k: v for k, v in os.environ.items() if not k.startswith("PHONEBIND_")},
-            )
-        wait_serving(self.address, self.process)
-
-    def kill(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(timeout=30)
-        self.logs.append(self.log_path.read_text(encoding="utf-8"))
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.returncode is None:
-            self.process.terminate()
-            self.process.wait(timeout=30)
-            self.logs.append(self.log_path.read_text(encoding="utf-8"))
-
-    def delivered(self) -> set[str]:
-        """Message ids this process logged as delivered."""
-        found = set()
-        for text in self.logs:
-            for line in text.splitlines():
-                if line.startswith("{") and '"sms delivered"' in line:
-                    found.add(json.loads(line)["message_id"])
-        return found
+def delivered(server: Serve) -> set[str]:
+    """Message ids the server process logged as delivered."""
+    return {
+        json.loads(line)["message_id"]
+        for line in server.log().splitlines()
+        if line.startswith("{") and '"sms delivered"' in line
+    }
 
 
 def rpc_queue_code(address: str, n: int, secrets: Secrets) -> None:
@@ -762,8 +704,7 @@ def test_server_killed_between_commit_and_delivery_delivers_after_restart(
     provider = Provider(DEV_SECRET)  # --dev signs with the development secret
     provider.start()
     provider.stop()  # down, but its port is known
-    server = Cli(database_url, provider.url, tmp_path)
-    server.start()
+    server = Serve(database_url, tmp_path, gateway=provider.url).start()
     try:
         rpc_queue_code(server.address, 1, secrets_seen)
         key = message_id_for(database_url, "sms-1")
@@ -788,8 +729,8 @@ def test_server_killed_between_commit_and_delivery_delivers_after_restart(
     finally:
         server.stop()
         provider.stop()
-    assert key in server.delivered()
-    assert_logs_clean(server.logs, secrets_seen)
+    assert key in delivered(server)
+    assert_logs_clean(server.log().splitlines(), secrets_seen)
 
 
 def test_two_server_processes_on_one_database_deliver_each_message_once(
@@ -798,9 +739,7 @@ def test_two_server_processes_on_one_database_deliver_each_message_once(
     provider = Provider(DEV_SECRET)
     provider.start()
     provider.stop()  # messages pile up while it is down, then both race for them
-    servers = [Cli(database_url, provider.url, tmp_path) for _ in range(2)]
-    for server in servers:
-        server.start()
+    servers = [Serve(database_url, tmp_path, gateway=provider.url).start() for _ in range(2)]
     try:
         with ThreadPoolExecutor(8) as pool:
             list(
@@ -823,10 +762,10 @@ def test_two_server_processes_on_one_database_deliver_each_message_once(
         provider.stop()
     assert_sent_once(provider, keys)
     assert len(provider.requests) == 30
-    first, second = (server.delivered() for server in servers)
+    first, second = (delivered(server) for server in servers)
     assert not first & second and first | second == set(keys)
     print(f"\n[{database_url.split(':')[0]}] deliveries per process: {len(first)}, {len(second)}")
-    assert_logs_clean([log for server in servers for log in server.logs], secrets_seen)
+    assert_logs_clean([line for s in servers for line in s.log().splitlines()], secrets_seen)
 
 
 # -- settings --------------------------------------------------------------------------
