@@ -102,6 +102,25 @@ def effective(rebind: Rebind, now: datetime) -> Rebind:
     return rebind
 
 
+def still_open(
+    rebind: Rebind, now: datetime, max_failures: int, *, allow_locked: bool = False
+) -> Rebind:
+    """The rebind as it stands now, if it can still move on: not expired, not
+    closed and (unless `allow_locked`) not locked by wrong answers."""
+    rebind = effective(rebind, now)
+    if rebind.state is RebindState.EXPIRED:
+        raise DomainError(Reason.REBIND_EXPIRED, "the rebind has expired; start again")
+    if not rebind.state.is_open:
+        raise DomainError(
+            Reason.REBIND_CLOSED,
+            f"the rebind is {rebind.state.value.lower()}",
+            metadata={"state": rebind.state.value},
+        )
+    if not allow_locked and rebind.failures >= max_failures:
+        raise DomainError(Reason.REBIND_LOCKED, "too many wrong answers; start a new rebind")
+    return rebind
+
+
 def state_for(required: tuple[Step, ...], completed: tuple[Step, ...]) -> RebindState:
     outstanding = [s for s in required if s not in completed]
     if not outstanding:
@@ -661,18 +680,7 @@ class RebindService:
     ) -> Rebind:
         if rebind is None or rebind.account_id != account_id:
             raise DomainError(Reason.REBIND_NOT_FOUND, "no such rebind for this account")
-        rebind = effective(rebind, now)
-        if rebind.state is RebindState.EXPIRED:
-            raise DomainError(Reason.REBIND_EXPIRED, "the rebind has expired; start again")
-        if not rebind.state.is_open:
-            raise DomainError(
-                Reason.REBIND_CLOSED,
-                f"the rebind is {rebind.state.value.lower()}",
-                metadata={"state": rebind.state.value},
-            )
-        if not allow_locked and rebind.failures >= self._policy.rebind_max_failures:
-            raise DomainError(Reason.REBIND_LOCKED, "too many wrong answers; start a new rebind")
-        return rebind
+        return still_open(rebind, now, self._policy.rebind_max_failures, allow_locked=allow_locked)
 
     @staticmethod
     def _require_step(rebind: Rebind, step: Step) -> None:

@@ -19,7 +19,14 @@ from .errors import DomainError, Reason, invalid
 from .model import Rebind, RebindState, Step
 from .policy import Policy
 from .ports import Clock, Store, Tx
-from .rebind import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, check_rebind_id, effective, state_for
+from .rebind import (
+    DEFAULT_PAGE_SIZE,
+    MAX_PAGE_SIZE,
+    check_rebind_id,
+    effective,
+    state_for,
+    still_open,
+)
 
 
 class ReviewFilter(enum.Enum):
@@ -136,17 +143,7 @@ class ReviewDesk:
     def _reviewable(self, rebind: Rebind | None, now: datetime) -> Rebind:
         if rebind is None:
             raise DomainError(Reason.REBIND_NOT_FOUND, "no such rebind")
-        rebind = effective(rebind, now)
-        if rebind.state is RebindState.EXPIRED:
-            raise DomainError(Reason.REBIND_EXPIRED, "the rebind has expired")
-        if not rebind.state.is_open:
-            raise DomainError(
-                Reason.REBIND_CLOSED,
-                f"the rebind is {rebind.state.value.lower()}",
-                metadata={"state": rebind.state.value},
-            )
-        if rebind.failures >= self._policy.rebind_max_failures:
-            raise DomainError(Reason.REBIND_LOCKED, "the rebind is locked after wrong answers")
+        rebind = still_open(rebind, now, self._policy.rebind_max_failures)
         if Step.REVIEW not in rebind.required:
             raise DomainError(
                 Reason.STEP_NOT_REQUIRED,
