@@ -40,6 +40,15 @@ RPCS = {
     for method in service.methods
 }
 
+# The BindingService RPCs that act on one rebind of one account.
+FLOW_RPCS = [
+    "VerifyIdentity",
+    "SendCode",
+    "VerifyCode",
+    "CompleteRebind",
+    "CancelRebind",
+    "GetRebind",
+]
 OLD = res.CODE_TARGET_OLD_PHONE
 NEW = res.CODE_TARGET_NEW_PHONE
 

@@ -15,6 +15,7 @@ import grpc
 import pytest
 from google.protobuf.descriptor import FieldDescriptor
 from support import (
+    FLOW_RPCS,
     HOLDER,
     ID_NUMBER,
     NEW,
@@ -157,14 +158,6 @@ RPCS = [
     "CompleteRebind",
     "CancelRebind",
     "StartRebind",
-]
-FLOW_RPCS = [
-    "VerifyIdentity",
-    "SendCode",
-    "VerifyCode",
-    "CompleteRebind",
-    "CancelRebind",
-    "GetRebind",
 ]
 REQUEST_ID_RPCS = ["RegisterAccount", "StartRebind", "SendCode", "CompleteRebind"]
 

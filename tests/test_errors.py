@@ -14,7 +14,16 @@ from datetime import timedelta
 
 import grpc
 import pytest
-from support import HOLDER, ID_NUMBER, NEW, OLD, e164, error_details, make_id_number
+from support import (
+    FLOW_RPCS,
+    HOLDER,
+    ID_NUMBER,
+    NEW,
+    OLD,
+    e164,
+    error_details,
+    make_id_number,
+)
 
 from phonebind.v1 import binding_service_pb2 as api
 from phonebind.v1 import resources_pb2 as res
@@ -105,16 +114,6 @@ def field_violations(details) -> list[str]:
 
 def other_code(code: str) -> str:
     return f"{(int(code) + 1) % 1_000_000:06d}"
-
-
-FLOW_RPCS = [
-    "VerifyIdentity",
-    "SendCode",
-    "VerifyCode",
-    "CompleteRebind",
-    "CancelRebind",
-    "GetRebind",
-]
 
 
 def stub_calls(pb, account_id: str, rebind_id: str, code: str = "123456"):
