@@ -19,11 +19,10 @@ from urllib.parse import urlsplit, urlunsplit
 import grpc
 import psycopg2
 import pytest
-from support import Api, FakeClock, Inbox, Secrets
+from support import Api, FakeClock, Inbox, LogLines, Secrets
 
 from phonebind_server.app import App, create_server
 from phonebind_server.config import load
-from phonebind_server.logs import JsonFormatter
 from phonebind_server.store.repository import PeeweeStore
 
 PG_ENV = "PHONEBIND_TEST_DATABASE_URL"
@@ -44,19 +43,7 @@ TABLES = [*STATE_TABLES, "audit_events", "audit_heads"]
 # -- log capture: nothing secret may be logged ------------------------------------
 
 
-class _Capture(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(level=logging.DEBUG)
-        self.setFormatter(JsonFormatter())
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if record.name == "phonebind.sms.dev":  # the log gateway prints SMS on purpose
-            return
-        self.lines.append(self.format(record))
-
-
-_capture = _Capture()
+_capture = LogLines()
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import signal
@@ -23,6 +24,7 @@ from phonebind.v1 import audit_service_pb2, review_service_pb2
 from phonebind.v1 import binding_service_pb2 as api
 from phonebind.v1 import binding_service_pb2_grpc as api_grpc
 from phonebind.v1 import resources_pb2 as res
+from phonebind_server.logs import JsonFormatter
 
 # Every RPC of the three services: path -> (request class, response class), in
 # the order the protos declare them.
@@ -82,6 +84,25 @@ class FakeClock:
     def advance(self, delta: timedelta) -> None:
         with self._lock:
             self._now += delta
+
+
+class LogLines(logging.Handler):
+    """Collects log records as the service's JSON lines. The log gateway's
+    logger, which prints SMS on purpose, is left out; with `service_only`, so is
+    every library's output (e.g. peewee's SQL at DEBUG)."""
+
+    def __init__(self, *, service_only: bool = False) -> None:
+        super().__init__(level=logging.DEBUG)
+        self.setFormatter(JsonFormatter())
+        self.service_only = service_only
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.name == "phonebind.sms.dev":
+            return
+        if self.service_only and not record.name.startswith("phonebind"):
+            return
+        self.lines.append(self.format(record))
 
 
 class Secrets:

@@ -43,6 +43,7 @@ from support import (
     OLD,
     RPCS,
     FakeClock,
+    LogLines,
     Secrets,
     e164,
     error_details,
@@ -55,7 +56,6 @@ from phonebind.v1 import (
 )
 from phonebind.v1 import binding_service_pb2 as api
 from phonebind.v1 import resources_pb2 as res
-from phonebind_server.logs import JsonFormatter
 from phonebind_server.rpc.errors import STATUS_FOR_REASON, TRANSPORT_REASONS
 
 METHODS = RPCS
@@ -338,24 +338,10 @@ ADVANCE = st.sampled_from(
 # -- the world: one seeded server per backend for the whole run ------------------------------
 
 
-class _Lines(logging.Handler):
-    """The service's own log lines (not the libraries' debug output, e.g. peewee's SQL)."""
-
-    def __init__(self) -> None:
-        super().__init__(level=logging.DEBUG)
-        self.setFormatter(JsonFormatter())
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        # The log gateway prints SMS on purpose.
-        if record.name.startswith("phonebind") and record.name != "phonebind.sms.dev":
-            self.lines.append(self.format(record))
-
-
 @dataclass
 class World:
     running: Running
-    logs: _Lines
+    logs: LogLines
     calls: dict[str, int] = field(default_factory=dict)
     statuses: dict[str, set[str]] = field(default_factory=dict)
     rounds: int = 0
@@ -595,7 +581,7 @@ def world(request: pytest.FixtureRequest, tmp_path_factory) -> Iterator[World]:
         with admin.cursor() as cursor:
             cursor.execute(f'CREATE DATABASE "{name}"')
         url = urlunsplit(urlsplit(base)._replace(path="/" + name))
-    lines = _Lines()
+    lines = LogLines(service_only=True)
     logging.getLogger().addHandler(lines)
     running = start_server(url, tmp_path, FakeClock(), Secrets())
     try:
