@@ -89,17 +89,21 @@ def postgres_url() -> Iterator[str]:
     admin.close()
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request: pytest.FixtureRequest, tmp_path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/phonebind.db"
-    url = request.getfixturevalue("postgres_url")
+def emptied(url: str) -> str:
+    """The per-run PostgreSQL database at `url`, with every table emptied."""
     connection = psycopg2.connect(url)
     connection.autocommit = True
     with connection.cursor() as cursor:
         cursor.execute(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY")
     connection.close()
     return url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/phonebind.db"
+    return emptied(request.getfixturevalue("postgres_url"))
 
 
 # -- the server -------------------------------------------------------------------

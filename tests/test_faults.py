@@ -47,7 +47,7 @@ from urllib.parse import urlsplit, urlunsplit
 import grpc
 import psycopg2
 import pytest
-from conftest import TABLES, start_server
+from conftest import emptied, start_server
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
@@ -305,12 +305,7 @@ def wait_blocked(url: str) -> None:
 @pytest.fixture
 def postgres_db(postgres_url: str) -> str:
     """The per-run PostgreSQL database, emptied (for tests that only make sense there)."""
-    connection = psycopg2.connect(postgres_url)
-    connection.autocommit = True
-    with connection.cursor() as cursor:
-        cursor.execute(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY")
-    connection.close()
-    return postgres_url
+    return emptied(postgres_url)
 
 
 # -- `phonebind-server serve` as a child process ----------------------------------------
