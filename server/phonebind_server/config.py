@@ -213,6 +213,8 @@ def load(
 def check(settings: Settings) -> None:
     """Refuses settings that would be unsafe outside a developer's machine."""
     settings.keys()
+    if settings.threads < 1:
+        raise ConfigError("threads must be at least 1")
     _check_sms(settings)
     if bool(settings.tls_cert) != bool(settings.tls_key):
         raise ConfigError("tls_cert and tls_key go together")
@@ -256,8 +258,6 @@ def _loopback_host(host: str) -> bool:
 
 
 def _check_sms(settings: Settings) -> None:
-    if settings.threads < 1:
-        raise ConfigError("threads must be at least 1")
     if settings.sms_max_attempts < 1:
         raise ConfigError("sms_max_attempts must be at least 1")
     if settings.sms_http_timeout_seconds <= 0:
