@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 from datetime import timedelta
 
+import grpc
 import pytest
 from conftest import start_server
-from support import make_id_number
+from support import error_details, make_id_number
 
 from phonebind.v1 import resources_pb2 as res
 from phonebind_server.domain.model import RiskDecision
@@ -37,6 +39,27 @@ def test_second_change_within_30_days_needs_review_and_not_after(server, clock):
     risk = risk_of(pb, "r-1", "13700137111")
     assert "FREQUENT_CHANGES" not in risk.reasons
     assert risk.decision == res.RISK_DECISION_ALLOW
+
+
+def test_fourth_change_within_a_year_is_denied_until_the_first_is_a_year_old(server, clock):
+    """Both change windows come from one statement: the 30-day one is empty
+    here (changes 31 days apart), the 365-day one holds three changes."""
+    pb = server.api
+    numbers = ["13800138121", "13900139121", "13700137121", "13600136121", "13500135121"]
+    pb.register("r-4", numbers[0])
+    for old, new in itertools.pairwise(numbers[:4]):
+        change(pb, "r-4", old, new)
+        clock.advance(timedelta(days=31))
+    clock.advance(timedelta(days=365 - 3 * 31))  # the first change is exactly a year old
+    with pytest.raises(grpc.RpcError) as caught:
+        pb.start("r-4", numbers[4])
+    assert error_details(caught.value)[:2] == (
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "RISK_DENIED",
+    )
+    clock.advance(TICK)
+    risk = risk_of(pb, "r-4", numbers[4])
+    assert risk.decision == res.RISK_DECISION_ALLOW, risk
 
 
 def test_number_released_by_another_account_within_90_days(server, clock):

@@ -6,6 +6,7 @@ and are tested against these protocols on SQLite and PostgreSQL alike.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from datetime import datetime
 from typing import Protocol
@@ -69,7 +70,7 @@ class Tx(Protocol):
     def list_changes(
         self, account_id: str, *, before_seq: int | None, limit: int
     ) -> list[tuple[int, BindingChange]]: ...
-    def count_changes(self, account_id: str, *, since: datetime) -> int: ...
+    def count_changes(self, account_id: str, *, since: Sequence[datetime]) -> tuple[int, ...]: ...
     def phone_released_by_other(
         self, phone_index: str, *, account_id: str, since: datetime
     ) -> bool: ...

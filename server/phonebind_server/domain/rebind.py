@@ -262,13 +262,12 @@ class RebindService:
                 if tx.account_id_for_phone(new_index) is not None:
                     raise _phone_in_use()
 
+                in_review_window, in_deny_window = tx.count_changes(
+                    account_id, since=(now - p.review_change_window, now - p.deny_change_window)
+                )
                 signals = RiskSignals(
-                    changes_in_review_window=tx.count_changes(
-                        account_id, since=now - p.review_change_window
-                    ),
-                    changes_in_deny_window=tx.count_changes(
-                        account_id, since=now - p.deny_change_window
-                    ),
+                    changes_in_review_window=in_review_window,
+                    changes_in_deny_window=in_deny_window,
                     number_recently_released=tx.phone_released_by_other(
                         new_index, account_id=account_id, since=now - p.recycled_number_window
                     ),
