@@ -337,7 +337,7 @@ class PeeweeTx:
         return head.chain_seq, head.last_mac
 
     def insert_audit(self, event: StoredEvent, head_mac: str) -> None:
-        self._sql.insert(
+        self._sql.insert_and_update(
             AuditEventRow,
             {
                 "chain_id": event.chain_id,
@@ -354,8 +354,6 @@ class PeeweeTx:
                 "prev_mac": event.prev_mac,
                 "mac": event.mac,
             },
-        )
-        self._sql.update(
             AuditHeadRow,
             ("chain_id",),
             (event.chain_id,),

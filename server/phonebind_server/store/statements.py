@@ -84,14 +84,9 @@ class Statements:
             self._sql[key] = text
         return self._db.execute_sql(text, list(params)).fetchall()
 
-    def insert(
-        self,
-        model: type[peewee.Model],
-        values: Mapping[str, Any],
-        *,
-        ignore_conflict: bool = False,
-    ) -> None:
-        """INSERT one row; with `ignore_conflict`, a clash with a unique key is no error."""
+    def _insert(
+        self, model: type[peewee.Model], values: Mapping[str, Any], ignore_conflict: bool
+    ) -> tuple[str, list[Any]]:
         names = tuple(values)
         key = ("insert", model, names, ignore_conflict)
         sql = self._sql.get(key)
@@ -104,17 +99,15 @@ class Statements:
                 + (" ON CONFLICT DO NOTHING" if ignore_conflict else "")
             )
             self._sql[key] = sql
-        params = [f.db_value(values[f.name]) for f in self._fields(model, names)]
-        self._db.execute_sql(sql, params)
+        return sql, [f.db_value(values[f.name]) for f in self._fields(model, names)]
 
-    def update(
+    def _update(
         self,
         model: type[peewee.Model],
         by: Sequence[str],
         key_values: Sequence[Any],
         values: Mapping[str, Any],
-    ) -> int:
-        """Sets `values` on the rows whose `by` fields equal `key_values`; the row count."""
+    ) -> tuple[str, list[Any]]:
         names = tuple(values)
         key = ("update", model, tuple(by), names)
         sql = self._sql.get(key)
@@ -129,7 +122,48 @@ class Statements:
             self._sql[key] = sql
         params = [f.db_value(values[f.name]) for f in self._fields(model, names)]
         params += [f.db_value(v) for f, v in zip(self._fields(model, by), key_values, strict=True)]
-        return self._db.execute_sql(sql, params).rowcount
+        return sql, params
+
+    def insert(
+        self,
+        model: type[peewee.Model],
+        values: Mapping[str, Any],
+        *,
+        ignore_conflict: bool = False,
+    ) -> None:
+        """INSERT one row; with `ignore_conflict`, a clash with a unique key is no error."""
+        self._db.execute_sql(*self._insert(model, values, ignore_conflict))
+
+    def update(
+        self,
+        model: type[peewee.Model],
+        by: Sequence[str],
+        key_values: Sequence[Any],
+        values: Mapping[str, Any],
+    ) -> int:
+        """Sets `values` on the rows whose `by` fields equal `key_values`; the row count."""
+        return self._db.execute_sql(*self._update(model, by, key_values, values)).rowcount
+
+    def insert_and_update(
+        self,
+        model: type[peewee.Model],
+        row: Mapping[str, Any],
+        update_model: type[peewee.Model],
+        by: Sequence[str],
+        key_values: Sequence[Any],
+        values: Mapping[str, Any],
+    ) -> None:
+        """`insert(model, row)`, then `update(update_model, ...)`. On PostgreSQL
+        both go in one statement (the INSERT in a WITH), so one round trip."""
+        insert_sql, insert_params = self._insert(model, row, False)
+        update_sql, update_params = self._update(update_model, by, key_values, values)
+        if self._postgres:
+            self._db.execute_sql(
+                f"WITH inserted AS ({insert_sql}) {update_sql}", insert_params + update_params
+            )
+        else:
+            self._db.execute_sql(insert_sql, insert_params)
+            self._db.execute_sql(update_sql, update_params)
 
     def upsert(
         self, model: type[peewee.Model], conflict: Sequence[str], values: Mapping[str, Any]
