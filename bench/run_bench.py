@@ -8,7 +8,9 @@ workers) this starts a fresh server, on a fresh database, as
 1. `grpc.health.v1.Health/Check`, the baseline;
 2. `GetAccount` on registered accounts;
 3. complete rebind flows, closed loop (the peak);
-4. the same flows paced to half that peak rate (the latency figures).
+4. the same flows paced to half that peak rate (the latency figures);
+5. flows and GetAccount again until the server has answered 100 000 RPCs,
+   with each worker's RSS taken after every run (the memory figures).
 
 Every RPC's throughput is given as a ratio of the health check's, at the same
 client concurrency on the same server. It prints a table and writes
@@ -54,6 +56,11 @@ GET_ACCOUNT_RATIO = 0.70
 FLOW_RATIO = 0.35
 P99_AT_HALF_PEAK_MS = 25.0
 RSS_PER_WORKER_MB = 150.0
+SOAK_RPCS = 100_000
+# "Not growing": what RSS may still add over the second half of the soak. A
+# leak of a few hundred bytes per call adds tens of MB over 50 000 calls.
+RSS_GROWTH_MB = 5.0
+SOAK_ROUNDS_MAX = 12
 PG_SCALING = 1.3
 
 
@@ -80,6 +87,8 @@ class Result:
     runs: dict[str, Any] = field(default_factory=dict)
     rss_before: dict[str, float] = field(default_factory=dict)
     rss_after: dict[str, float] = field(default_factory=dict)
+    # (RPCs answered so far, RSS in MB of each server process) after each run.
+    rss_checkpoints: list[tuple[int, dict[str, float]]] = field(default_factory=list)
     seconds: float = 0.0
 
 
@@ -360,6 +369,7 @@ class Settings:
     warmup: float
     concurrency: int
     processes: int
+    soak_rpcs: int = SOAK_RPCS
 
 
 def load(
@@ -413,6 +423,15 @@ def measure(config: Config, settings: Settings, pg_base: str) -> Result:
                 summary["server_cpu_cores"] = round(sum(cores.values()), 2)
                 summary["server_cpu_cores_by_process"] = cores
                 result.runs[name] = summary
+                # Calls counted by the load tool; its warm-up calls are not, so the
+                # server has answered at least this many.
+                answered = sum(
+                    stats["count"] + stats["errors"]
+                    for group in (summary["rpcs"], summary["setup"]["rpcs"])
+                    for stats in group.values()
+                )
+                rpcs = (result.rss_checkpoints[-1][0] if result.rss_checkpoints else 0) + answered
+                result.rss_checkpoints.append((rpcs, server_memory(process, config.workers)))
                 return summary
 
             result.rss_before = server_memory(process, config.workers)
@@ -426,6 +445,13 @@ def measure(config: Config, settings: Settings, pg_base: str) -> Result:
                 half = peak / 2
                 say(f"{config.name}: flows paced to {half:.1f}/s (half the peak)")
                 run("flow_half_rate", "flow", "--sms-file", str(sms), "--rate", f"{half:.3f}")
+            # Memory: flows and account reads until the server has answered SOAK_RPCS.
+            for round_ in range(SOAK_ROUNDS_MAX):
+                if result.rss_checkpoints[-1][0] >= settings.soak_rpcs:
+                    break
+                say(f"{config.name}: memory soak, {result.rss_checkpoints[-1][0]} RPCs so far")
+                run(f"soak_flow_{round_}", "flow", "--sms-file", str(sms))
+                run(f"soak_get_account_{round_}", "get-account", "--accounts", "200")
             result.rss_after = server_memory(process, config.workers)
     except (Unavailable, RuntimeError, subprocess.TimeoutExpired) as error:
         result.available = False
@@ -482,14 +508,15 @@ def figures(result: Result) -> dict[str, Any]:
         if run["error_count"] or run["setup"]["errors"]
     }
     workers = [v for k, v in result.rss_after.items() if k.startswith("worker")]
+    measured = {name: run for name, run in runs.items() if name in RUN_NAMES}
     return {
         "available": True,
         "rpcs": rpcs,
-        "server_cpu_cores": {name: run.get("server_cpu_cores") for name, run in runs.items()},
-        "machine_cpu_cores": {name: run.get("machine_cpu_cores") for name, run in runs.items()},
-        "steal_cpu_cores": {name: run.get("steal_cpu_cores") for name, run in runs.items()},
+        "server_cpu_cores": {name: run.get("server_cpu_cores") for name, run in measured.items()},
+        "machine_cpu_cores": {name: run.get("machine_cpu_cores") for name, run in measured.items()},
+        "steal_cpu_cores": {name: run.get("steal_cpu_cores") for name, run in measured.items()},
         "server_cpu_cores_by_process": {
-            name: run.get("server_cpu_cores_by_process") for name, run in runs.items()
+            name: run.get("server_cpu_cores_by_process") for name, run in measured.items()
         },
         "sms_delivery_ms": flow.get("sms_delivery", {}).get("latency_ms", {}),
         "flows_per_s": flow["operations"]["per_second"],
@@ -503,7 +530,28 @@ def figures(result: Result) -> dict[str, Any]:
         "rss_mb_before": result.rss_before,
         "rss_mb_after": result.rss_after,
         "rss_mb_per_worker_max": max(workers) if workers else None,
+        "soak": soak(result.rss_checkpoints),
         "seconds": result.seconds,
+    }
+
+
+def soak(checkpoints: list[tuple[int, dict[str, float]]]) -> dict[str, Any]:
+    """RPCs answered in all, and how much each worker's RSS grew over the second
+    half of them: from the first checkpoint past half the total to the last."""
+    if not checkpoints:
+        return {"rpcs": 0, "from_rpcs": 0, "rss_growth_mb": {}, "checkpoints": []}
+    total, last = checkpoints[-1]
+    since, first = next((c for c in checkpoints if c[0] >= total / 2), checkpoints[-1])
+    growth = {
+        role: round(mb - first[role], 1)
+        for role, mb in last.items()
+        if role.startswith("worker") and role in first
+    }
+    return {
+        "rpcs": total,
+        "from_rpcs": since,
+        "rss_growth_mb": growth,
+        "checkpoints": [{"rpcs": n, "rss_mb": rss} for n, rss in checkpoints],
     }
 
 
@@ -539,9 +587,16 @@ def targets(configs: dict[str, dict[str, Any]], names: dict[str, str]) -> list[d
             value = rpcs[rpc]["half_rate_p99_ms"]
             ok = None if value is None else value <= P99_AT_HALF_PEAK_MS
             add(f"p99 of {rpc} at half the peak ≤ 25 ms", name, value, P99_AT_HALF_PEAK_MS, ok)
-        value = fig["rss_mb_per_worker_max"]
-        ok = None if value is None else value <= RSS_PER_WORKER_MB
-        add("RSS per worker ≤ 150 MB", name, value, RSS_PER_WORKER_MB, ok)
+        value, soaked = fig["rss_mb_per_worker_max"], fig.get("soak") or soak([])
+        growth = max(soaked["rss_growth_mb"].values(), default=None)
+        label = "RSS per worker after ≥ 100 000 RPCs ≤ 150 MB, not growing"
+        if value is None or growth is None or soaked["rpcs"] < SOAK_RPCS:
+            add(label, name, f"only {soaked['rpcs']} RPCs", RSS_PER_WORKER_MB, None)
+        else:
+            ok = value <= RSS_PER_WORKER_MB and growth <= RSS_GROWTH_MB
+            last = soaked["rpcs"] - soaked["from_rpcs"]
+            shown = f"{value:.0f} MB, {growth:+.1f} MB over the last {last} RPCs"
+            add(label, name, shown, RSS_PER_WORKER_MB, ok)
     one, two = configs.get("postgresql-1"), configs.get("postgresql-2")
     where = "PostgreSQL 2 workers / 1 worker"
     if one and two and one["available"] and two["available"] and one["flows_per_s"]:
@@ -657,7 +712,10 @@ def markdown(report: dict[str, Any], names: dict[str, str]) -> str:
         "old and the new number, CompleteRebind), each on a fresh account registered before "
         "the measured window, the codes read from the SMS file as a handset would;",
         "4. the same flows paced (open loop) to half the peak flow rate of step 3, for the "
-        "latency column `p99 @ ½ peak`.",
+        "latency column `p99 @ ½ peak`;",
+        f"5. a memory soak: steps 3 and 2 again until the load tool has counted "
+        f"{s.get('soak_rpcs', SOAK_RPCS):,} answered RPCs (its warm-up calls uncounted, so "
+        "the server has answered more).",
         "",
         "`× health` is an RPC's calls per second divided by the health check's, same "
         "concurrency, same server. In a flow every RPC runs once per flow (SendCode and "
@@ -665,7 +723,9 @@ def markdown(report: dict[str, Any], names: dict[str, str]) -> str:
         "`flow RPCs (all)` is every flow RPC together, the figure the flow target is about. "
         "Latency is of successful calls, measured in the client (`time.perf_counter`) "
         "around the blocking call; percentiles are nearest-rank over every call. RSS is "
-        "`VmRSS` of each server process after the four runs.",
+        "`VmRSS` of each server process, taken after every run; *not growing* means a "
+        f"worker's RSS grew by at most {RSS_GROWTH_MB:g} MB over the second half of the "
+        "RPCs (from the first checkpoint past half of them to the last).",
         "",
         "## Results",
         "",
@@ -690,12 +750,15 @@ def markdown(report: dict[str, Any], names: dict[str, str]) -> str:
         half = fig["half_rate"]
         rss_before = ", ".join(f"{k} {v:.0f} MB" for k, v in fig["rss_mb_before"].items())
         rss_after = ", ".join(f"{k} {v:.0f} MB" for k, v in fig["rss_mb_after"].items())
+        soaked = fig.get("soak") or soak([])
+        growth = ", ".join(f"{k} {v:+.1f} MB" for k, v in soaked["rss_growth_mb"].items())
         out += [
             "",
             f"Flows: {fig['flows_per_s']:.1f}/s closed loop ({fig['flows_completed']} completed, "
             f"{fig['flows_failed']} failed); paced to {_num(half['target_flows_per_s'], 1)}/s, "
             f"achieved {_num(half['flows_per_s'], 1)}/s. "
-            f"RSS: {rss_before} at start; {rss_after} after the runs.",
+            f"RSS: {rss_before} at start; {rss_after} after {soaked['rpcs']:,} RPCs; "
+            f"from {soaked['from_rpcs']:,} RPCs to the end: {growth or 'n/a'}.",
             "",
         ]
         sms = fig["sms_delivery_ms"]
@@ -857,7 +920,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--load-processes", type=int, default=1, help="load processes")
     parser.add_argument(
-        "--quick", action="store_true", help="smoke run: 3 s per measurement, 0.5 s warm-up"
+        "--soak-rpcs",
+        type=int,
+        default=SOAK_RPCS,
+        help=f"RPCs before the memory figures are taken (default {SOAK_RPCS}; 0: no soak)",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: 3 s per measurement, 0.5 s warm-up, no memory soak",
     )
     parser.add_argument(
         "--configs",
@@ -883,12 +954,14 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 0
     if args.quick:
-        args.duration, args.warmup = 3.0, 0.5
+        args.duration, args.warmup, args.soak_rpcs = 3.0, 0.5, 0
     chosen = [k.strip() for k in args.configs.split(",") if k.strip()]
     unknown = sorted(set(chosen) - {c.key for c in CONFIGS})
     if unknown:
         parser.error(f"unknown configurations {unknown}")
-    settings = Settings(args.duration, args.warmup, args.concurrency, args.load_processes)
+    settings = Settings(
+        args.duration, args.warmup, args.concurrency, args.load_processes, args.soak_rpcs
+    )
 
     started = time.monotonic()
     load_before = os.getloadavg()
@@ -906,6 +979,7 @@ def main(argv: list[str] | None = None) -> int:
             "warmup_s": settings.warmup,
             "concurrency": settings.concurrency,
             "processes": settings.processes,
+            "soak_rpcs": settings.soak_rpcs,
             "quick": args.quick,
         },
         "names": names,
