@@ -57,8 +57,8 @@ FLOW_RATIO = 0.35
 P99_AT_HALF_PEAK_MS = 25.0
 RSS_PER_WORKER_MB = 150.0
 SOAK_RPCS = 100_000
-# "Not growing": what RSS may still add over the second half of the soak. A
-# leak of a few hundred bytes per call adds tens of MB over 50 000 calls.
+# "Not growing": what RSS may still add during the soak, once every code path
+# has run. A leak of a few hundred bytes per call adds tens of MB over it.
 RSS_GROWTH_MB = 5.0
 SOAK_ROUNDS_MAX = 12
 PG_SCALING = 1.3
@@ -89,6 +89,7 @@ class Result:
     rss_after: dict[str, float] = field(default_factory=dict)
     # (RPCs answered so far, RSS in MB of each server process) after each run.
     rss_checkpoints: list[tuple[int, dict[str, float]]] = field(default_factory=list)
+    soak_from: int = 0  # the checkpoint the soak starts from
     seconds: float = 0.0
 
 
@@ -446,6 +447,7 @@ def measure(config: Config, settings: Settings, pg_base: str) -> Result:
                 say(f"{config.name}: flows paced to {half:.1f}/s (half the peak)")
                 run("flow_half_rate", "flow", "--sms-file", str(sms), "--rate", f"{half:.3f}")
             # Memory: flows and account reads until the server has answered SOAK_RPCS.
+            result.soak_from = len(result.rss_checkpoints) - 1
             for round_ in range(SOAK_ROUNDS_MAX):
                 if result.rss_checkpoints[-1][0] >= settings.soak_rpcs:
                     break
@@ -530,18 +532,19 @@ def figures(result: Result) -> dict[str, Any]:
         "rss_mb_before": result.rss_before,
         "rss_mb_after": result.rss_after,
         "rss_mb_per_worker_max": max(workers) if workers else None,
-        "soak": soak(result.rss_checkpoints),
+        "soak": soak(result.rss_checkpoints, result.soak_from),
         "seconds": result.seconds,
     }
 
 
-def soak(checkpoints: list[tuple[int, dict[str, float]]]) -> dict[str, Any]:
-    """RPCs answered in all, and how much each worker's RSS grew over the second
-    half of them: from the first checkpoint past half the total to the last."""
+def soak(checkpoints: list[tuple[int, dict[str, float]]], start: int = 0) -> dict[str, Any]:
+    """RPCs answered in all, and how much each worker's RSS grew during the soak:
+    from checkpoint `start` (after the measured runs, so every code path has
+    run and its caches are filled) to the last."""
     if not checkpoints:
         return {"rpcs": 0, "from_rpcs": 0, "rss_growth_mb": {}, "checkpoints": []}
     total, last = checkpoints[-1]
-    since, first = next((c for c in checkpoints if c[0] >= total / 2), checkpoints[-1])
+    since, first = checkpoints[start]
     growth = {
         role: round(mb - first[role], 1)
         for role, mb in last.items()
@@ -724,8 +727,8 @@ def markdown(report: dict[str, Any], names: dict[str, str]) -> str:
         "Latency is of successful calls, measured in the client (`time.perf_counter`) "
         "around the blocking call; percentiles are nearest-rank over every call. RSS is "
         "`VmRSS` of each server process, taken after every run; *not growing* means a "
-        f"worker's RSS grew by at most {RSS_GROWTH_MB:g} MB over the second half of the "
-        "RPCs (from the first checkpoint past half of them to the last).",
+        f"worker's RSS grew by at most {RSS_GROWTH_MB:g} MB during the soak (from the end "
+        "of step 4, when every code path has run, to the last run).",
         "",
         "## Results",
         "",
@@ -793,7 +796,7 @@ def markdown(report: dict[str, Any], names: dict[str, str]) -> str:
         "## Running it",
         "",
         "```sh",
-        "make bench                                   # all three configurations, ~5 minutes",
+        "make bench                                   # all three configurations, ~9 minutes",
         ".venv/bin/python bench/run_bench.py --quick  # a smoke run of a few seconds each",
         ".venv/bin/python bench/run_bench.py --help   # durations, concurrency, configurations",
         "```",
