@@ -714,10 +714,10 @@ class Load:
 # -- the database goes away ----------------------------------------------------------------
 
 
-def test_database_outage_answers_store_unavailable_and_recovers_by_itself(
-    postgres_db, tmp_path, clock, secrets_seen
-):
-    """PostgreSQL unreachable for this server only (a proxy between them is cut)."""
+@pytest.fixture
+def proxied(postgres_db, tmp_path, clock, secrets_seen):
+    """A server that reaches PostgreSQL through a TcpProxy the test can cut or
+    freeze, with health pinging the store every 0.2 s."""
     proxy = TcpProxy(upstream_of(postgres_db))
     running = start_server(
         via_proxy(postgres_db, proxy.port),
@@ -726,84 +726,80 @@ def test_database_outage_answers_store_unavailable_and_recovers_by_itself(
         secrets_seen,
         health_interval_seconds=0.2,
     )
-    pb = running.api
     try:
-        pb.register("out-1", "13800138501")
-        rebind = pb.start("out-1", "13900139501")
-        # Many pooled connections, one per RPC thread, all of them about to die.
-        with ThreadPoolExecutor(24) as pool:
-            warm = list(pool.map(lambda _: outcome(lambda: pb.get_account("out-1")), range(200)))
-        assert set(warm) == {"OK"}
-        pooled = proxy.connections
-        before = running.snapshot()
-
-        proxy.cut()
-        started = time.monotonic()
-        with pytest.raises(grpc.RpcError) as caught:
-            pb.identity("out-1", rebind.rebind_id)
-        refused_in = time.monotonic() - started
-        code, reason, details = error_details(caught.value)
-        assert (code, reason) == (grpc.StatusCode.UNAVAILABLE, "STORE_UNAVAILABLE")
-        assert details["RetryInfo"].retry_delay.ToTimedelta().total_seconds() > 0
-        assert refused_in < 5, "a call during the outage must fail fast, not hang"
-        not_serving_in = wait_until(
-            lambda: health(running.channel) == "NOT_SERVING", 5, "health NOT_SERVING"
-        )
-        during = [
-            outcome(call)
-            for call in (
-                lambda: pb.get_account("out-1"),
-                lambda: pb.identity("out-1", rebind.rebind_id),
-                lambda: pb.send("out-1", rebind.rebind_id, OLD, request_id="r-out"),
-            )
-            for _ in range(3)
-        ]
-        assert set(during) == {"UNAVAILABLE/STORE_UNAVAILABLE"}
-
-        proxy.restore()
-        serving_in = wait_until(lambda: health(running.channel) == "SERVING", 5, "health SERVING")
-        # Every RPC thread's old connection died with the outage; none may fail a call.
-        with ThreadPoolExecutor(24) as pool:
-            after = list(pool.map(lambda _: outcome(lambda: pb.get_account("out-1")), range(200)))
-        assert tally(after) == {"OK": 200}
-        # Nothing the refused calls tried happened; the flow finishes on the same server.
-        assert running.snapshot() == before
-        pb.identity("out-1", rebind.rebind_id)
-        pb.send_and_verify("out-1", rebind.rebind_id, OLD, "13800138501")
-        pb.send_and_verify("out-1", rebind.rebind_id, NEW, "13900139501")
-        done = pb.complete("out-1", rebind.rebind_id)
-        assert done.rebind.state == res.REBIND_STATE_COMPLETED
-        print(
-            f"\n[outage] {pooled} pooled connections cut; a call refused in {refused_in:.3f} s;"
-            f" NOT_SERVING after {not_serving_in:.2f} s; during: {tally(during)};"
-            f" SERVING {serving_in:.2f} s after restore; after: {tally(after)}"
-        )
+        yield proxy, running
     finally:
+        proxy.thaw()
         running.app.stop(grace=0)
         running.channel.close()
         proxy.cut()
 
 
-def test_silent_partition_turns_health_not_serving(postgres_db, tmp_path, clock, secrets_seen):
-    """The database stops answering without closing anything: health notices."""
-    proxy = TcpProxy(upstream_of(postgres_db))
-    running = start_server(
-        via_proxy(postgres_db, proxy.port),
-        tmp_path,
-        clock,
-        secrets_seen,
-        health_interval_seconds=0.2,
+def test_database_outage_answers_store_unavailable_and_recovers_by_itself(proxied):
+    """PostgreSQL unreachable for this server only (a proxy between them is cut)."""
+    proxy, running = proxied
+    pb = running.api
+    pb.register("out-1", "13800138501")
+    rebind = pb.start("out-1", "13900139501")
+    # Many pooled connections, one per RPC thread, all of them about to die.
+    with ThreadPoolExecutor(24) as pool:
+        warm = list(pool.map(lambda _: outcome(lambda: pb.get_account("out-1")), range(200)))
+    assert set(warm) == {"OK"}
+    pooled = proxy.connections
+    before = running.snapshot()
+
+    proxy.cut()
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as caught:
+        pb.identity("out-1", rebind.rebind_id)
+    refused_in = time.monotonic() - started
+    code, reason, details = error_details(caught.value)
+    assert (code, reason) == (grpc.StatusCode.UNAVAILABLE, "STORE_UNAVAILABLE")
+    assert details["RetryInfo"].retry_delay.ToTimedelta().total_seconds() > 0
+    assert refused_in < 5, "a call during the outage must fail fast, not hang"
+    not_serving_in = wait_until(
+        lambda: health(running.channel) == "NOT_SERVING", 5, "health NOT_SERVING"
     )
-    try:
-        running.api.register("part-0", "13800138510")
-        proxy.freeze()
-        # The ping gets no answer; after its deadline (1 s) health says NOT_SERVING.
-        wait_until(lambda: health(running.channel) == "NOT_SERVING", 3, "health NOT_SERVING")
-        proxy.thaw()
-        wait_until(lambda: health(running.channel) == "SERVING", 5, "health SERVING again")
-    finally:
-        proxy.thaw()
-        running.app.stop(grace=0)
+    during = [
+        outcome(call)
+        for call in (
+            lambda: pb.get_account("out-1"),
+            lambda: pb.identity("out-1", rebind.rebind_id),
+            lambda: pb.send("out-1", rebind.rebind_id, OLD, request_id="r-out"),
+        )
+        for _ in range(3)
+    ]
+    assert set(during) == {"UNAVAILABLE/STORE_UNAVAILABLE"}
+
+    proxy.restore()
+    serving_in = wait_until(lambda: health(running.channel) == "SERVING", 5, "health SERVING")
+    # Every RPC thread's old connection died with the outage; none may fail a call.
+    with ThreadPoolExecutor(24) as pool:
+        after = list(pool.map(lambda _: outcome(lambda: pb.get_account("out-1")), range(200)))
+    assert tally(after) == {"OK": 200}
+    # Nothing the refused calls tried happened; the flow finishes on the same server.
+    assert running.snapshot() == before
+    pb.identity("out-1", rebind.rebind_id)
+    pb.send_and_verify("out-1", rebind.rebind_id, OLD, "13800138501")
+    pb.send_and_verify("out-1", rebind.rebind_id, NEW, "13900139501")
+    done = pb.complete("out-1", rebind.rebind_id)
+    assert done.rebind.state == res.REBIND_STATE_COMPLETED
+    print(
+        f"\n[outage] {pooled} pooled connections cut; a call refused in {refused_in:.3f} s;"
+        f" NOT_SERVING after {not_serving_in:.2f} s; during: {tally(during)};"
+        f" SERVING {serving_in:.2f} s after restore; after: {tally(after)}"
+    )
+
+
+def test_silent_partition_turns_health_not_serving(proxied):
+    """The database stops answering without closing anything: health notices."""
+    proxy, running = proxied
+    running.api.register("part-0", "13800138510")
+    proxy.freeze()
+    # The ping gets no answer; after its deadline (1 s) health says NOT_SERVING.
+    wait_until(lambda: health(running.channel) == "NOT_SERVING", 3, "health NOT_SERVING")
+    proxy.thaw()
+    wait_until(lambda: health(running.channel) == "SERVING", 5, "health SERVING again")
 
 
 @pytest.mark.xfail(
@@ -812,33 +808,16 @@ def test_silent_partition_turns_health_not_serving(postgres_db, tmp_path, clock,
     " client-side statement deadline, and TCP keepalives only help when packets are dropped,"
     " not when a middlebox accepts and holds them as this proxy does",
 )
-def test_silent_partition_answers_store_unavailable_and_not_serving(
-    postgres_db, tmp_path, clock, secrets_seen
-):
+def test_silent_partition_answers_store_unavailable_and_not_serving(proxied):
     """The database stops answering without closing anything (packets dropped)."""
-    proxy = TcpProxy(upstream_of(postgres_db))
-    running = start_server(
-        via_proxy(postgres_db, proxy.port),
-        tmp_path,
-        clock,
-        secrets_seen,
-        health_interval_seconds=0.2,
+    proxy, running = proxied
+    running.api.register("part-1", "13800138511")
+    proxy.freeze()
+    answer = outcome_code(
+        lambda: running.api.stub.GetAccount(api.GetAccountRequest(account_id="part-1"), timeout=2)
     )
-    try:
-        running.api.register("part-1", "13800138511")
-        proxy.freeze()
-        answer = outcome_code(
-            lambda: running.api.stub.GetAccount(
-                api.GetAccountRequest(account_id="part-1"), timeout=2
-            )
-        )
-        assert answer == "UNAVAILABLE", f"a call during the partition answered {answer}"
-        wait_until(lambda: health(running.channel) == "NOT_SERVING", 2, "health NOT_SERVING")
-    finally:
-        proxy.thaw()
-        running.app.stop(grace=0)
-        running.channel.close()
-        proxy.cut()
+    assert answer == "UNAVAILABLE", f"a call during the partition answered {answer}"
+    wait_until(lambda: health(running.channel) == "NOT_SERVING", 2, "health NOT_SERVING")
 
 
 # -- a worker killed with SIGKILL in the middle of load -------------------------------------
