@@ -454,7 +454,7 @@ def measure(config: Config, settings: Settings, pg_base: str) -> Result:
                 say(f"{config.name}: memory soak, {result.rss_checkpoints[-1][0]} RPCs so far")
                 run(f"soak_flow_{round_}", "flow", "--sms-file", str(sms))
                 run(f"soak_get_account_{round_}", "get-account", "--accounts", "200")
-            result.rss_after = server_memory(process, config.workers)
+            result.rss_after = result.rss_checkpoints[-1][1]
     except (Unavailable, RuntimeError, subprocess.TimeoutExpired) as error:
         result.available = False
         result.reason = str(error)
