@@ -545,10 +545,11 @@ def soak(checkpoints: list[tuple[int, dict[str, float]]], start: int = 0) -> dic
         return {"rpcs": 0, "from_rpcs": 0, "rss_growth_mb": {}, "checkpoints": []}
     total, last = checkpoints[-1]
     since, first = checkpoints[start]
+    # No soak run (--quick, --soak-rpcs 0): no growth to report, rather than +0.0.
     growth = {
         role: round(mb - first[role], 1)
         for role, mb in last.items()
-        if role.startswith("worker") and role in first
+        if role.startswith("worker") and role in first and since < total
     }
     return {
         "rpcs": total,
