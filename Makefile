@@ -9,7 +9,8 @@ PROTOS  = $(wildcard protos/phonebind/v1/*.proto)
 
 # Where `make run` keeps its data and the SMS it "sends".
 RUN_DIR ?= var
-LISTEN  ?= 127.0.0.1:50051
+# Another address: `make run LISTEN=127.0.0.1:50052` (or PHONEBIND_LISTEN).
+LISTEN  ?= $(or $(PHONEBIND_LISTEN),127.0.0.1:50051)
 
 .PHONY: install proto lint run test bench clean
 
