@@ -59,7 +59,7 @@ def secrets_seen() -> Iterator[Secrets]:
     seen = Secrets()
     start = len(_capture.lines)
     yield seen
-    leaked = seen.leaked(_capture.lines[start:])
+    leaked = seen.leaked(_capture.lines[start:] + seen.log_lines())
     assert not leaked, f"a secret reached the logs: {leaked[0][:200]}"
 
 

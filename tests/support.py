@@ -105,20 +105,60 @@ class LogLines(logging.Handler):
         self.lines.append(self.format(record))
 
 
+# A one-time code as the SMS text carries it.
+_CODE = re.compile(r"(?<![0-9])([0-9]{6})(?![0-9])")
+
+
 class Secrets:
-    """Every code, full number and ID number a test used: none may reach a log."""
+    """Every code, full number and ID number a test used: none may reach a log.
+
+    Besides what a test adds itself, every number and code in a watched SMS
+    file counts, and the log files of server processes the test started are
+    searched too: a secret the test never read is still checked.
+    """
 
     def __init__(self) -> None:
         self.values: set[str] = set()
+        self._sms_files: list[str] = []
+        self._logs: list[Path] = []
 
     def add_phone(self, raw: str) -> None:
         digits = "".join(c for c in raw if c in "0123456789")
         national = digits[2:] if digits.startswith("86") and len(digits) == 13 else digits
-        self.values.update({national, "+86" + national})
+        self.values.update({national, "+86" + national, "86" + national, "0086" + national})
 
     def add(self, value: str) -> None:
         if len(value) >= 6:
             self.values.add(value)
+
+    def watch_sms(self, path: str) -> None:
+        """A file gateway's file: its numbers and codes are secrets too."""
+        if path not in self._sms_files:
+            self._sms_files.append(path)
+
+    def watch_log(self, path: Path) -> None:
+        """A server process's log file, searched with the test's captured logs."""
+        if path not in self._logs:
+            self._logs.append(path)
+
+    def _add_delivered(self) -> None:
+        for path in self._sms_files:
+            if not os.path.exists(path):
+                continue
+            with open(path, encoding="utf-8") as handle:
+                for line in filter(str.strip, handle):
+                    message = json.loads(line)
+                    self.add_phone(message["to"])
+                    for code in _CODE.findall(message["text"]):
+                        self.add(code)
+
+    def log_lines(self) -> list[str]:
+        return [
+            line
+            for path in self._logs
+            if path.exists()
+            for line in path.read_text(encoding="utf-8", errors="replace").splitlines()
+        ]
 
     def leaked(self, lines: list[str]) -> list[str]:
         """The JSON log lines that hold one of the secrets.
@@ -126,6 +166,7 @@ class Secrets:
         Random ids, hashes and timings hold arbitrary runs of digits, so a six-digit
         code turns up in them by chance; they are left out of the search.
         """
+        self._add_delivered()
         if not self.values:
             return []
         alternatives = "|".join(map(re.escape, sorted(self.values)))
@@ -149,9 +190,6 @@ _NOISE_FIELDS = frozenset({"time", "request_id", "message_id", "duration_ms"})
 _HEX_TOKEN = re.compile(r"(?=[0-9a-f]*[a-f])[0-9a-f]{16,}")
 
 
-_CODE = re.compile(r"(?<![0-9])([0-9]{6})(?![0-9])")
-
-
 @dataclass
 class Inbox:
     """Reads what the file gateway delivered, as a handset would."""
@@ -159,6 +197,9 @@ class Inbox:
     path: str
     secrets: Secrets
     _consumed: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.secrets.watch_sms(self.path)
 
     def messages(self) -> list[dict[str, str]]:
         if not os.path.exists(self.path):
@@ -268,6 +309,7 @@ class Api:
     def identity(
         self, account_id: str, rebind_id: str, name: str = HOLDER, id_number: str = ID_NUMBER
     ):
+        self.secrets.add(id_number)
         return self.stub.VerifyIdentity(
             api.VerifyIdentityRequest(
                 account_id=account_id, rebind_id=rebind_id, holder_name=name, id_number=id_number
@@ -282,6 +324,7 @@ class Api:
         )
 
     def verify(self, account_id: str, rebind_id: str, target: int, code: str):
+        self.secrets.add(code)
         return self.stub.VerifyCode(
             api.VerifyCodeRequest(
                 account_id=account_id, rebind_id=rebind_id, target=target, code=code
@@ -363,6 +406,9 @@ class Serve:
     extra: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
     gateway: str = ""
+    # The test's secrets: the server's log file is searched for them, and the
+    # numbers and codes in its SMS file count as secrets.
+    secrets: Secrets | None = None
     port: int = field(default_factory=free_port)
     process: subprocess.Popen | None = None
 
@@ -375,6 +421,10 @@ class Serve:
         return self.tmp_path / f"serve-{self.port}.log"
 
     def start(self) -> Serve:
+        if self.secrets is not None:
+            self.secrets.watch_log(self.log_path)
+            if self.sms_file:
+                self.secrets.watch_sms(self.sms_file)
         environment = {k: v for k, v in os.environ.items() if not k.startswith("PHONEBIND_")}
         with open(self.log_path, "a", encoding="utf-8") as log:
             self.process = subprocess.Popen(

@@ -58,7 +58,6 @@ from support import (
     OLD,
     Api,
     Inbox,
-    Secrets,
     Serve,
     e164,
     error_details,
@@ -67,7 +66,6 @@ from support import (
 from phonebind.v1 import binding_service_pb2 as api
 from phonebind.v1 import resources_pb2 as res
 from phonebind_client import PhonebindClient, PhonebindError
-from phonebind_server.store.repository import PeeweeStore
 
 BIN = Path(sys.executable).parent
 OPEN_STATES = ("PENDING", "AWAITING_REVIEW", "READY")
@@ -242,13 +240,22 @@ def tally(outcomes: list[str]) -> dict[str, int]:
 
 
 def rows(url: str, sql: str, *params: object) -> list[tuple]:
-    """Rows straight from the database; `?` is the placeholder on both backends."""
-    store = PeeweeStore(url, max_connections=2)
+    """Rows straight from the database through the driver, so that the models of a
+    server running in this process stay bound to its own store; `?` is the
+    placeholder on both backends."""
+    if url.startswith("sqlite"):
+        connection = sqlite3.connect(sqlite_path(url), timeout=10)
+        try:
+            return connection.execute(sql, params).fetchall()
+        finally:
+            connection.close()
+    connection = psycopg2.connect(url)
     try:
-        with store.transaction(write=False):
-            return store.db.execute_sql(sql.replace("?", store.db.param), params).fetchall()
+        with connection.cursor() as cursor:
+            cursor.execute(sql.replace("?", "%s"), params)
+            return cursor.fetchall()
     finally:
-        store.close()
+        connection.close()
 
 
 def sqlite_path(url: str) -> str:
@@ -823,11 +830,13 @@ def test_silent_partition_answers_store_unavailable_and_not_serving(proxied):
 # -- a worker killed with SIGKILL in the middle of load -------------------------------------
 
 
-def test_worker_killed_mid_load_leaves_every_invariant(database_url, tmp_path):
+def test_worker_killed_mid_load_leaves_every_invariant(database_url, tmp_path, secrets_seen):
     if database_url.startswith("sqlite"):
         database_url = f"sqlite:///{tmp_path}/shared.db"
     sms_file = str(tmp_path / "sms.jsonl")
-    supervisor = Serve(database_url, tmp_path, sms_file, ("--workers", "2")).start()
+    supervisor = Serve(
+        database_url, tmp_path, sms_file, ("--workers", "2"), secrets=secrets_seen
+    ).start()
     assert supervisor.process is not None
     load: Load | None = None
     try:
@@ -871,13 +880,15 @@ def test_worker_killed_mid_load_leaves_every_invariant(database_url, tmp_path):
 # -- two `serve` instances on one database ---------------------------------------------------
 
 
-def test_two_instances_on_one_database_behave_as_one(database_url, tmp_path):
+def test_two_instances_on_one_database_behave_as_one(database_url, tmp_path, secrets_seen):
     """Each flow's calls alternate between the two servers, and pairs of accounts race
     for the same new number: exactly one of each pair gets it."""
     if database_url.startswith("sqlite"):
         database_url = f"sqlite:///{tmp_path}/shared.db"
     sms_file = str(tmp_path / "sms.jsonl")
-    servers = [Serve(database_url, tmp_path, sms_file).start() for _ in range(2)]
+    servers = [
+        Serve(database_url, tmp_path, sms_file, secrets=secrets_seen).start() for _ in range(2)
+    ]
     calls = Calls()
     codes = Codes(sms_file)
     flows = [
@@ -923,13 +934,19 @@ def ready_for_old_code(pb: Api, account_id: str, old: str, new: str) -> tuple[st
     return rebind.rebind_id, pb.inbox.next_code(e164(old))
 
 
-def test_sigterm_drains_in_flight_calls_and_refuses_new_ones(database_url, tmp_path):
+def test_sigterm_drains_in_flight_calls_and_refuses_new_ones(database_url, tmp_path, secrets_seen):
     sms_file = str(tmp_path / "sms.jsonl")
-    server = Serve(database_url, tmp_path, sms_file, env={"PHONEBIND_GRACE_SECONDS": "30"})
+    server = Serve(
+        database_url,
+        tmp_path,
+        sms_file,
+        env={"PHONEBIND_GRACE_SECONDS": "30"},
+        secrets=secrets_seen,
+    )
     server.start()
     channel = grpc.insecure_channel(server.address)
     try:
-        pb = Api(channel, Inbox(sms_file, Secrets()), Secrets())
+        pb = Api(channel, Inbox(sms_file, secrets_seen), secrets_seen)
         rebind_id, code = ready_for_old_code(pb, "term-1", "13800138701", "13900139701")
         watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
         assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
@@ -951,8 +968,10 @@ def test_sigterm_drains_in_flight_calls_and_refuses_new_ones(database_url, tmp_p
             with grpc.insecure_channel(server.address) as fresh:
                 assert health(fresh) in ("UNAVAILABLE", "NOT_SERVING")
             assert not in_flight.done() and server.alive()
-            time.sleep(1)  # the in-flight call stays blocked, the server waits for it
-            assert not in_flight.done() and server.alive()
+            # The in-flight call stays blocked, and the server waits for it.
+            with pytest.raises(subprocess.TimeoutExpired):
+                server.process.wait(timeout=1)
+            assert not in_flight.done()
         released = time.monotonic()
         rebind = in_flight.result(timeout=30)
         assert res.REBIND_STEP_OLD_PHONE_CODE in rebind.completed_steps
@@ -972,18 +991,24 @@ def test_sigterm_drains_in_flight_calls_and_refuses_new_ones(database_url, tmp_p
     )
 
 
-def test_sigterm_grace_seconds_bounds_a_stuck_call(postgres_db, tmp_path):
+def test_sigterm_grace_seconds_bounds_a_stuck_call(postgres_db, tmp_path, secrets_seen):
     """A call still stuck when grace_seconds run out is cut (the client is told
     UNAVAILABLE, nothing of it is applied), and the process exits anyway.
 
     PostgreSQL only: on SQLite a blocked write gives up by itself at busy_timeout.
     """
     sms_file = str(tmp_path / "sms.jsonl")
-    server = Serve(postgres_db, tmp_path, sms_file, env={"PHONEBIND_GRACE_SECONDS": "0.5"})
+    server = Serve(
+        postgres_db,
+        tmp_path,
+        sms_file,
+        env={"PHONEBIND_GRACE_SECONDS": "0.5"},
+        secrets=secrets_seen,
+    )
     server.start()
     channel = grpc.insecure_channel(server.address)
     try:
-        pb = Api(channel, Inbox(sms_file, Secrets()), Secrets())
+        pb = Api(channel, Inbox(sms_file, secrets_seen), secrets_seen)
         rebind_id, code = ready_for_old_code(pb, "term-2", "13800138702", "13900139702")
         with ThreadPoolExecutor(1) as pool, held_lock(postgres_db, rebind_id):
             in_flight = pool.submit(pb.verify, "term-2", rebind_id, OLD, code)

@@ -13,7 +13,6 @@ from support import (
     OLD,
     Api,
     Inbox,
-    Secrets,
     Serve,
     error_details,
     make_id_number,
@@ -133,15 +132,20 @@ def test_identity_failures_lock_rebinding_but_not_the_binding(server, clock):
 
 
 @pytest.mark.parametrize("processes", [2])
-def test_two_processes_never_exceed_the_per_number_cap(database_url, tmp_path, processes):
+def test_two_processes_never_exceed_the_per_number_cap(
+    database_url, tmp_path, processes, secrets_seen
+):
     """Ten accounts move towards one number through two server processes at once."""
     sms_file = str(tmp_path / "sms.jsonl")
     if database_url.startswith("sqlite"):
         database_url = f"sqlite:///{tmp_path}/shared.db"
-    servers = [Serve(database_url, tmp_path, sms_file).start() for _ in range(processes)]
+    servers = [
+        Serve(database_url, tmp_path, sms_file, secrets=secrets_seen).start()
+        for _ in range(processes)
+    ]
     channels = [grpc.insecure_channel(server.address) for server in servers]
     try:
-        apis = [Api(channel, Inbox(sms_file, Secrets()), Secrets()) for channel in channels]
+        apis = [Api(channel, Inbox(sms_file, secrets_seen), secrets_seen) for channel in channels]
         rebinds = []
         for n in range(10):
             account = f"cap-{n}"
