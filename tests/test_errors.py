@@ -9,6 +9,7 @@ by design count an attempt, where exactly that count moves.
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Callable, Iterable
 from datetime import timedelta
 
@@ -181,6 +182,16 @@ def test_invalid_argument_names_the_field(server):
         "INVALID_ARGUMENT",
     )
     assert field_violations(details) == ["account_id"]
+
+
+@pytest.mark.parametrize(
+    "body", [b"\x0a\x02\xc3\x28", b"\xff\xff\xff"], ids=["bad-utf8", "corrupt-wire"]
+)
+def test_an_unparseable_request_is_invalid_argument_not_a_crash(server, body, caplog):
+    raw = server.channel.unary_unary("/phonebind.v1.BindingService/CompleteRebind")
+    fails_unchanged(server, lambda: raw(body), INVALID, "INVALID_ARGUMENT")
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, f"logged as an error: {errors[0].getMessage()}"
 
 
 def test_invalid_phone_names_the_field(server):

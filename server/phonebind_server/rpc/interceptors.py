@@ -11,6 +11,7 @@ from datetime import timedelta
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from ..domain.audit import CallContext, current_call
 from ..domain.errors import DomainError, Reason
@@ -42,6 +43,25 @@ def _tagged(status: grpc.Status, request_id: str) -> grpc.Status:
         status.details,
         (*status.trailing_metadata, ("x-request-id", request_id)),
     )
+
+
+# What a request that cannot be parsed becomes: the handler wrapper answers it
+# after authentication, so a stranger's garbage gets UNAUTHENTICATED, and a
+# caller's gets INVALID_ARGUMENT with ErrorInfo rather than INTERNAL.
+_UNREADABLE = object()
+
+
+def _lenient(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def read(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except DecodeError:
+            return _UNREADABLE
+
+    return read
 
 
 def _plain_id(value: object) -> str:
@@ -122,6 +142,11 @@ class ServerInterceptor(grpc.ServerInterceptor):
                 who = authenticate(method, incoming, subject, self._credentials)
                 caller = who.name if who is not None else "public"
                 current_call.set(CallContext(caller, method, request_id))
+                if request is _UNREADABLE:
+                    raise DomainError(
+                        Reason.INVALID_ARGUMENT,
+                        f"the request is not a valid {method.rsplit('/', 1)[-1]} message",
+                    )
                 return behaviour(request, context)
             except AuthError as error:
                 outcome = status = "PERMISSION_DENIED" if error.permission else "UNAUTHENTICATED"
@@ -187,6 +212,6 @@ class ServerInterceptor(grpc.ServerInterceptor):
 
         return grpc.unary_unary_rpc_method_handler(
             wrapped,
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=_lenient(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
