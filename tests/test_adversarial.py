@@ -569,29 +569,32 @@ def seed_round(running: Running, n: int) -> None:
 def world(request: pytest.FixtureRequest, tmp_path_factory) -> Iterator[World]:
     """One seeded server per backend, shared by every RPC's run, on its own database."""
     tmp_path = tmp_path_factory.mktemp(f"adversarial-{request.param}")
-    admin = name = None
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path}/phonebind.db"
-    else:
-        request.getfixturevalue("postgres_url")  # skips, or fails, as the other tests do
-        base = os.environ[PG_ENV]
-        name = f"phonebind_adversarial_{os.getpid()}_{pysecrets.token_hex(4)}"
-        admin = psycopg2.connect(base)
-        admin.autocommit = True
-        with admin.cursor() as cursor:
-            cursor.execute(f'CREATE DATABASE "{name}"')
-        url = urlunsplit(urlsplit(base)._replace(path="/" + name))
+    admin = name = running = None
     lines = LogLines(service_only=True)
-    logging.getLogger().addHandler(lines)
-    running = start_server(url, tmp_path, FakeClock(), Secrets())
+    # Everything is set up inside the try: a server that fails to start still
+    # drops its database and takes its log handler off.
     try:
+        logging.getLogger().addHandler(lines)
+        if request.param == "sqlite":
+            url = f"sqlite:///{tmp_path}/phonebind.db"
+        else:
+            request.getfixturevalue("postgres_url")  # skips, or fails, as the other tests do
+            base = os.environ[PG_ENV]
+            name = f"phonebind_adversarial_{os.getpid()}_{pysecrets.token_hex(4)}"
+            admin = psycopg2.connect(base)
+            admin.autocommit = True
+            with admin.cursor() as cursor:
+                cursor.execute(f'CREATE DATABASE "{name}"')
+            url = urlunsplit(urlsplit(base)._replace(path="/" + name))
+        running = start_server(url, tmp_path, FakeClock(), Secrets())
         POOL.__init__()
         world = World(running, lines)
         world.seed_round()
         yield world
     finally:
-        running.app.stop(grace=0)
-        running.channel.close()
+        if running is not None:
+            running.app.stop(grace=0)
+            running.channel.close()
         logging.getLogger().removeHandler(lines)
         if admin is not None:
             with admin.cursor() as cursor:

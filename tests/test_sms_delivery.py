@@ -83,6 +83,7 @@ class Provider:
         self.secret = secret
         self.port = 0
         self.requests: list[Received] = []
+        self.arrivals: list[tuple[str, str]] = []  # (method, path) of every request
         self.sent: dict[str, Received] = {}  # the one SMS per Idempotency-Key
         self._script: list[_Step] = []
         self._cond = threading.Condition()
@@ -100,7 +101,12 @@ class Provider:
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_POST(self) -> None:
+                provider._arrived(self)
                 provider._handle(self)
+
+            def do_GET(self) -> None:  # a followed 302 would come back as a GET
+                provider._arrived(self)
+                self.send_error(404)
 
             def log_message(self, *args: object) -> None:
                 pass
@@ -150,6 +156,10 @@ class Provider:
 
     # -- the handler
 
+    def _arrived(self, handler: http.server.BaseHTTPRequestHandler) -> None:
+        with self._cond:
+            self.arrivals.append((handler.command, handler.path))
+
     def _handle(self, handler: http.server.BaseHTTPRequestHandler) -> None:
         raw = handler.rfile.read(int(handler.headers.get("Content-Length", "0")))
         timestamp = handler.headers.get("X-Phonebind-Timestamp", "")
@@ -186,6 +196,8 @@ class Provider:
             time.sleep(step.value)
         try:
             handler.send_response(received.status)
+            if 300 <= received.status < 400:
+                handler.send_header("Location", "/elsewhere")  # on this same provider
             handler.send_header("Content-Type", "application/json")
             handler.end_headers()
             handler.wfile.write(b'{"status":"ok"}' if received.status == 200 else b"{}")
@@ -405,6 +417,8 @@ def test_gateway_classifies_answers(provider, status, error):
     assert str(raised.value) == f"HTTP {status}"
     if error is GatewayError:
         assert not isinstance(raised.value, PermanentGatewayError)
+    # One request, so the 302's Location was not followed.
+    assert provider.arrivals == [("POST", "/sms")]
 
 
 def test_gateway_transport_errors_are_retryable_and_say_nothing_of_the_message(provider):
