@@ -101,10 +101,14 @@ def test_identity_failures_lock_rebinding_but_not_the_binding(server, clock):
     pb.register("victim", "13800138304")
     rebind = pb.start("victim", "13900139304")
     wrong = make_id_number()
-    for _ in range(4):
-        assert refusal(lambda: pb.identity("victim", rebind.rebind_id, id_number=wrong))[1] == (
-            "IDENTITY_MISMATCH"
+    # attempts_left counts down to the account's cap of 5 a day, which runs out
+    # before the rebind's 10 wrong answers.
+    for left in (4, 3, 2, 1):
+        _, reason, details = refusal(
+            lambda: pb.identity("victim", rebind.rebind_id, id_number=wrong)
         )
+        assert reason == "IDENTITY_MISMATCH"
+        assert details["ErrorInfo"].metadata["attempts_left"] == str(left)
     code, reason, details = refusal(
         lambda: pb.identity("victim", rebind.rebind_id, id_number=wrong)
     )

@@ -371,22 +371,35 @@ class RebindService:
                 rebind = self._complete_step(tx, rebind, Step.IDENTITY, now)
                 self._record(tx, now, "IDENTITY_VERIFIED", account_id, rebind_id)
             else:
+                # The account's daily cap may run out before the rebind's: the
+                # caller is told the smaller of the two.
+                failures_today = len(tx.identity_failure_times(account_id, since=now - _DAY)) + 1
                 rebind, failure = self._count_failure(
-                    tx, rebind, now, Reason.IDENTITY_MISMATCH, "holder name or ID number mismatch"
+                    tx,
+                    rebind,
+                    now,
+                    Reason.IDENTITY_MISMATCH,
+                    "holder name or ID number mismatch",
+                    other_attempts_left=self._policy.identity_failures_per_account_day
+                    - failures_today,
                 )
-                failure = self._count_identity_failure(tx, account, rebind, now) or failure
+                failure = (
+                    self._count_identity_failure(tx, account, rebind, now, failures_today)
+                    or failure
+                )
         if failure:
             raise failure
         return rebind
 
     def _count_identity_failure(
-        self, tx: Tx, account: Account, rebind: Rebind, now: datetime
+        self, tx: Tx, account: Account, rebind: Rebind, now: datetime, failures_today: int
     ) -> DomainError | None:
-        """Too many identity failures in a day lock the account's rebinding (not its binding)."""
+        """Too many identity failures in a day lock the account's rebinding (not its binding).
+
+        `failures_today` counts this failure and the others of the last day."""
         p = self._policy
         tx.record_identity_failure(account.account_id, rebind.rebind_id, now)
-        failures = tx.identity_failure_times(account.account_id, since=now - _DAY)
-        if len(failures) < p.identity_failures_per_account_day:
+        if failures_today < p.identity_failures_per_account_day:
             return None
         locked = account.with_changes(rebind_locked_until=now + p.identity_lockout)
         tx.update_account(locked)
@@ -531,7 +544,7 @@ class RebindService:
                     now,
                     Reason.CODE_MISMATCH,
                     "the code does not match",
-                    code_attempts_left=p.code_max_attempts - attempts,
+                    other_attempts_left=p.code_max_attempts - attempts,
                 )
         if failure:
             raise failure
@@ -711,8 +724,10 @@ class RebindService:
         now: datetime,
         reason: Reason,
         message: str,
-        code_attempts_left: int | None = None,
+        other_attempts_left: int | None = None,
     ) -> tuple[Rebind, DomainError]:
+        """Counts a wrong answer against the rebind. `other_attempts_left`: what a
+        second limit (the code's, the account's) still allows, when it may be less."""
         failures = rebind.failures + 1
         updated = rebind.with_changes(failures=failures, updated_at=now)
         tx.update_rebind(updated)
@@ -721,7 +736,9 @@ class RebindService:
             error = DomainError(Reason.REBIND_LOCKED, "too many wrong answers; start a new rebind")
         else:
             left = (
-                rebind_left if code_attempts_left is None else min(rebind_left, code_attempts_left)
+                rebind_left
+                if other_attempts_left is None
+                else max(0, min(rebind_left, other_attempts_left))
             )
             error = DomainError(reason, message, metadata={"attempts_left": str(left)})
         self._record(
