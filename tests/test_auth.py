@@ -99,6 +99,14 @@ def test_missing_wrong_and_malformed_tokens_are_unauthenticated(guarded):
         assert (code, reason) == (grpc.StatusCode.UNAUTHENTICATED, "UNAUTHENTICATED")
 
 
+def test_an_unparseable_request_from_a_stranger_is_unauthenticated(guarded):
+    raw = guarded.channel.unary_unary("/phonebind.v1.BindingService/CompleteRebind")
+    with pytest.raises(grpc.RpcError) as caught:
+        raw(b"\x0a\x02\xc3\x28", timeout=10)  # account_id holding bad UTF-8
+    code, reason, _ = error_details(caught.value)
+    assert (code, reason) == (grpc.StatusCode.UNAUTHENTICATED, "UNAUTHENTICATED")
+
+
 def test_permission_is_checked_before_any_lookup(guarded):
     """A refused caller learns nothing: a real and a missing account answer alike."""
     guarded.api.stub.RegisterAccount(
