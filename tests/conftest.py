@@ -35,6 +35,7 @@ STATE_TABLES = [
     "sms_outbox",
     "idempotency_keys",
     "identity_failures",
+    "refused_starts",
 ]
 # The audit trail records refusals too, so it is not part of the snapshot.
 TABLES = [*STATE_TABLES, "audit_events", "audit_heads"]

@@ -573,15 +573,45 @@ def test_same_phone_and_the_open_rebind_survives(server, spelling):
     assert pb.get_rebind("loan-1", open_rebind.rebind_id).state == res.REBIND_STATE_PENDING
 
 
-def test_phone_in_use_at_start(server):
+def test_phone_in_use_at_start_counts_as_a_start(server, clock):
     pb = server.api
     pb.register("loan-1", PHONE_A)
     pb.register("loan-2", PHONE_B)
     open_rebind = pb.start("loan-1", PHONE_C)
-    fails_unchanged(
-        server, lambda: pb.start("loan-1", "+86 139 0013 9000"), PRECONDITION, "PHONE_IN_USE"
-    )
+    before = server.snapshot()
+    fails(server, lambda: pb.start("loan-1", "+86 139 0013 9000"), PRECONDITION, "PHONE_IN_USE")
+    # The refusal's one effect: a row that counts it against the daily cap on
+    # starts. It names the account and the time, not the number asked about.
+    changes = row_changes(server, before, server.snapshot())
+    assert changes == {
+        "refused_starts": {
+            "inserted": [{"seq": 1, "account_id": "loan-1", "refused_at": to_micros(clock.now())}]
+        }
+    }
     assert pb.get_rebind("loan-1", open_rebind.rebind_id).state == res.REBIND_STATE_PENDING
+
+
+def test_probing_bound_numbers_runs_into_the_daily_start_cap(server, clock):
+    """Without the count, an account could learn without limit which numbers
+    belong to customers; with it, refusals and starts share the 5 a day."""
+    pb = server.api
+    pb.register("loan-1", PHONE_A)
+    taken = [PHONE_B, PHONE_C, PHONE_D, PHONE_E]
+    for n, phone in enumerate(taken):
+        pb.register(f"other-{n}", phone)
+    first = clock.now()
+    pb.start("loan-1", "15900159000")
+    for phone in taken:
+        clock.advance(timedelta(minutes=1))
+        fails(server, lambda phone=phone: pb.start("loan-1", phone), PRECONDITION, "PHONE_IN_USE")
+    details = fails_unchanged(
+        server, lambda: pb.start("loan-1", "15900159001"), EXHAUSTED, "RATE_LIMITED"
+    )
+    assert details["RetryInfo"].retry_delay.ToTimedelta() == first + timedelta(days=1) - clock.now()
+    # A bound number is refused as RATE_LIMITED too, so the cap tells nothing about it.
+    fails(server, lambda: pb.start("loan-1", PHONE_B), EXHAUSTED, "RATE_LIMITED")
+    clock.advance(first + timedelta(days=1) - clock.now())
+    assert pb.start("loan-1", "15900159001").state == res.REBIND_STATE_PENDING
 
 
 def test_phone_in_use_at_register(server):

@@ -250,7 +250,7 @@ class RebindService:
                     raise _account_not_found()
                 _check_not_locked(account, now)
                 _check_rate(
-                    tx.rebind_start_times(account_id, since=now - _DAY),
+                    tx.start_times(account_id, since=now - _DAY),
                     p.starts_per_account_day,
                     _DAY,
                     now,
@@ -259,87 +259,14 @@ class RebindService:
                 )
                 if self._vault.same(account.phone.index, new_index):
                     raise DomainError(Reason.SAME_PHONE, "the new number is the bound number")
-                if tx.account_id_for_phone(new_index) is not None:
-                    raise _phone_in_use()
-
-                in_review_window, in_deny_window = tx.count_changes(
-                    account_id, since=(now - p.review_change_window, now - p.deny_change_window)
-                )
-                signals = RiskSignals(
-                    changes_in_review_window=in_review_window,
-                    changes_in_deny_window=in_deny_window,
-                    number_recently_released=tx.phone_released_by_other(
-                        new_index, account_id=account_id, since=now - p.recycled_number_window
-                    ),
-                    virtual_operator=is_virtual_operator(number, p.virtual_operator_prefixes),
-                    old_phone_lost=old_phone_lost,
-                    in_cool_off=account.hold_until is not None and account.hold_until > now,
-                    province_mismatch=_province_mismatch(number, account.id_province),
-                )
-                risk = assess(signals, p)
-                if risk.decision is RiskDecision.DENY:
-                    raise DomainError(
-                        Reason.RISK_DENIED,
-                        "the change is refused by risk policy",
-                        metadata={"reasons": ",".join(risk.reasons)},
+                if tx.account_id_for_phone(new_index) is None:
+                    return self._begin_rebind(
+                        tx, account, number, new_index, old_phone_lost, request_id, fingerprint, now
                     )
-
-                for previous in tx.open_rebinds(account_id):
-                    closed = effective(previous, now).state
-                    if closed is not RebindState.EXPIRED:
-                        closed = RebindState.CANCELLED
-                    tx.update_rebind(previous.with_changes(state=closed, updated_at=now))
-                    self._record(
-                        tx,
-                        now,
-                        f"REBIND_{closed.value}",
-                        account_id,
-                        previous.rebind_id,
-                        why="a new rebind started",
-                    )
-
-                required = [Step.IDENTITY]
-                if not old_phone_lost:
-                    required.append(Step.OLD_PHONE_CODE)
-                required.append(Step.NEW_PHONE_CODE)
-                if risk.decision is RiskDecision.REVIEW:
-                    required.append(Step.REVIEW)
-                rebind = Rebind(
-                    rebind_id=_REBIND_PREFIX + secrets.token_urlsafe(16),
-                    account_id=account_id,
-                    state=RebindState.PENDING,
-                    new_phone=self._vault.seal_phone(number),
-                    old_phone_lost=old_phone_lost,
-                    required=tuple(required),
-                    completed=(),
-                    risk=risk,
-                    failures=0,
-                    created_at=now,
-                    expires_at=now + p.rebind_ttl,
-                    updated_at=now,
-                )
-                tx.insert_rebind(rebind)
-                self._record(
-                    tx,
-                    now,
-                    "REBIND_STARTED",
-                    account_id,
-                    rebind.rebind_id,
-                    new_phone=rebind.new_phone.masked,
-                    old_phone_lost=str(old_phone_lost).lower(),
-                    risk=f"{risk.decision.value}:{risk.score}:{','.join(risk.reasons)}",
-                    required=",".join(s.value for s in rebind.required),
-                )
-                self._remember(
-                    tx,
-                    "StartRebind",
-                    account_id,
-                    request_id,
-                    fingerprint,
-                    {"rebind_id": rebind.rebind_id},
-                    now,
-                )
-                return rebind
+                # Kept, unlike other refusals: a refused start counts towards the
+                # daily cap on starts, so an account cannot probe numbers unchecked.
+                tx.record_refused_start(account_id, now)
+                refused = _phone_in_use()
         except Conflict as conflict:
             if conflict.constraint == "idempotency":
                 return self.start_rebind(account_id, new_phone, old_phone_lost, request_id)
@@ -348,6 +275,100 @@ class RebindService:
                 "another rebind of this account started at the same moment; retry",
                 retry_after=timedelta(milliseconds=100),
             ) from None
+        raise refused
+
+    def _begin_rebind(
+        self,
+        tx: Tx,
+        account: Account,
+        number: PhoneNumber,
+        new_index: str,
+        old_phone_lost: bool,
+        request_id: str,
+        fingerprint: str,
+        now: datetime,
+    ) -> Rebind:
+        """Assesses the change's risk and opens the rebind, closing any open one."""
+        p = self._policy
+        account_id = account.account_id
+        in_review_window, in_deny_window = tx.count_changes(
+            account_id, since=(now - p.review_change_window, now - p.deny_change_window)
+        )
+        signals = RiskSignals(
+            changes_in_review_window=in_review_window,
+            changes_in_deny_window=in_deny_window,
+            number_recently_released=tx.phone_released_by_other(
+                new_index, account_id=account_id, since=now - p.recycled_number_window
+            ),
+            virtual_operator=is_virtual_operator(number, p.virtual_operator_prefixes),
+            old_phone_lost=old_phone_lost,
+            in_cool_off=account.hold_until is not None and account.hold_until > now,
+            province_mismatch=_province_mismatch(number, account.id_province),
+        )
+        risk = assess(signals, p)
+        if risk.decision is RiskDecision.DENY:
+            raise DomainError(
+                Reason.RISK_DENIED,
+                "the change is refused by risk policy",
+                metadata={"reasons": ",".join(risk.reasons)},
+            )
+
+        for previous in tx.open_rebinds(account_id):
+            closed = effective(previous, now).state
+            if closed is not RebindState.EXPIRED:
+                closed = RebindState.CANCELLED
+            tx.update_rebind(previous.with_changes(state=closed, updated_at=now))
+            self._record(
+                tx,
+                now,
+                f"REBIND_{closed.value}",
+                account_id,
+                previous.rebind_id,
+                why="a new rebind started",
+            )
+
+        required = [Step.IDENTITY]
+        if not old_phone_lost:
+            required.append(Step.OLD_PHONE_CODE)
+        required.append(Step.NEW_PHONE_CODE)
+        if risk.decision is RiskDecision.REVIEW:
+            required.append(Step.REVIEW)
+        rebind = Rebind(
+            rebind_id=_REBIND_PREFIX + secrets.token_urlsafe(16),
+            account_id=account_id,
+            state=RebindState.PENDING,
+            new_phone=self._vault.seal_phone(number),
+            old_phone_lost=old_phone_lost,
+            required=tuple(required),
+            completed=(),
+            risk=risk,
+            failures=0,
+            created_at=now,
+            expires_at=now + p.rebind_ttl,
+            updated_at=now,
+        )
+        tx.insert_rebind(rebind)
+        self._record(
+            tx,
+            now,
+            "REBIND_STARTED",
+            account_id,
+            rebind.rebind_id,
+            new_phone=rebind.new_phone.masked,
+            old_phone_lost=str(old_phone_lost).lower(),
+            risk=f"{risk.decision.value}:{risk.score}:{','.join(risk.reasons)}",
+            required=",".join(s.value for s in rebind.required),
+        )
+        self._remember(
+            tx,
+            "StartRebind",
+            account_id,
+            request_id,
+            fingerprint,
+            {"rebind_id": rebind.rebind_id},
+            now,
+        )
+        return rebind
 
     # -- proving ----------------------------------------------------------------
 

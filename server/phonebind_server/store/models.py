@@ -134,6 +134,15 @@ class IdentityFailureRow(BaseModel):
         table_name = "identity_failures"
 
 
+class RefusedStartRow(BaseModel):
+    seq = peewee.BigAutoField()
+    account_id = peewee.CharField(max_length=64)
+    refused_at = UtcTimestampField()
+
+    class Meta:
+        table_name = "refused_starts"
+
+
 class AuditEventRow(BaseModel):
     seq = peewee.BigAutoField()
     chain_id = peewee.CharField(max_length=80)
@@ -172,6 +181,7 @@ ALL_MODELS: list[type[BaseModel]] = [
     SmsOutboxRow,
     IdempotencyRow,
     IdentityFailureRow,
+    RefusedStartRow,
     AuditEventRow,
     AuditHeadRow,
 ]

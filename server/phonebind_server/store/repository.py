@@ -50,6 +50,7 @@ from .models import (
     IdempotencyRow,
     IdentityFailureRow,
     RebindRow,
+    RefusedStartRow,
     SmsOutboxRow,
 )
 from .statements import Statements
@@ -306,12 +307,17 @@ class PeeweeTx:
             (phone_index, purpose, to_micros(since)),
         )
 
-    def rebind_start_times(self, account_id: str, *, since: datetime) -> list[datetime]:
+    def start_times(self, account_id: str, *, since: datetime) -> list[datetime]:
         return self._times(
-            "SELECT created_at FROM rebinds WHERE account_id = ? AND created_at > ? "
-            "ORDER BY created_at",
-            (account_id, to_micros(since)),
+            "SELECT created_at AS at FROM rebinds WHERE account_id = ? AND created_at > ? "
+            "UNION ALL "
+            "SELECT refused_at FROM refused_starts WHERE account_id = ? AND refused_at > ? "
+            "ORDER BY at",
+            (account_id, to_micros(since), account_id, to_micros(since)),
         )
+
+    def record_refused_start(self, account_id: str, at: datetime) -> None:
+        self._sql.insert(RefusedStartRow, {"account_id": account_id, "refused_at": at})
 
     def record_identity_failure(self, account_id: str, rebind_id: str, at: datetime) -> None:
         self._sql.insert(
