@@ -109,6 +109,14 @@ class LogLines(logging.Handler):
 _CODE = re.compile(r"(?<![0-9])([0-9]{6})(?![0-9])")
 
 
+def sms_file_messages(path: str) -> list[dict[str, str]]:
+    """What the file gateway wrote to `path`, one dict per message."""
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
 class Secrets:
     """Every code, full number and ID number a test used: none may reach a log.
 
@@ -143,14 +151,10 @@ class Secrets:
 
     def _add_delivered(self) -> None:
         for path in self._sms_files:
-            if not os.path.exists(path):
-                continue
-            with open(path, encoding="utf-8") as handle:
-                for line in filter(str.strip, handle):
-                    message = json.loads(line)
-                    self.add_phone(message["to"])
-                    for code in _CODE.findall(message["text"]):
-                        self.add(code)
+            for message in sms_file_messages(path):
+                self.add_phone(message["to"])
+                for code in _CODE.findall(message["text"]):
+                    self.add(code)
 
     def log_lines(self) -> list[str]:
         return [
@@ -202,10 +206,7 @@ class Inbox:
         self.secrets.watch_sms(self.path)
 
     def messages(self) -> list[dict[str, str]]:
-        if not os.path.exists(self.path):
-            return []
-        with open(self.path, encoding="utf-8") as handle:
-            return [json.loads(line) for line in handle if line.strip()]
+        return sms_file_messages(self.path)
 
     def to(self, e164: str, purpose: str | None = None) -> list[dict[str, str]]:
         return [
