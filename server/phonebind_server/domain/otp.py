@@ -13,7 +13,9 @@ RandomBelow = Callable[[int], int]
 
 
 def new_code(length: int, randbelow: RandomBelow = secrets.randbelow) -> str:
-    return "".join(_DIGITS[randbelow(10)] for _ in range(length))
+    """A uniform code of `length` digits, leading zeros kept. One draw: each
+    draw reads the OS random source, which releases the GIL."""
+    return f"{randbelow(10**length):0{length}d}"
 
 
 def check_code_format(code: str, length: int) -> str:
