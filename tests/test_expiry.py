@@ -184,11 +184,11 @@ def test_hold_lasts_24_hours_after_completion(server, clock):
     assert naive(clock) == hold_until
     account = pb.get_account("exp-hold")
     assert account.state == res.ACCOUNT_STATE_ACTIVE
-    assert account.HasField("hold_until")
-    assert account.hold_until.ToDatetime() == hold_until
+    assert not account.HasField("hold_until")  # unset once the hold is over
+    assert account.bound_time.ToDatetime() == completed_at
     assert account.phone_masked == "139****9304"
 
     clock.advance(timedelta(days=3))
     account = pb.get_account("exp-hold")
     assert account.state == res.ACCOUNT_STATE_ACTIVE
-    assert account.hold_until.ToDatetime() == hold_until
+    assert not account.HasField("hold_until")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from datetime import timedelta
+from datetime import UTC, timedelta
 
 import grpc
 import pytest
@@ -133,6 +133,29 @@ def test_identity_failures_lock_rebinding_but_not_the_binding(server, clock):
     fresh = pb.start("victim", "13900139304")
     assert pb.identity("victim", fresh.rebind_id).completed_steps == [res.REBIND_STEP_IDENTITY]
     assert pb.get_account("victim").state == res.ACCOUNT_STATE_ACTIVE
+
+
+def test_a_rebind_lock_during_a_hold_leaves_hold_until_set(server, clock):
+    """The state can show only one of the two; hold_until still tells lenders of the hold."""
+    pb = server.api
+    pb.register("held", "13800138305")
+    first = pb.ready_rebind("held", "13800138305", "13900139305")
+    hold_until = pb.complete("held", first.rebind_id).account.hold_until
+    clock.advance(timedelta(hours=1))
+    second = pb.start("held", "13700137305")
+    wrong = make_id_number()
+    for _ in range(5):
+        refusal(lambda: pb.identity("held", second.rebind_id, id_number=wrong))
+
+    account = pb.get_account("held")
+    assert account.state == res.ACCOUNT_STATE_REBIND_LOCKED
+    assert account.HasField("hold_until")
+    assert account.hold_until == hold_until
+
+    clock.advance(hold_until.ToDatetime(tzinfo=UTC) - clock.now())
+    account = pb.get_account("held")
+    assert account.state == res.ACCOUNT_STATE_REBIND_LOCKED  # the 24 h lock outlasts the hold
+    assert not account.HasField("hold_until")
 
 
 @pytest.mark.parametrize("processes", [2])

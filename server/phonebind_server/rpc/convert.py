@@ -25,9 +25,12 @@ def timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
 
 
 def account(entity: Account, now: datetime) -> pb.Account:
+    # hold_until is set exactly while the hold lasts, even when a rebind lock
+    # takes the state: it is the one field lending services need to read.
+    hold_until = entity.hold_until if entity.hold_until and entity.hold_until > now else None
     if entity.rebind_locked_until is not None and entity.rebind_locked_until > now:
         state = pb.ACCOUNT_STATE_REBIND_LOCKED
-    elif entity.hold_until is not None and entity.hold_until > now:
+    elif hold_until is not None:
         state = pb.ACCOUNT_STATE_COOL_OFF
     else:
         state = pb.ACCOUNT_STATE_ACTIVE
@@ -38,7 +41,7 @@ def account(entity: Account, now: datetime) -> pb.Account:
         id_number_masked=entity.id_number_masked,
         state=state,
         bound_time=timestamp(entity.bound_at),
-        hold_until=timestamp(entity.hold_until),
+        hold_until=timestamp(hold_until),
         create_time=timestamp(entity.created_at),
     )
 
