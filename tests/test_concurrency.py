@@ -326,6 +326,37 @@ def test_parallel_starts_on_one_account_leave_exactly_one_open_rebind(server):
     assert pb.identity("cc-starts", open_ids[0]).completed_steps == [res.REBIND_STEP_IDENTITY]
 
 
+def test_start_racing_identity_or_completion_on_one_account_never_deadlocks(server):
+    """StartRebind locks the account, then its open rebinds; VerifyIdentity and
+    CompleteRebind must take them in the same order, or PostgreSQL aborts one."""
+    pb = server.api
+    for n in range(6):
+        account, old = f"cc-order-{n}", f"138001385{n:02d}"
+        pb.register(account, old)
+        first = pb.start(account, f"139001395{n:02d}")
+        identity, started = parallel(
+            [
+                lambda a=account, r=first.rebind_id: pb.identity(a, r),
+                lambda a=account, p=f"137001375{n:02d}": pb.start(a, p),
+            ]
+        )
+        assert started.ok, started.reason
+        # Either the identity check came first, or the new start had cancelled its rebind.
+        assert identity.reason in ("OK", "REBIND_CLOSED"), identity.reason
+
+        account, old = f"cc-order-done-{n}", f"138001386{n:02d}"
+        pb.register(account, old)
+        ready = pb.ready_rebind(account, old, f"139001396{n:02d}")
+        completed, started = parallel(
+            [
+                lambda a=account, r=ready.rebind_id: pb.complete(a, r),
+                lambda a=account, p=f"137001376{n:02d}": pb.start(a, p),
+            ]
+        )
+        assert started.ok, started.reason
+        assert completed.reason in ("OK", "REBIND_CLOSED"), completed.reason
+
+
 # -- registration -----------------------------------------------------------------
 
 

@@ -381,9 +381,11 @@ class RebindService:
         id_norm = identity.normalize_id_number(id_number, today=now.date())
         failure: DomainError | None = None
         with self._store.transaction() as tx:
+            # The account first, then the rebind: the order every use case locks them in.
+            locked_account = tx.get_account(account_id, lock=True)
             rebind = self._open_rebind(tx, account_id, rebind_id, now)
             self._require_step(rebind, Step.IDENTITY)
-            account = self._account(tx, account_id, lock=True)
+            account = _found(locked_account)
             # Both hashes are compared every time, so timing does not tell which failed.
             matches = self._vault.same(
                 account.holder_name_hash, self._vault.name_hash(name)
@@ -581,7 +583,9 @@ class RebindService:
         fingerprint = _fingerprint("complete", account_id, rebind_id)
         try:
             with self._store.transaction() as tx:
-                # Locked before the replay check: a retry racing the first waits, then replays.
+                # Locked before the replay check, so a retry racing the first waits, then
+                # replays; the account before the rebind, as every use case locks them.
+                locked_account = tx.get_account(account_id, lock=True)
                 row = tx.get_rebind(rebind_id, lock=True)
                 if self._replay(tx, "CompleteRebind", account_id, request_id, fingerprint):
                     return Completion(
@@ -598,7 +602,7 @@ class RebindService:
                         f"steps outstanding: {missing}",
                         metadata={"missing_steps": missing},
                     )
-                account = self._account(tx, account_id, lock=True)
+                account = _found(locked_account)
                 if self._vault.same(account.phone.index, rebind.new_phone.index):
                     raise DomainError(Reason.SAME_PHONE, "the new number is the bound number")
                 if tx.account_id_for_phone(rebind.new_phone.index) is not None:
@@ -688,10 +692,7 @@ class RebindService:
         check_rebind_id(rebind_id)
 
     def _account(self, tx: Tx, account_id: str, *, lock: bool = False) -> Account:
-        account = tx.get_account(account_id, lock=lock)
-        if account is None:
-            raise _account_not_found()
-        return account
+        return _found(tx.get_account(account_id, lock=lock))
 
     def _owned_rebind(self, tx: Tx, account_id: str, rebind_id: str, now: datetime) -> Rebind:
         rebind = tx.get_rebind(rebind_id)
@@ -873,6 +874,12 @@ def _check_rate(
 def _check_not_locked(account: Account, now: datetime) -> None:
     if account.rebind_locked_until is not None and now < account.rebind_locked_until:
         raise _locked_error(account, now)
+
+
+def _found(account: Account | None) -> Account:
+    if account is None:
+        raise _account_not_found()
+    return account
 
 
 def _locked_error(account: Account, now: datetime) -> DomainError:
