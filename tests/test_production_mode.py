@@ -76,6 +76,32 @@ def test_production_refuses_each_unsafe_setting(safe, problem):
     assert problem in str(caught.value)
 
 
+@pytest.mark.parametrize(
+    ("variable", "spelling"),
+    [
+        ("PHONEBIND_SEAL_KEYS", lambda dev: "prod:" + dev["seal_keys"].partition(":")[2]),
+        (
+            "PHONEBIND_SEAL_KEYS",
+            lambda dev: f"k1:{base64.b64encode(b'k' * 32).decode()}," + dev["seal_keys"],
+        ),
+        ("PHONEBIND_CODE_KEY", lambda dev: dev["index_key"]),
+        ("PHONEBIND_AUDIT_KEY", lambda dev: dev["code_key"]),
+    ],
+    ids=[
+        "renamed seal key",
+        "dev seal key beside a real one",
+        "index key as code key",
+        "code key as audit key",
+    ],
+)
+def test_production_refuses_a_development_key_in_any_slot_or_spelling(safe, variable, spelling):
+    from phonebind_server.config import DEV_KEYS
+
+    with pytest.raises(ConfigError, match="development keys") as caught:
+        load(env={**safe, variable: spelling(DEV_KEYS)})
+    assert variable.removeprefix("PHONEBIND_").lower() in str(caught.value)
+
+
 def test_reflection_can_be_allowed_explicitly(safe):
     settings = load(env={**safe, "PHONEBIND_REFLECTION": "1", "PHONEBIND_ALLOW_REFLECTION": "1"})
     assert settings.reflection

@@ -45,6 +45,11 @@ DEV_KEYS = {
     "audit_key": _dev_key("audit"),
     "sms_http_secret": _dev_key("sms-http"),
 }
+# The same keys as bytes: a development key is refused in any slot and any
+# spelling, such as "prod:<dev seal key>" or the dev index key as code_key.
+_DEV_KEY_BYTES = frozenset(
+    base64.b64decode(value.rpartition(":")[2]) for value in DEV_KEYS.values()
+)
 
 
 @dataclass(frozen=True)
@@ -99,8 +104,25 @@ class Settings:
         """The http SMS gateway's signing secret (empty when unset)."""
         return _key_bytes("sms_http_secret", self.sms_http_secret) if self.sms_http_secret else b""
 
+    def dev_keys_in_use(self) -> list[str]:
+        """The key settings that hold a well-known development key."""
+        found = []
+        for name in DEV_KEYS:
+            value: str = getattr(self, name)
+            items = value.split(",") if name == "seal_keys" else [value]
+            if any(_is_dev_key(item.strip().rpartition(":")[2]) for item in items):
+                found.append(name)
+        return found
+
     def uses_dev_keys(self) -> bool:
-        return any(getattr(self, name) == value for name, value in DEV_KEYS.items())
+        return bool(self.dev_keys_in_use())
+
+
+def _is_dev_key(encoded: str) -> bool:
+    try:
+        return base64.b64decode(encoded, validate=True) in _DEV_KEY_BYTES
+    except ValueError:
+        return False
 
 
 def _key_bytes(name: str, encoded: str) -> bytes:
@@ -232,7 +254,7 @@ def check(settings: Settings) -> None:
     if settings.reflection and not settings.allow_reflection:
         problems.append("reflection is on (set allow_reflection to keep it in production)")
     if settings.uses_dev_keys():
-        names = ", ".join(n for n, v in DEV_KEYS.items() if getattr(settings, n) == v)
+        names = ", ".join(settings.dev_keys_in_use())
         problems.append(f"development keys are configured (set {names})")
     if settings.sms_gateway == "log" or settings.sms_gateway.startswith("file:"):
         problems.append("the file and log SMS gateways are for development only")
