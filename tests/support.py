@@ -7,15 +7,19 @@ import logging
 import os
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
+import psycopg2
 from google.protobuf import message_factory
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
@@ -465,3 +469,31 @@ class Serve:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait(timeout=30)
+
+
+def sqlite_path(url: str) -> str:
+    return url[len("sqlite:///") :]
+
+
+@contextmanager
+def held_lock(url: str, rebind_id: str) -> Iterator[None]:
+    """Makes the rebind's next write wait: its row locked FOR UPDATE on PostgreSQL,
+    the database's write lock on SQLite (the server waits up to busy_timeout)."""
+    if url.startswith("sqlite"):
+        connection = sqlite3.connect(sqlite_path(url), isolation_level=None, timeout=10)
+        try:
+            connection.execute("BEGIN IMMEDIATE")
+            yield
+            connection.execute("ROLLBACK")
+        finally:
+            connection.close()
+        return
+    connection = psycopg2.connect(url)
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1 FROM rebinds WHERE rebind_id = %s FOR UPDATE", (rebind_id,))
+            assert cursor.fetchone() is not None
+        yield
+        connection.rollback()
+    finally:
+        connection.close()

@@ -7,10 +7,12 @@ import pathlib
 import subprocess
 import sys
 import textwrap
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
-from support import HOLDER, ID_NUMBER, e164
+from support import HOLDER, ID_NUMBER, e164, held_lock
 
 from phonebind_client import PhonebindClient, PhonebindError, RebindState
 
@@ -73,6 +75,47 @@ def test_facade_retries_unavailable_with_backoff_then_gives_up():
     assert caught.value.code == grpc.StatusCode.UNAVAILABLE
     assert len(delays) == 2
     assert all(0 <= d <= 2.0 for d in delays)
+
+
+def test_a_call_past_its_deadline_is_retried_with_the_same_request_id_to_one_effect(server):
+    """The server finishes an attempt the client gave up on; the retry, with the
+    same request_id, gets that attempt's answer instead of a second code."""
+    server.secrets.add_phone("13800138104")
+    waits: list[float] = []
+    with PhonebindClient(server.target, timeout=0.4, max_attempts=20, sleep=waits.append) as pb:
+        pb.register_account("loan-c4", HOLDER, ID_NUMBER, "13800138104")
+        rebind = pb.start_rebind("loan-c4", "13900139104")
+        with ThreadPoolExecutor(1) as pool:
+            with held_lock(server.database_url, rebind.rebind_id):
+                sending = pool.submit(
+                    pb.send_code, "loan-c4", rebind.rebind_id, "old", request_id="send-c4"
+                )
+                time.sleep(1.2)  # the lock outlasts the deadlines of the first attempts
+            sent = sending.result(timeout=30)
+        assert len(waits) >= 2, waits  # it retried past DEADLINE_EXCEEDED
+        assert codes_queued(server) == 1
+        # The same request_id keeps answering the first send, and queues nothing more.
+        assert pb.send_code("loan-c4", rebind.rebind_id, "old", request_id="send-c4") == sent
+        assert codes_queued(server) == 1
+    assert server.inbox.next_code(e164("13800138104"))
+
+
+def codes_queued(server) -> int:
+    store = server.app.store
+    with store.transaction(write=False):
+        sql = "SELECT count(*) FROM sms_outbox WHERE purpose = 'REBIND_CODE'"
+        return store.db.execute_sql(sql).fetchone()[0]
+
+
+def test_an_error_carries_the_request_id_to_retry_with_and_the_servers_call_id(server):
+    with PhonebindClient(server.target) as pb, pytest.raises(PhonebindError) as caught:
+        pb.start_rebind("loan-none", "13900139105", request_id="start-none")
+    assert caught.value.reason == "ACCOUNT_NOT_FOUND"
+    assert caught.value.request_id == "start-none"
+    assert caught.value.x_request_id and len(caught.value.x_request_id) == 32
+    with PhonebindClient(server.target) as pb, pytest.raises(PhonebindError) as read:
+        pb.get_account("loan-none")
+    assert read.value.request_id is None  # a read carries no request_id
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)

@@ -61,6 +61,8 @@ from support import (
     Serve,
     e164,
     error_details,
+    held_lock,
+    sqlite_path,
 )
 
 from phonebind.v1 import binding_service_pb2 as api
@@ -254,34 +256,6 @@ def rows(url: str, sql: str, *params: object) -> list[tuple]:
         with connection.cursor() as cursor:
             cursor.execute(sql.replace("?", "%s"), params)
             return cursor.fetchall()
-    finally:
-        connection.close()
-
-
-def sqlite_path(url: str) -> str:
-    return url[len("sqlite:///") :]
-
-
-@contextmanager
-def held_lock(url: str, rebind_id: str) -> Iterator[None]:
-    """Makes the rebind's next write wait: its row locked FOR UPDATE on PostgreSQL,
-    the database's write lock on SQLite (the server waits up to busy_timeout)."""
-    if url.startswith("sqlite"):
-        connection = sqlite3.connect(sqlite_path(url), isolation_level=None, timeout=10)
-        try:
-            connection.execute("BEGIN IMMEDIATE")
-            yield
-            connection.execute("ROLLBACK")
-        finally:
-            connection.close()
-        return
-    connection = psycopg2.connect(url)
-    try:
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT 1 FROM rebinds WHERE rebind_id = %s FOR UPDATE", (rebind_id,))
-            assert cursor.fetchone() is not None
-        yield
-        connection.rollback()
     finally:
         connection.close()
 

@@ -64,9 +64,10 @@ _TARGETS: dict[str, int] = {
 class _Retry(enum.Enum):
     """Which failures a method may retry."""
 
-    # Reads and request_id calls: any UNAVAILABLE (the request either did not
-    # arrive, changes nothing, or is deduplicated by its request_id).
-    UNAVAILABLE = enum.auto()
+    # Reads and request_id calls: any UNAVAILABLE or DEADLINE_EXCEEDED (the
+    # request either did not arrive, changes nothing, or is deduplicated by its
+    # request_id, so a retry gets the first attempt's answer if it took effect).
+    REPLAY_SAFE = enum.auto()
     # Calls without request_id whose replay could count twice (an attempt, a
     # cancel): only UNAVAILABLE/STORE_UNAVAILABLE from phonebind itself, which
     # promises that nothing happened.
@@ -101,10 +102,11 @@ class PhonebindClient:
     Retries (at most ``max_attempts`` attempts in total, sleeping through
     ``sleep``):
 
-    * UNAVAILABLE is retried by the reads (get_account, get_rebind,
-      list_binding_history) and by the calls that carry a request_id
+    * UNAVAILABLE and DEADLINE_EXCEEDED are retried by the reads (get_account,
+      get_rebind, list_binding_history) and by the calls that carry a request_id
       (register_account, start_rebind, send_code, complete_rebind), which send
-      the same request_id on every attempt;
+      the same request_id on every attempt; a PhonebindError from such a call
+      carries that ``request_id``, to retry it later with the same effect;
     * verify_identity, verify_code and cancel_rebind retry only UNAVAILABLE with
       ErrorInfo reason STORE_UNAVAILABLE from domain "phonebind.v1";
     * nothing else is ever retried.
@@ -199,7 +201,7 @@ class PhonebindClient:
             phone=phone,
             request_id=request_id or _new_request_id(),
         )
-        response = self._call(self._stub.RegisterAccount, request, _Retry.UNAVAILABLE, timeout)
+        response = self._call(self._stub.RegisterAccount, request, _Retry.REPLAY_SAFE, timeout)
         return response.account
 
     def get_account(
@@ -207,7 +209,7 @@ class PhonebindClient:
     ) -> resources_pb2.Account:
         """The account, its masked binding and cool-off hold."""
         request = pb.GetAccountRequest(account_id=account_id)
-        response = self._call(self._stub.GetAccount, request, _Retry.UNAVAILABLE, timeout)
+        response = self._call(self._stub.GetAccount, request, _Retry.REPLAY_SAFE, timeout)
         return response.account
 
     def start_rebind(
@@ -226,7 +228,7 @@ class PhonebindClient:
             old_phone_lost=old_phone_lost,
             request_id=request_id or _new_request_id(),
         )
-        response = self._call(self._stub.StartRebind, request, _Retry.UNAVAILABLE, timeout)
+        response = self._call(self._stub.StartRebind, request, _Retry.REPLAY_SAFE, timeout)
         return response.rebind
 
     def verify_identity(
@@ -264,7 +266,7 @@ class PhonebindClient:
             target=_code_target(target),
             request_id=request_id or _new_request_id(),
         )
-        return self._call(self._stub.SendCode, request, _Retry.UNAVAILABLE, timeout)
+        return self._call(self._stub.SendCode, request, _Retry.REPLAY_SAFE, timeout)
 
     def verify_code(
         self,
@@ -299,7 +301,7 @@ class PhonebindClient:
             rebind_id=rebind_id,
             request_id=request_id or _new_request_id(),
         )
-        return self._call(self._stub.CompleteRebind, request, _Retry.UNAVAILABLE, timeout)
+        return self._call(self._stub.CompleteRebind, request, _Retry.REPLAY_SAFE, timeout)
 
     def cancel_rebind(
         self, account_id: str, rebind_id: str, *, timeout: float | None = None
@@ -314,7 +316,7 @@ class PhonebindClient:
     ) -> resources_pb2.Rebind:
         """The rebind with its state, required and completed steps."""
         request = pb.GetRebindRequest(account_id=account_id, rebind_id=rebind_id)
-        response = self._call(self._stub.GetRebind, request, _Retry.UNAVAILABLE, timeout)
+        response = self._call(self._stub.GetRebind, request, _Retry.REPLAY_SAFE, timeout)
         return response.rebind
 
     def list_binding_history(
@@ -329,7 +331,7 @@ class PhonebindClient:
         request = pb.ListBindingHistoryRequest(
             account_id=account_id, page_size=page_size, page_token=page_token
         )
-        return self._call(self._stub.ListBindingHistory, request, _Retry.UNAVAILABLE, timeout)
+        return self._call(self._stub.ListBindingHistory, request, _Retry.REPLAY_SAFE, timeout)
 
     def iter_binding_history(
         self, account_id: str, *, page_size: int = 50, timeout: float | None = None
@@ -357,7 +359,7 @@ class PhonebindClient:
         """Invoke ``rpc`` with deadline and metadata, retrying as ``retry`` allows.
 
         The request object is sent unchanged on every attempt, so a request_id
-        stays the same across retries.
+        stays the same across retries; the error raised carries it.
         """
         deadline = self._timeout if timeout is None else timeout
         attempt = 0
@@ -366,6 +368,7 @@ class PhonebindClient:
                 return rpc(request, timeout=deadline, metadata=self._metadata)
             except grpc.RpcError as err:
                 error = PhonebindError.from_rpc_error(err)
+                error.request_id = getattr(request, "request_id", None) or None
                 attempt += 1
                 if attempt >= self._max_attempts or not _retryable(error, retry):
                     raise error from err
@@ -381,11 +384,13 @@ class PhonebindClient:
 
 
 def _retryable(error: PhonebindError, retry: _Retry) -> bool:
-    if error.code is not grpc.StatusCode.UNAVAILABLE:
-        return False
-    if retry is _Retry.UNAVAILABLE:
-        return True
-    return error.reason == "STORE_UNAVAILABLE" and error.domain == ERROR_DOMAIN
+    if retry is _Retry.REPLAY_SAFE:
+        return error.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+    return (
+        error.code is grpc.StatusCode.UNAVAILABLE
+        and error.reason == "STORE_UNAVAILABLE"
+        and error.domain == ERROR_DOMAIN
+    )
 
 
 def _new_request_id() -> str:

@@ -23,6 +23,11 @@ class PhonebindError(Exception):
     ``reason`` is the ErrorInfo reason without the ``ERROR_REASON_`` prefix
     (e.g. ``"CODE_MISMATCH"``), or None when the error carried no ErrorInfo
     (transport failures, deadlines, errors from proxies).
+
+    ``request_id`` is the AIP-155 request_id the call carried (set by
+    PhonebindClient; None for calls without one): calling again with it
+    answers what the first call did, if that took effect. ``x_request_id`` is
+    the id the server logged the call under (its ``x-request-id`` trailer).
     """
 
     code: grpc.StatusCode
@@ -34,6 +39,8 @@ class PhonebindError(Exception):
     field_violations: list[tuple[str, str]]
     quota_violations: list[tuple[str, str]]
     localized_message: str | None
+    request_id: str | None
+    x_request_id: str | None
 
     def __init__(
         self,
@@ -47,6 +54,8 @@ class PhonebindError(Exception):
         field_violations: list[tuple[str, str]] | None = None,
         quota_violations: list[tuple[str, str]] | None = None,
         localized_message: str | None = None,
+        request_id: str | None = None,
+        x_request_id: str | None = None,
     ) -> None:
         super().__init__(code, message)
         self.code = code
@@ -58,6 +67,8 @@ class PhonebindError(Exception):
         self.field_violations = list(field_violations or [])
         self.quota_violations = list(quota_violations or [])
         self.localized_message = localized_message
+        self.request_id = request_id
+        self.x_request_id = x_request_id
 
     @property
     def attempts_left(self) -> int | None:
@@ -95,6 +106,8 @@ class PhonebindError(Exception):
             "field_violations": self.field_violations,
             "quota_violations": self.quota_violations,
             "localized_message": self.localized_message,
+            "request_id": self.request_id,
+            "x_request_id": self.x_request_id,
         }
 
     @classmethod
@@ -112,6 +125,10 @@ class PhonebindError(Exception):
             code = grpc.StatusCode.UNKNOWN
         message = details_fn() if callable(details_fn) else None
         error = cls(code, message if isinstance(message, str) else str(err))
+        trailers_fn = getattr(err, "trailing_metadata", None)
+        for key, value in (trailers_fn() if callable(trailers_fn) else None) or ():
+            if key == "x-request-id" and isinstance(value, str):
+                error.x_request_id = value
 
         status: status_pb2.Status | None = None
         if callable(getattr(err, "trailing_metadata", None)):
