@@ -50,6 +50,42 @@ def test_every_reason_has_a_sentence_in_each_language():
             assert text and "{" not in text
 
 
+@pytest.mark.parametrize(
+    ("reason", "metadata", "text"),
+    [
+        ("REBIND_CLOSED", {"state": "COMPLETED"}, "The phone number has already been changed."),
+        (
+            "REBIND_CLOSED",
+            {"state": "CANCELLED"},
+            "This change request is closed. Please start again.",
+        ),
+        ("CODE_MISMATCH", {"attempts_left": "0"}, "The code is wrong and can no longer be used."),
+        ("CODE_MISMATCH", {"attempts_left": "1"}, "The code is wrong. 1 tries left."),
+        (
+            "IDENTITY_MISMATCH",
+            {"attempts_left": "0"},
+            "The name or ID number does not match our records. No tries are left.",
+        ),
+    ],
+)
+def test_the_sentence_follows_what_the_user_can_still_do(reason, metadata, text):
+    assert messages.user_message(reason, metadata, "en") == text
+    assert "{" not in messages.user_message(reason, metadata, "zh-CN")
+
+
+def test_a_completed_rebind_completed_again_tells_the_user_it_is_done(server):
+    pb = server.api
+    pb.register("loc-3", "13800138503")
+    rebind = pb.ready_rebind("loc-3", "13800138503", "13900139503")
+    pb.complete("loc-3", rebind.rebind_id)
+    with pytest.raises(grpc.RpcError) as caught:
+        pb.complete("loc-3", rebind.rebind_id)
+    _, reason, details = error_details(caught.value)
+    assert reason == "REBIND_CLOSED"
+    assert details["ErrorInfo"].metadata["state"] == "COMPLETED"
+    assert details["LocalizedMessage"].message == "手机号已更换成功。"
+
+
 def test_open_rebind_lists_the_notices_to_show(server):
     pb = server.api
     pb.register("loc-2", "13800138502")

@@ -63,9 +63,17 @@ _USER_ERRORS: dict[str, dict[str, str]] = {
         "zh-CN": "验证码错误，还可尝试 {attempts_left} 次。",
         "en": "The code is wrong. {attempts_left} tries left.",
     },
+    "CODE_MISMATCH attempts_left=0": {
+        "zh-CN": "验证码错误，此验证码已失效。",
+        "en": "The code is wrong and can no longer be used.",
+    },
     "IDENTITY_MISMATCH": {
         "zh-CN": "姓名或身份证号码与实名信息不一致，还可尝试 {attempts_left} 次。",
         "en": "The name or ID number does not match our records. {attempts_left} tries left.",
+    },
+    "IDENTITY_MISMATCH attempts_left=0": {
+        "zh-CN": "姓名或身份证号码与实名信息不一致，已没有剩余尝试次数。",
+        "en": "The name or ID number does not match our records. No tries are left.",
     },
     "ACCOUNT_NOT_FOUND": {"zh-CN": "账户不存在。", "en": "The account was not found."},
     "REBIND_NOT_FOUND": {
@@ -107,6 +115,11 @@ _USER_ERRORS: dict[str, dict[str, str]] = {
         "zh-CN": "更换申请已结束，请重新发起。",
         "en": "This change request is closed. Please start again.",
     },
+    # A retried CompleteRebind without its request_id: the change was made.
+    "REBIND_CLOSED state=COMPLETED": {
+        "zh-CN": "手机号已更换成功。",
+        "en": "The phone number has already been changed.",
+    },
     "REBIND_LOCKED": {
         "zh-CN": "错误次数过多，本次更换已锁定，请重新发起。",
         "en": "Too many wrong answers. This change is locked; please start again.",
@@ -120,8 +133,8 @@ _USER_ERRORS: dict[str, dict[str, str]] = {
         "en": "For your account's safety this change cannot be made online. Please contact support.",
     },
     "ACCOUNT_LOCKED": {
-        "zh-CN": "身份验证失败次数过多，更换手机号功能已暂时锁定，请 24 小时后再试或联系客服。",
-        "en": "Too many failed identity checks. Changing the number is locked for now; try again in 24 hours or contact support.",
+        "zh-CN": "身份验证失败次数过多，更换手机号功能已暂时锁定，请稍后再试或联系客服。",
+        "en": "Too many failed identity checks. Changing the number is locked for now; try again later or contact support.",
     },
     "RESEND_TOO_SOON": {
         "zh-CN": "验证码发送过于频繁，请 {retry_after_seconds} 秒后再试。",
@@ -156,7 +169,13 @@ _NOTICES: dict[str, dict[str, str]] = {
 
 
 def user_message(reason: str, metadata: dict[str, str], language: str) -> str:
-    """The end user's sentence for an error; placeholders come from its metadata."""
+    """The end user's sentence for an error; placeholders come from its metadata.
+
+    A sentence for one metadata value ("REBIND_CLOSED state=COMPLETED") is
+    preferred over the reason's own, where what the user should do differs."""
+    for key, value in sorted(metadata.items()):
+        if variant := _USER_ERRORS.get(f"{reason} {key}={value}"):
+            return variant[language].format(**metadata)
     return _USER_ERRORS[reason][language].format(**metadata)
 
 
