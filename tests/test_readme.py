@@ -73,6 +73,23 @@ def test_grpcurl_walkthrough_finishes_a_rebind(cli_server, tmp_path, secrets_see
     assert not leaked, f"a secret reached the logs: {leaked[0][:200]}"
 
 
+def test_grpcurl_describes_the_error_reasons(cli_server):
+    run = subprocess.run(
+        [
+            str(BIN / "grpcurl"),
+            "-plaintext",
+            cli_server.address,
+            "describe",
+            "phonebind.v1.ErrorReason",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "ERROR_REASON_CODE_MISMATCH = 10;" in run.stdout
+
+
 def test_readme_lists_every_setting_and_policy():
     names = {f.name for f in dataclasses.fields(Settings)} - {"policy"}
     names |= {f.name for f in dataclasses.fields(Policy)}

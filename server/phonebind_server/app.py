@@ -18,6 +18,8 @@ from phonebind.v1 import (
     audit_service_pb2_grpc,
     binding_service_pb2,
     binding_service_pb2_grpc,
+    # errors.proto defines no service; loaded, reflection can describe ErrorReason.
+    errors_pb2,  # noqa: F401
     review_service_pb2,
     review_service_pb2_grpc,
 )

@@ -34,7 +34,14 @@ class BindingServiceStub:
 
     Every flow call names both the account and the rebind; a rebind that
     belongs to another account answers NOT_FOUND, as if it did not exist.
-    Errors carry google.rpc.ErrorInfo (domain "phonebind.v1"); see ErrorReason.
+    Errors carry google.rpc.ErrorInfo (domain "phonebind.v1"); see ErrorReason
+    in phonebind/v1/errors.proto.
+
+    Request metadata: "authorization: Bearer <token>" (unless the caller uses a
+    client certificate, or the server runs with --dev); "x-request-id" (optional,
+    up to 64 of A-Z a-z 0-9 . _ : -; generated when absent, and returned in the
+    trailers of every call); "accept-language" (zh-CN by default, or en) for
+    LocalizedMessage and Rebind.notices.
     """
 
     def __init__(self, channel):
@@ -104,7 +111,14 @@ class BindingServiceServicer:
 
     Every flow call names both the account and the rebind; a rebind that
     belongs to another account answers NOT_FOUND, as if it did not exist.
-    Errors carry google.rpc.ErrorInfo (domain "phonebind.v1"); see ErrorReason.
+    Errors carry google.rpc.ErrorInfo (domain "phonebind.v1"); see ErrorReason
+    in phonebind/v1/errors.proto.
+
+    Request metadata: "authorization: Bearer <token>" (unless the caller uses a
+    client certificate, or the server runs with --dev); "x-request-id" (optional,
+    up to 64 of A-Z a-z 0-9 . _ : -; generated when absent, and returned in the
+    trailers of every call); "accept-language" (zh-CN by default, or en) for
+    LocalizedMessage and Rebind.notices.
     """
 
     def RegisterAccount(self, request, context):
@@ -160,13 +174,15 @@ class BindingServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def CancelRebind(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Gives up an open rebind (also one locked by wrong answers); its codes stop working.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetRebind(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """The rebind with its state, required and completed steps.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -248,7 +264,14 @@ class BindingService:
 
     Every flow call names both the account and the rebind; a rebind that
     belongs to another account answers NOT_FOUND, as if it did not exist.
-    Errors carry google.rpc.ErrorInfo (domain "phonebind.v1"); see ErrorReason.
+    Errors carry google.rpc.ErrorInfo (domain "phonebind.v1"); see ErrorReason
+    in phonebind/v1/errors.proto.
+
+    Request metadata: "authorization: Bearer <token>" (unless the caller uses a
+    client certificate, or the server runs with --dev); "x-request-id" (optional,
+    up to 64 of A-Z a-z 0-9 . _ : -; generated when absent, and returned in the
+    trailers of every call); "accept-language" (zh-CN by default, or en) for
+    LocalizedMessage and Rebind.notices.
     """
 
     @staticmethod
