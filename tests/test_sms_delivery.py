@@ -518,6 +518,9 @@ def test_provider_down_then_back_delivers_when_it_returns(sms_server, provider):
     key = queue_code(sms_server, 6)
     row = run_retry(sms_server, key, 1)
     assert row["last_error"] == "GatewayError: connection refused"
+    # While it waits, the text is sealed like a number: its code is not in the table.
+    sealed = str(row["text"])
+    assert sealed.startswith("v1:")
     run_retry(sms_server, key, 2)  # still down: a second refusal
     retry_scheduled(sms_server, key, 3)
     provider.start()  # the same port
@@ -525,7 +528,9 @@ def test_provider_down_then_back_delivers_when_it_returns(sms_server, provider):
     provider.wait_sent([key])
     assert wait_row(sms_server.database_url, lambda r: r["state"] == "SENT", key)["attempts"] == 4
     assert len(provider.requests_for(key)) == 1
-    delivered_text(provider, key, sms_server.secrets)
+    text = delivered_text(provider, key, sms_server.secrets)
+    code = re.search(r"\d{6}", text)
+    assert code and code.group() not in sealed and "验证码" not in sealed
 
 
 def dead_letter_lines(caplog: pytest.LogCaptureFixture, key: str) -> list[logging.LogRecord]:

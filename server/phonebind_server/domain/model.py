@@ -152,7 +152,8 @@ class OutboundSms:
     message_id: str
     to: SealedPhone
     purpose: str
-    text: str
+    # Sealed like a number: a code in it must not sit in the table in clear.
+    sealed_text: str
     created_at: datetime
     not_after: datetime | None = None
     account_id: str = ""

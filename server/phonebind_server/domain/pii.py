@@ -81,6 +81,9 @@ class Vault:
         """How every value sealed under the active key begins."""
         return f"{_SEAL_VERSION}:{self._keys.active_seal_key}:"
 
+    SEALED_PREFIX = f"{_SEAL_VERSION}:"
+    """How every sealed value begins, whatever its key."""
+
     def reseal(self, token: str) -> str:
         """The same plaintext sealed under the active key."""
         return self.seal(self.unseal(token))

@@ -799,7 +799,7 @@ class RebindService:
                 message_id=str(uuid.uuid4()),
                 to=to,
                 purpose=purpose,
-                text=text,
+                sealed_text=self._vault.seal(text),
                 created_at=now,
                 not_after=not_after,
                 account_id=rebind.account_id,

@@ -128,7 +128,7 @@ class OutboxDispatcher:
             self._gateway.deliver(
                 message_id=item.message_id,
                 to=self._vault.unseal(item.to_sealed),
-                text=item.text,
+                text=self._text(item),
                 purpose=item.purpose,
             )
         except PermanentGatewayError as error:
@@ -145,6 +145,11 @@ class OutboxDispatcher:
             extra={"message_id": item.message_id, "to": item.to_masked, "purpose": item.purpose},
         )
         return True
+
+    def _text(self, item: OutboxItem) -> str:
+        if item.sealed_text.startswith(self._vault.SEALED_PREFIX):
+            return self._vault.unseal(item.sealed_text)
+        return item.sealed_text  # queued before outbox texts were sealed
 
     def _failed(self, item: OutboxItem, error: str, *, permanent: bool = False) -> None:
         dead = permanent or item.attempts >= self._max_attempts

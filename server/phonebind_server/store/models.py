@@ -96,6 +96,7 @@ class SmsOutboxRow(BaseModel):
     to_sealed = peewee.TextField()
     to_masked = peewee.CharField(max_length=32)
     purpose = peewee.CharField(max_length=32)
+    # Sealed (it may hold a code); erased to "" once delivered or expired.
     text = peewee.TextField()
     state = peewee.CharField(max_length=8)
     attempts = peewee.IntegerField()

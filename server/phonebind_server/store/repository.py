@@ -285,7 +285,7 @@ class PeeweeTx:
                 "to_sealed": message.to.sealed,
                 "to_masked": message.to.masked,
                 "purpose": message.purpose,
-                "text": message.text,
+                "text": message.sealed_text,
                 "state": "PENDING",
                 "attempts": 0,
                 "created_at": message.created_at,
@@ -417,7 +417,7 @@ class OutboxItem:
     to_sealed: str
     to_masked: str
     purpose: str
-    text: str
+    sealed_text: str
     attempts: int
 
 
@@ -584,6 +584,7 @@ class PeeweeStore:
         (BindingChangeRow, "old_phone_sealed"),
         (BindingChangeRow, "new_phone_sealed"),
         (SmsOutboxRow, "to_sealed"),
+        (SmsOutboxRow, "text"),
     )
 
     def reseal_batch(self, model: type[peewee.Model], column: str, vault: Vault, limit: int) -> int:
@@ -598,7 +599,12 @@ class PeeweeStore:
         with self.transaction():
             rows = list(
                 model.select(key, field)
-                .where(peewee.fn.SUBSTR(field, 1, len(prefix)) != prefix)
+                # Sealed values under another key only: an erased outbox text is
+                # empty, and one queued before texts were sealed is not sealed.
+                .where(
+                    (peewee.fn.SUBSTR(field, 1, len(vault.SEALED_PREFIX)) == vault.SEALED_PREFIX)
+                    & (peewee.fn.SUBSTR(field, 1, len(prefix)) != prefix)
+                )
                 .order_by(key)
                 .limit(limit)
                 .tuples()
