@@ -6,7 +6,7 @@ from datetime import timedelta
 
 import grpc
 import pytest
-from support import NEW, error_details
+from support import NEW, error_details, make_id_number
 
 from phonebind.v1 import binding_service_pb2 as api
 from phonebind.v1 import resources_pb2 as res
@@ -149,6 +149,24 @@ def test_reviewer_cannot_approve_expired_closed_or_unneeded(server, desk, clock)
         "REBIND_NOT_FOUND",
         server,
     )
+
+
+def test_a_rebind_locked_by_wrong_answers_leaves_the_review_list(server, desk):
+    """Nothing can move it on any more, approval included, so it is not listed as pending."""
+    pb = server.api
+    locked = lost_phone_rebind(server, "rv-lock", "13800138209", "13900139209", identity=False)
+    waiting = lost_phone_rebind(server, "rv-wait", "13800138210", "13900139210", identity=False)
+    listed = desk.ListReviews(rapi.ListReviewsRequest())
+    assert {r.rebind_id for r in listed.rebinds} == {locked.rebind_id, waiting.rebind_id}
+
+    for _ in range(5):  # the account's daily cap of identity failures locks the rebind
+        with pytest.raises(grpc.RpcError):
+            pb.identity("rv-lock", locked.rebind_id, id_number=make_id_number())
+    with pytest.raises(grpc.RpcError) as caught:
+        pb.identity("rv-lock", locked.rebind_id)
+    assert error_details(caught.value)[1] == "REBIND_LOCKED"
+    listed = desk.ListReviews(rapi.ListReviewsRequest())
+    assert [r.rebind_id for r in listed.rebinds] == [waiting.rebind_id]
 
 
 def test_approving_twice_and_bad_reviewer_input(server, desk):

@@ -58,9 +58,18 @@ class Tx(Protocol):
     def insert_rebind(self, rebind: Rebind) -> None: ...
     def update_rebind(self, rebind: Rebind) -> None: ...
     def list_reviews(
-        self, state: str, *, now: datetime, after: tuple[datetime, str] | None, limit: int
+        self,
+        state: str,
+        *,
+        now: datetime,
+        max_failures: int,
+        after: tuple[datetime, str] | None,
+        limit: int,
     ) -> list[Rebind]:
-        """Rebinds needing review in `state` (PENDING, APPROVED, REJECTED), oldest first."""
+        """Rebinds needing review in `state` (PENDING, APPROVED, REJECTED), oldest first.
+
+        PENDING leaves out what no reviewer can act on: expired rebinds, and
+        those locked by `max_failures` wrong answers."""
         ...
 
     def get_challenge(self, rebind_id: str, target: CodeTarget) -> Challenge | None: ...

@@ -88,7 +88,13 @@ class ReviewDesk:
         size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
         now = self._clock.now()
         with self._store.transaction(write=False) as tx:
-            rows = tx.list_reviews(state.value, now=now, after=cursor, limit=size + 1)
+            rows = tx.list_reviews(
+                state.value,
+                now=now,
+                max_failures=self._policy.rebind_max_failures,
+                after=cursor,
+                limit=size + 1,
+            )
         more = len(rows) > size
         rows = [effective(r, now) for r in rows[:size]]
         last = rows[-1] if more and rows else None

@@ -154,13 +154,23 @@ class PeeweeTx:
         self._sql.update(RebindRow, ("rebind_id",), (rebind.rebind_id,), columns)
 
     def list_reviews(
-        self, state: str, *, now: datetime, after: tuple[datetime, str] | None, limit: int
+        self,
+        state: str,
+        *,
+        now: datetime,
+        max_failures: int,
+        after: tuple[datetime, str] | None,
+        limit: int,
     ) -> list[Rebind]:
         needs_review = RebindRow.required_steps.contains(Step.REVIEW.value)
         reviewed = RebindRow.completed_steps.contains(Step.REVIEW.value)
         if state == "PENDING":
             where = (
-                needs_review & ~reviewed & RebindRow.state.in_(_OPEN) & (RebindRow.expires_at > now)
+                needs_review
+                & ~reviewed
+                & RebindRow.state.in_(_OPEN)
+                & (RebindRow.expires_at > now)
+                & (RebindRow.failures < max_failures)
             )
         elif state == "APPROVED":
             where = needs_review & reviewed
