@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import urllib.request
+from datetime import timedelta
 
 import grpc
 import pytest
@@ -58,3 +59,43 @@ def test_metrics_count_calls_failures_codes_and_outbox(measured):
     assert samples["phonebind_outbox_oldest_age_seconds"] == 0
     count = f'phonebind_rpc_duration_seconds_count{{method="{METHOD}",status="INVALID_ARGUMENT"}}'
     assert samples[count] == 1
+
+
+def test_outbox_gauges_show_messages_waiting_for_a_provider_that_is_down(
+    database_url, tmp_path, clock, secrets_seen
+):
+    running = start_server(
+        database_url,
+        tmp_path,
+        clock,
+        secrets_seen,
+        metrics_listen="127.0.0.1:0",
+        sms_gateway="http://127.0.0.1:9/sms",  # nothing listens there
+    )
+    try:
+        pb = running.api
+        pb.register("m-2", "13800138902")
+        rebind = pb.start("m-2", "13900139902")
+        pb.send("m-2", rebind.rebind_id, NEW)
+        clock.advance(timedelta(seconds=30))
+        samples = scrape(running)
+        assert samples["phonebind_outbox_pending"] == 1
+        assert samples["phonebind_outbox_oldest_age_seconds"] == 30
+    finally:
+        running.app.stop(grace=0)
+        running.channel.close()
+
+
+def test_scrapes_do_not_keep_database_connections(database_url, tmp_path, clock, secrets_seen):
+    """Each scrape runs on a new thread; a connection it kept would never come back."""
+    running = start_server(
+        database_url, tmp_path, clock, secrets_seen, metrics_listen="127.0.0.1:0", threads=2
+    )
+    try:
+        pool_size = running.app.settings.threads + 10
+        for _ in range(pool_size + 5):
+            assert "phonebind_outbox_pending" in scrape(running)
+        assert running.api.register("m-3", "13800138903").phone_masked == "138****8903"
+    finally:
+        running.app.stop(grace=0)
+        running.channel.close()

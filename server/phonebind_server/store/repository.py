@@ -571,20 +571,27 @@ class PeeweeStore:
             return SmsOutboxRow.select().where(SmsOutboxRow.state == "PENDING").count()
 
     def outbox_stats(self, now: datetime) -> tuple[int, float]:
-        """(messages pending, age in seconds of the oldest of them)."""
-        with self.transaction(write=False):
-            count, oldest = (
-                SmsOutboxRow.select(
-                    peewee.fn.COUNT(SmsOutboxRow.seq), peewee.fn.MIN(SmsOutboxRow.created_at)
+        """(messages pending, age in seconds of the oldest of them).
+
+        For the metrics endpoint, whose every scrape runs on a new thread: the
+        connection goes back to the pool at once, or each scrape would keep one.
+        """
+        try:
+            with self.transaction(write=False):
+                count, oldest = (
+                    SmsOutboxRow.select(
+                        peewee.fn.COUNT(SmsOutboxRow.seq), peewee.fn.MIN(SmsOutboxRow.created_at)
+                    )
+                    .where(SmsOutboxRow.state == "PENDING")
+                    .tuples()
+                    .get()
                 )
-                .where(SmsOutboxRow.state == "PENDING")
-                .tuples()
-                .get()
-            )
+        finally:
+            self._drop_connection()
         if not count:
             return 0, 0.0
-        age = now - SmsOutboxRow.created_at.python_value(oldest)
-        return count, max(0.0, age.total_seconds())
+        # MIN() of the column comes back converted by the column's own field.
+        return count, max(0.0, (now - oldest).total_seconds())
 
     # -- key rotation ------------------------------------------------------------------
 
