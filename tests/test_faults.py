@@ -1013,6 +1013,41 @@ def test_sigterm_grace_seconds_bounds_a_stuck_call(postgres_db, tmp_path, secret
     )
 
 
+# -- a lock held elsewhere for too long ----------------------------------------------------
+
+
+def test_a_lock_held_past_the_lock_timeout_answers_store_unavailable_and_frees_the_thread(
+    database_url, tmp_path, clock, secrets_seen
+):
+    """Another session holds the lock the call needs: after store_lock_timeout_seconds
+    the call answers STORE_UNAVAILABLE (retryable) instead of holding its RPC thread,
+    health stays SERVING (the database is up), and the retry succeeds."""
+    running = start_server(
+        database_url, tmp_path, clock, secrets_seen, store_lock_timeout_seconds=0.5
+    )
+    try:
+        pb = running.api
+        pb.register("lk-1", "13800138811")
+        rebind_id = pb.start("lk-1", "13900139811").rebind_id
+        with held_lock(database_url, rebind_id):
+            started = time.monotonic()
+            with pytest.raises(grpc.RpcError) as refused:
+                pb.send("lk-1", rebind_id, NEW, request_id="lk-send")
+            waited = time.monotonic() - started
+            code, reason, details = error_details(refused.value)
+            assert (code, reason) == (grpc.StatusCode.UNAVAILABLE, "STORE_UNAVAILABLE")
+            assert "RetryInfo" in details
+            assert health(running.channel) == "SERVING"
+        assert 0.4 < waited < 5, waited
+        sent = pb.send("lk-1", rebind_id, NEW, request_id="lk-send")
+        assert sent.attempts_left == 5
+        assert len(pb.inbox.wait_for(e164("13900139811"), 1, "REBIND_CODE")) == 1
+    finally:
+        running.app.stop(grace=0)
+        running.channel.close()
+    print(f"\n[{database_url.split(':')[0]} lock timeout 0.5 s] refused after {waited:.2f} s")
+
+
 # -- a client deadline that expires mid-call, retried with the same request_id ---------------
 
 

@@ -162,7 +162,11 @@ def create_server(
     clock = clock or SystemClock()
     # One connection per RPC thread, plus the SMS express threads (4), the outbox
     # loop, the health pinger and spares: a thread never waits for a connection.
-    store = PeeweeStore(settings.database_url, max_connections=settings.threads + 10)
+    store = PeeweeStore(
+        settings.database_url,
+        max_connections=settings.threads + 10,
+        lock_timeout=settings.store_lock_timeout_seconds,
+    )
     if migrate:
         store.migrate()
     missing = store.pending_migrations()

@@ -71,6 +71,8 @@ class Settings:
     grace_seconds: float = 10.0
     max_receive_bytes: int = 64 * 1024
     health_interval_seconds: float = 2.0
+    # How long a call waits on a database lock before it answers STORE_UNAVAILABLE.
+    store_lock_timeout_seconds: float = 10.0
     sms_max_attempts: int = 8
     sms_http_secret: str = ""
     sms_http_timeout_seconds: float = 5.0
@@ -237,6 +239,8 @@ def check(settings: Settings) -> None:
     settings.keys()
     if settings.threads < 1:
         raise ConfigError("threads must be at least 1")
+    if settings.store_lock_timeout_seconds <= 0:
+        raise ConfigError("store_lock_timeout_seconds must be positive")
     _check_sms(settings)
     if bool(settings.tls_cert) != bool(settings.tls_key):
         raise ConfigError("tls_cert and tls_key go together")

@@ -18,16 +18,24 @@ logging.getLogger("peewee").setLevel(logging.INFO)
 SQLITE_PRAGMAS = {
     "journal_mode": "wal",
     "synchronous": "normal",
-    "busy_timeout": 10_000,
     "foreign_keys": 1,
     # Erased outbox texts (which held codes) are overwritten, not just unlinked.
     "secure_delete": 1,
 }
 
+# A statement that is not waiting on a lock has no business running this long;
+# it is cut off rather than holding an RPC thread.
+STATEMENT_TIMEOUT_MS = 30_000
 
-def open_database(url: str, *, max_connections: int = 32) -> peewee.Database:
+
+def open_database(
+    url: str, *, max_connections: int = 32, lock_timeout: float = 10.0
+) -> peewee.Database:
+    """`lock_timeout` (seconds) bounds every wait on a lock held by another
+    session: SQLite's busy_timeout, PostgreSQL's lock_timeout."""
+    lock_ms = max(1, round(lock_timeout * 1000))
     if url.startswith("sqlite:"):
-        return connect(url, pragmas=SQLITE_PRAGMAS)
+        return connect(url, pragmas={**SQLITE_PRAGMAS, "busy_timeout": lock_ms})
     if url.startswith(("postgres://", "postgresql://")):
         url = url.replace("postgres://", "postgresql://", 1)
         pooled = "postgresql+pool://" + url[len("postgresql://") :]
@@ -35,7 +43,9 @@ def open_database(url: str, *, max_connections: int = 32) -> peewee.Database:
             pooled,
             max_connections=max_connections,
             stale_timeout=300,
-            timeout=10,
+            # Waiting for a free pooled connection counts as waiting on a lock.
+            timeout=lock_timeout,
+            options=f"-c lock_timeout={lock_ms} -c statement_timeout={STATEMENT_TIMEOUT_MS}",
             # A database host that vanishes (dropped packets, no RST) is noticed
             # by the kernel within seconds instead of hanging calls for minutes.
             connect_timeout=3,
@@ -53,7 +63,8 @@ def is_postgres(db: peewee.Database) -> bool:
 
 
 def describe(url: str) -> str:
-    """The URL without a password, for logs."""
+    """The URL without a password or query parameters (which may hold one), for logs."""
+    url = url.split("?", 1)[0]
     if "@" in url and "://" in url:
         scheme, rest = url.split("://", 1)
         creds, host = rest.rsplit("@", 1)

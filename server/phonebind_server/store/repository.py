@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import peewee
+from playhouse.pool import MaxConnectionsExceeded
 
 from ..domain.audit import StoredEvent, account_chain, canonical_details
 from ..domain.model import (
@@ -64,6 +65,17 @@ _HAS_OPEN_REBIND = (
     + ") LIMIT 1"
 )
 _UNAVAILABLE = (peewee.OperationalError, peewee.InterfaceError)
+# PostgreSQL ended the statement because of other sessions (deadlock, lock or
+# statement timeout, serialization failure): the database and the connection
+# are fine, so this is no outage; the call answers STORE_UNAVAILABLE, retryable.
+_CONTENTION_CODES = frozenset({"40P01", "40001", "55P03", "57014"})
+
+
+def _contention(error: Exception) -> bool:
+    cause = error.__cause__ or error.__context__
+    return getattr(cause, "pgcode", None) in _CONTENTION_CODES
+
+
 _EXPIRE_UNSENT = (
     "UPDATE sms_outbox SET state = 'EXPIRED', text = '' "
     "WHERE state = 'PENDING' AND not_after IS NOT NULL AND not_after <= ? RETURNING seq"
@@ -434,9 +446,10 @@ class OutboxItem:
 class PeeweeStore:
     """Opens the database, binds the models and hands out units of work."""
 
-    def __init__(self, url: str, *, max_connections: int = 32) -> None:
+    def __init__(self, url: str, *, max_connections: int = 32, lock_timeout: float = 10.0) -> None:
         self.url = url
-        self.db = open_database(url, max_connections=max_connections)
+        self._lock_timeout = lock_timeout
+        self.db = open_database(url, max_connections=max_connections, lock_timeout=lock_timeout)
         self.db.bind(ALL_MODELS, bind_refs=False, bind_backrefs=False)
         self._postgres = is_postgres(self.db)
         self._statements = Statements(self.db)
@@ -476,9 +489,12 @@ class PeeweeStore:
             self.db.connect(reuse_if_open=True)
             self._seen.outages = self._outages
             yield
+        except MaxConnectionsExceeded as error:
+            raise StoreUnavailable("no free database connection") from error
         except _UNAVAILABLE as error:
-            self._outages += 1
-            self._drop_connection()
+            if not _contention(error):
+                self._outages += 1
+                self._drop_connection()
             raise StoreUnavailable(type(error).__name__) from error
 
     def _drop_connection(self) -> None:
@@ -504,12 +520,23 @@ class PeeweeStore:
             # SQLite has one writer at a time. Threads of this process queue on a
             # lock, which hands over at once, instead of on SQLite's busy handler,
             # which sleeps in growing steps (1 ms ... 100 ms) between retries.
-            serial = self._sqlite_writer if write and not self._postgres else nullcontext()
+            serial = self._serial_writer() if write and not self._postgres else nullcontext()
             try:
                 with serial, self.db.atomic(**options):
                     yield PeeweeTx(self.db, self._statements)
             except peewee.IntegrityError as error:
                 raise Conflict(_conflict_name(error)) from error
+
+    @contextmanager
+    def _serial_writer(self) -> Iterator[None]:
+        # Bounded like the wait on SQLite's own lock: a writer stuck behind a
+        # lock held elsewhere must not hold every other writer forever.
+        if not self._sqlite_writer.acquire(timeout=self._lock_timeout):
+            raise StoreUnavailable("waited too long for the write lock")
+        try:
+            yield
+        finally:
+            self._sqlite_writer.release()
 
     def ping(self) -> bool:
         try:
