@@ -61,7 +61,9 @@ from support import (
     Serve,
     e164,
     error_details,
+    free_port,
     held_lock,
+    serving,
     sqlite_path,
 )
 
@@ -1011,6 +1013,127 @@ def test_sigterm_grace_seconds_bounds_a_stuck_call(postgres_db, tmp_path, secret
         f"\n[postgresql SIGTERM, grace 0.5 s] the stuck call was cut after {cut_in:.2f} s,"
         f" the process exited ({exit_code}) after {exited_in:.2f} s with the lock still held"
     )
+
+
+# -- the supervisor of several workers -------------------------------------------------------
+
+
+def serve_command(database_url: str, tmp_path, port: int, *extra: str) -> list[str]:
+    return [
+        str(BIN / "phonebind-server"),
+        "serve",
+        "--dev",
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--database-url",
+        database_url,
+        "--sms-gateway",
+        f"file:{tmp_path}/sms.jsonl",
+        *extra,
+    ]
+
+
+def clean_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("PHONEBIND_")}
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_workers_refuse_a_port_that_others_already_serve(database_url, tmp_path, secrets_seen):
+    """SO_REUSEPORT would let a second deployment join the first one's port and
+    take half its calls, perhaps onto another database."""
+    first = Serve(
+        f"sqlite:///{tmp_path}/first.db",
+        tmp_path,
+        str(tmp_path / "sms.jsonl"),
+        ("--workers", "2"),
+        secrets=secrets_seen,
+    ).start()
+    try:
+        assert first.process is not None
+        wait_workers(first.process.pid, first.port, set())
+        second = subprocess.run(
+            serve_command(
+                f"sqlite:///{tmp_path}/second.db", tmp_path, first.port, "--workers", "2"
+            ),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=clean_env(),
+        )
+        assert second.returncode == 2
+        assert f"cannot listen on 127.0.0.1:{first.port}" in second.stderr
+        assert health(grpc.insecure_channel(first.address)) == "SERVING"
+    finally:
+        first.kill()
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_workers_exit_when_their_supervisor_is_killed(database_url, tmp_path, secrets_seen):
+    supervisor = Serve(
+        f"sqlite:///{tmp_path}/shared.db",
+        tmp_path,
+        str(tmp_path / "sms.jsonl"),
+        ("--workers", "2"),
+        secrets=secrets_seen,
+    ).start()
+    try:
+        assert supervisor.process is not None
+        workers = wait_workers(supervisor.process.pid, supervisor.port, set())
+        supervisor.process.kill()
+        supervisor.process.wait(timeout=10)
+        gone_in = wait_until(
+            lambda: not any(os.path.exists(f"/proc/{pid}") for pid in workers),
+            30,
+            "orphaned workers to exit",
+        )
+    finally:
+        supervisor.kill()
+    assert not serving(supervisor.address)
+    print(f"\n[supervisor SIGKILL] both workers drained and exited {gone_in:.2f} s later")
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_a_worker_that_cannot_start_stops_the_supervisor(database_url, tmp_path):
+    """Restarting it forever would hide the failure from systemd or Kubernetes."""
+    port = free_port()
+    with socket.socket() as taken:  # the first worker's metrics port
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        metrics_port = taken.getsockname()[1]
+        started = time.monotonic()
+        run = subprocess.run(
+            serve_command(
+                f"sqlite:///{tmp_path}/shared.db",
+                tmp_path,
+                port,
+                "--workers",
+                "2",
+                "--metrics-listen",
+                f"127.0.0.1:{metrics_port}",
+            ),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=clean_env(),
+        )
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert "worker cannot start" in run.stderr
+    assert time.monotonic() - started < 60
+    assert "Traceback" not in run.stderr
+
+
+@pytest.mark.parametrize("command", ["serve", "migrate"])
+def test_an_unreachable_database_at_start_is_one_clear_line(tmp_path, command):
+    url = f"postgresql://postgres@127.0.0.1:{free_port()}/nothing"  # nothing listens
+    argv = (
+        serve_command(url, tmp_path, free_port())
+        if command == "serve"
+        else [str(BIN / "phonebind-server"), "migrate", "--database-url", url]
+    )
+    run = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=clean_env())
+    assert run.returncode == 1
+    assert "phonebind-server: the database is unreachable" in run.stderr
+    assert "Traceback" not in run.stderr
 
 
 # -- a lock held elsewhere for too long ----------------------------------------------------

@@ -7,14 +7,18 @@ import dataclasses
 import json
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import signal
+import socket
 import sys
 import threading
+import time
 from collections.abc import Sequence
 
 from . import logs
 from .config import ConfigError, Settings, load
+from .domain.ports import StoreUnavailable
 from .rpc.auth import ROLES, new_token, token_digest
 
 log = logging.getLogger("phonebind.cli")
@@ -128,10 +132,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _rotate_keys(settings, args.batch)
         if args.command == "audit":
             return _audit_verify(settings, args.account_id or "")
+        return _serve(settings, migrate=bool(getattr(args, "migrate", False) or settings.dev))
     except ConfigError as error:  # a tool that needs keys the settings lack
         print(f"phonebind-server: {error}", file=sys.stderr)
         return 2
-    return _serve(settings, migrate=bool(getattr(args, "migrate", False) or settings.dev))
+    except StoreUnavailable as error:
+        print(f"phonebind-server: the database is unreachable ({error})", file=sys.stderr)
+        return 1
 
 
 def _migrate(settings: Settings) -> int:
@@ -212,9 +219,27 @@ def _serve(settings: Settings, *, migrate: bool) -> int:
     if settings.listen.rsplit(":", 1)[-1] == "0":
         print("phonebind-server: several workers need a fixed port", file=sys.stderr)
         return 2
+    # Workers share the port with SO_REUSEPORT, which would also let them join
+    # listeners already there (another deployment, perhaps on another database).
+    if problem := _port_taken(settings.listen):
+        print(f"phonebind-server: cannot listen on {settings.listen}: {problem}", file=sys.stderr)
+        return 2
     if migrate:
         _migrate(settings)
     return _supervise(settings)
+
+
+def _port_taken(listen: str) -> str:
+    """Why `listen` cannot be bound by this process alone, or "" when it can."""
+    host, _, port = listen.rpartition(":")
+    host = host.strip("[]") or "0.0.0.0"  # noqa: S104 - where the server itself binds
+    try:
+        family = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)[0][0]
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((host, int(port)))
+    except OSError as error:
+        return error.strerror or str(error)
+    return ""
 
 
 def _serve_one(settings: Settings, *, migrate: bool) -> int:
@@ -222,7 +247,7 @@ def _serve_one(settings: Settings, *, migrate: bool) -> int:
 
     try:
         app = create_server(settings, migrate=migrate)
-    except (RuntimeError, ValueError) as error:
+    except (RuntimeError, ValueError, OSError) as error:
         print(f"phonebind-server: {error}", file=sys.stderr)
         return 2
 
@@ -255,7 +280,30 @@ def _exit_stuck(seconds: float) -> None:
 
 def _worker(settings: Settings) -> None:
     logs.configure(settings.log_level)
-    sys.exit(_serve_one(settings, migrate=False))
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        # A worker outlives a supervisor killed with SIGKILL; it drains and exits.
+        threading.Thread(
+            target=_drain_when_gone, args=(parent.sentinel,), name="parent", daemon=True
+        ).start()
+    try:
+        code = _serve_one(settings, migrate=False)
+    except StoreUnavailable as error:
+        print(f"phonebind-server: the database is unreachable ({error})", file=sys.stderr)
+        code = 1
+    sys.exit(code)
+
+
+def _drain_when_gone(sentinel: int) -> None:
+    multiprocessing.connection.wait([sentinel])
+    log.error("the supervisor is gone; draining")
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+# A worker that ends within this many seconds of its start failed to start.
+STARTUP_SECONDS = 10.0
+# After this many failed starts in a row, the supervisor gives up.
+MAX_FAILED_STARTS = 3
 
 
 def _supervise(settings: Settings) -> int:
@@ -263,11 +311,16 @@ def _supervise(settings: Settings) -> int:
 
     Each worker is a fresh interpreter (spawn), so no gRPC or database state
     crosses a fork. SIGTERM is passed on, and the supervisor waits for every
-    worker to drain.
+    worker to drain. A worker that cannot start (exit code 2: its settings, the
+    schema, a port) is not restarted, nor one that failed to start
+    MAX_FAILED_STARTS times in a row: the supervisor stops the others and exits
+    non-zero, so that systemd or Kubernetes see the failure.
     """
     context = multiprocessing.get_context("spawn")
     stopping = threading.Event()
     workers: list[multiprocessing.process.BaseProcess] = []
+    started_at: list[float] = []
+    failed_starts = [0] * settings.workers
 
     def spawn(index: int) -> multiprocessing.process.BaseProcess:
         own = settings
@@ -276,6 +329,10 @@ def _supervise(settings: Settings) -> int:
             own = dataclasses.replace(settings, metrics_listen=f"{host}:{int(port) + index}")
         process = context.Process(target=_worker, args=(own,), name=f"phonebind-worker-{index}")
         process.start()
+        if index < len(started_at):
+            started_at[index] = time.monotonic()
+        else:
+            started_at.append(time.monotonic())
         return process
 
     def stop(signum: int, _frame: object) -> None:
@@ -288,15 +345,27 @@ def _supervise(settings: Settings) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     workers.extend(spawn(index) for index in range(settings.workers))
+    outcome = 0
     while not stopping.is_set():
         for index, process in enumerate(workers):
-            if not process.is_alive() and not stopping.is_set():
-                log.error("worker died, restarting", extra={"exitcode": process.exitcode})
-                workers[index] = spawn(index)
+            if process.is_alive() or stopping.is_set():
+                continue
+            lived = time.monotonic() - started_at[index]
+            failed_starts[index] = failed_starts[index] + 1 if lived < STARTUP_SECONDS else 0
+            if process.exitcode == 2 or failed_starts[index] >= MAX_FAILED_STARTS:
+                log.error(
+                    "worker cannot start; stopping",
+                    extra={"exitcode": process.exitcode, "failed_starts": failed_starts[index]},
+                )
+                outcome = process.exitcode if process.exitcode and process.exitcode > 0 else 1
+                stop(signal.SIGTERM, None)
+                break
+            log.error("worker died, restarting", extra={"exitcode": process.exitcode})
+            workers[index] = spawn(index)
         stopping.wait(0.5)
     for process in workers:
         process.join(settings.grace_seconds + 5)
-    return 0
+    return outcome
 
 
 if __name__ == "__main__":
