@@ -232,7 +232,8 @@ def _serve(settings: Settings, *, migrate: bool) -> int:
 def _port_taken(listen: str) -> str:
     """Why `listen` cannot be bound by this process alone, or "" when it can."""
     host, _, port = listen.rpartition(":")
-    host = host.strip("[]") or "0.0.0.0"  # noqa: S104 - where the server itself binds
+    # The probe binds where the server itself will.
+    host = host.strip("[]") or "0.0.0.0"  # noqa: S104  # nosec B104
     try:
         family = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)[0][0]
         with socket.socket(family, socket.SOCK_STREAM) as probe:
