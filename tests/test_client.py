@@ -14,7 +14,7 @@ import grpc
 import pytest
 from support import HOLDER, ID_NUMBER, e164, held_lock
 
-from phonebind_client import PhonebindClient, PhonebindError, RebindState
+from phonebind_client import ErrorReason, PhonebindClient, PhonebindError, RebindState
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -116,6 +116,26 @@ def test_an_error_carries_the_request_id_to_retry_with_and_the_servers_call_id(s
     with PhonebindClient(server.target) as pb, pytest.raises(PhonebindError) as read:
         pb.get_account("loan-none")
     assert read.value.request_id is None  # a read carries no request_id
+
+
+def test_per_request_metadata_and_reasons_comparable_with_the_enum(server):
+    with PhonebindClient(server.target) as pb:
+        english = pb.with_metadata(("accept-language", "en"), ("x-request-id", "app-trace-1"))
+        with pytest.raises(PhonebindError) as caught:
+            english.get_account("loan-none")
+        error = caught.value
+        assert error.localized_message == "The account was not found."
+        assert error.x_request_id == "app-trace-1"
+        assert error.error_reason == ErrorReason.ERROR_REASON_ACCOUNT_NOT_FOUND
+        assert str(error).startswith("ACCOUNT_NOT_FOUND (NOT_FOUND): ")
+        english.close()  # the channel is pb's: it stays open
+        with pytest.raises(PhonebindError) as chinese:
+            pb.get_account("loan-none")
+        assert chinese.value.localized_message == "账户不存在。"
+        assert chinese.value.x_request_id != "app-trace-1"
+    plain = PhonebindError(grpc.StatusCode.INVALID_ARGUMENT, "bad", reason="INVALID_ARGUMENT")
+    assert str(plain) == "INVALID_ARGUMENT: bad"
+    assert plain.error_reason == ErrorReason.ERROR_REASON_UNSPECIFIED  # no phonebind domain
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)

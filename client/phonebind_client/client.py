@@ -19,6 +19,7 @@ Retries: see :class:`PhonebindClient`.
 
 from __future__ import annotations
 
+import copy
 import enum
 import random
 import time
@@ -180,6 +181,16 @@ class PhonebindClient:
 
     def __repr__(self) -> str:
         return f"PhonebindClient({self.target!r})"
+
+    def with_metadata(self, *pairs: tuple[str, str]) -> Self:
+        """A client on this one's channel that also sends ``pairs`` with every call,
+        e.g. ``pb.with_metadata(("accept-language", "en"))`` for one user's request,
+        or ``("x-request-id", incoming_id)`` to follow a request through the logs.
+        Closing it leaves the channel open."""
+        other = copy.copy(self)
+        other._metadata = (*self._metadata, *((str(k), str(v)) for k, v in pairs))
+        other._owns_channel = False
+        return other
 
     # -- BindingService --------------------------------------------------------
 

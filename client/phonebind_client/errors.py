@@ -10,6 +10,8 @@ from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from phonebind.v1 import errors_pb2
+
 __all__ = ["ERROR_DOMAIN", "PhonebindError"]
 
 #: The ErrorInfo.domain phonebind puts on its errors.
@@ -71,6 +73,17 @@ class PhonebindError(Exception):
         self.x_request_id = x_request_id
 
     @property
+    def error_reason(self) -> errors_pb2.ErrorReason.ValueType:
+        """``reason`` as an ErrorReason value, to compare with the enum:
+        ``err.error_reason == ErrorReason.ERROR_REASON_CODE_MISMATCH``.
+        ERROR_REASON_UNSPECIFIED when there is none, or one this client does not know."""
+        if self.reason and self.domain == ERROR_DOMAIN:
+            name = "ERROR_REASON_" + self.reason
+            if name in errors_pb2.ErrorReason.keys():
+                return errors_pb2.ErrorReason.Value(name)
+        return errors_pb2.ERROR_REASON_UNSPECIFIED
+
+    @property
     def attempts_left(self) -> int | None:
         """ErrorInfo metadata ``attempts_left`` as an int (CODE_MISMATCH, IDENTITY_MISMATCH)."""
         value = self.metadata.get("attempts_left")
@@ -82,7 +95,7 @@ class PhonebindError(Exception):
             return None
 
     def __str__(self) -> str:
-        if self.reason:
+        if self.reason and self.reason != self.code.name:
             return f"{self.reason} ({self.code.name}): {self.message}"
         return f"{self.code.name}: {self.message}"
 
