@@ -1037,20 +1037,24 @@ def clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("PHONEBIND_")}
 
 
-@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
-def test_workers_refuse_a_port_that_others_already_serve(database_url, tmp_path, secrets_seen):
-    """SO_REUSEPORT would let a second deployment join the first one's port and
-    take half its calls, perhaps onto another database."""
-    first = Serve(
+def two_workers(tmp_path, secrets_seen) -> tuple[Serve, list[int]]:
+    """`serve --workers 2` on a SQLite file; the supervisor and its two listening workers."""
+    supervisor = Serve(
         f"sqlite:///{tmp_path}/first.db",
         tmp_path,
         str(tmp_path / "sms.jsonl"),
         ("--workers", "2"),
         secrets=secrets_seen,
     ).start()
+    assert supervisor.process is not None
+    return supervisor, wait_workers(supervisor.process.pid, supervisor.port, set())
+
+
+def test_workers_refuse_a_port_that_others_already_serve(tmp_path, secrets_seen):
+    """SO_REUSEPORT would let a second deployment join the first one's port and
+    take half its calls, perhaps onto another database."""
+    first, _ = two_workers(tmp_path, secrets_seen)
     try:
-        assert first.process is not None
-        wait_workers(first.process.pid, first.port, set())
         second = subprocess.run(
             serve_command(
                 f"sqlite:///{tmp_path}/second.db", tmp_path, first.port, "--workers", "2"
@@ -1067,18 +1071,10 @@ def test_workers_refuse_a_port_that_others_already_serve(database_url, tmp_path,
         first.kill()
 
 
-@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
-def test_workers_exit_when_their_supervisor_is_killed(database_url, tmp_path, secrets_seen):
-    supervisor = Serve(
-        f"sqlite:///{tmp_path}/shared.db",
-        tmp_path,
-        str(tmp_path / "sms.jsonl"),
-        ("--workers", "2"),
-        secrets=secrets_seen,
-    ).start()
+def test_workers_exit_when_their_supervisor_is_killed(tmp_path, secrets_seen):
+    supervisor, workers = two_workers(tmp_path, secrets_seen)
     try:
         assert supervisor.process is not None
-        workers = wait_workers(supervisor.process.pid, supervisor.port, set())
         supervisor.process.kill()
         supervisor.process.wait(timeout=10)
         gone_in = wait_until(
@@ -1092,8 +1088,7 @@ def test_workers_exit_when_their_supervisor_is_killed(database_url, tmp_path, se
     print(f"\n[supervisor SIGKILL] both workers drained and exited {gone_in:.2f} s later")
 
 
-@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
-def test_a_worker_that_cannot_start_stops_the_supervisor(database_url, tmp_path):
+def test_a_worker_that_cannot_start_stops_the_supervisor(tmp_path):
     """Restarting it forever would hide the failure from systemd or Kubernetes."""
     port = free_port()
     with socket.socket() as taken:  # the first worker's metrics port
