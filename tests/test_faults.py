@@ -1169,6 +1169,40 @@ def test_a_lock_held_past_the_lock_timeout_answers_store_unavailable_and_frees_t
 # -- a client deadline that expires mid-call, retried with the same request_id ---------------
 
 
+def test_a_code_checked_after_its_caller_gave_up_counts_for_nothing(server):
+    """VerifyCode has no request_id: had the abandoned check been kept, the step
+    would be done (or an attempt spent) without the user ever seeing the answer."""
+    pb = server.api
+    rebind_id, code = ready_for_old_code(pb, "dl-2", "13800138802", "13900139802")
+    with held_lock(server.database_url, rebind_id), pytest.raises(grpc.RpcError) as expired:
+        pb.stub.VerifyCode(
+            api.VerifyCodeRequest(account_id="dl-2", rebind_id=rebind_id, target=OLD, code=code),
+            timeout=0.5,
+        )
+    assert expired.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    wait_until(
+        lambda: (
+            server.app.metrics.registry.get_sample_value(
+                "phonebind_rpcs_total",
+                {
+                    "method": "/phonebind.v1.BindingService/VerifyCode",
+                    "outcome": "STORE_UNAVAILABLE",
+                },
+            )
+            == 1
+        ),
+        15,
+        "the abandoned check to end",
+    )
+    assert rows(
+        server.database_url,
+        "SELECT state, attempts FROM challenges WHERE rebind_id = ? AND target = 'OLD_PHONE'",
+        rebind_id,
+    ) == [("LIVE", 0)]
+    checked = pb.verify("dl-2", rebind_id, OLD, code)
+    assert res.REBIND_STEP_OLD_PHONE_CODE in checked.completed_steps
+
+
 @pytest.mark.parametrize("rpc", ["CompleteRebind", "SendCode"])
 def test_deadline_expired_mid_call_then_retry_has_one_effect(server, rpc):
     pb = server.api
@@ -1200,16 +1234,25 @@ def test_deadline_expired_mid_call_then_retry_has_one_effect(server, rpc):
     def count() -> list[int]:
         return [n for (n,) in rows(url, effects, rebind_id, rebind_id)]
 
+    def abandoned() -> float:
+        value = server.app.metrics.registry.get_sample_value(
+            "phonebind_rpcs_total",
+            {"method": f"/phonebind.v1.BindingService/{rpc}", "outcome": "STORE_UNAVAILABLE"},
+        )
+        return value or 0.0
+
     with held_lock(url, rebind_id):
         with pytest.raises(grpc.RpcError) as expired:
             call(request, timeout=0.5)
         assert expired.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert count() == [0, 0]  # the server is still waiting for the lock
-    # The abandoned call goes on once the lock is free and applies its change...
-    applied_in = wait_until(lambda: count() == [1, 1], 10, "the abandoned call's effect")
-    # ... so the retry, later, must answer that change, not make a second one.
-    first_at = server.clock.now()
+    # Once the lock is free the abandoned call runs on, finds its caller gone before
+    # it commits, and rolls back: no one could learn its outcome, so it has none.
+    ended_in = wait_until(lambda: abandoned() == 1, 15, "the abandoned call to end")
+    assert count() == [0, 0]
+    # The retry, later, makes the change once; another retry answers that change.
     server.clock.advance(timedelta(seconds=30))
+    applied_at = server.clock.now()
     retry = call(request, timeout=10)
     again = call(request, timeout=10)
     assert retry == again
@@ -1217,10 +1260,13 @@ def test_deadline_expired_mid_call_then_retry_has_one_effect(server, rpc):
     if rpc == "CompleteRebind":
         assert retry.rebind.state == res.REBIND_STATE_COMPLETED
         assert retry.account.phone_masked == "139****9801"
-        assert retry.rebind.complete_time.ToDatetime(tzinfo=UTC) == first_at
+        assert retry.rebind.complete_time.ToDatetime(tzinfo=UTC) == applied_at
     else:
         assert retry.expire_time.ToDatetime(tzinfo=UTC) == (
-            first_at + server.app.settings.policy.code_ttl
+            applied_at + server.app.settings.policy.code_ttl
         )
         assert len(server.inbox.wait_for(e164("13900139801"), 1, "REBIND_CODE")) == 1
-    print(f"\n[{url.split(':')[0]} deadline {rpc}] applied {applied_in:.2f} s after the lock")
+    print(
+        f"\n[{url.split(':')[0]} deadline {rpc}] the abandoned call rolled back"
+        f" {ended_in:.2f} s after the lock; the retry applied it once"
+    )

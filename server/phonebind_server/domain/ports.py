@@ -6,6 +6,7 @@ and are tested against these protocols on SQLite and PostgreSQL alike.
 
 from __future__ import annotations
 
+import contextvars
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from datetime import datetime
@@ -43,6 +44,15 @@ class Conflict(Exception):
 
 class StoreUnavailable(Exception):
     """The store cannot be reached; nothing was written."""
+
+
+# When the caller stops waiting (time.monotonic()), set by the rpc layer for each
+# call that has a deadline. A unit of work not committed by then is rolled back:
+# the caller cannot learn its outcome, so it must have none (a retry with the
+# same request_id then does the work once).
+call_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "call_deadline", default=None
+)
 
 
 class Tx(Protocol):

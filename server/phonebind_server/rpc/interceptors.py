@@ -16,7 +16,7 @@ from google.protobuf.message import DecodeError
 from ..domain.audit import CallContext, current_call
 from ..domain.errors import DomainError, Reason
 from ..domain.messages import pick_language
-from ..domain.ports import StoreUnavailable
+from ..domain.ports import StoreUnavailable, call_deadline
 from ..logs import language_var, request_id_var, safe_header
 from ..metrics import Metrics
 from .auth import PUBLIC_PREFIXES, AuthError, Credentials, authenticate
@@ -135,6 +135,10 @@ class ServerInterceptor(grpc.ServerInterceptor):
             caller = "unauthenticated"
             outcome = status = "OK"
             call_token = current_call.set(CallContext(caller, method, request_id))
+            remaining = context.time_remaining()
+            deadline_token = call_deadline.set(
+                None if remaining is None else time.monotonic() + remaining
+            )
             try:
                 subject = ""
                 if self._read_subject and "authorization" not in incoming:
@@ -209,6 +213,7 @@ class ServerInterceptor(grpc.ServerInterceptor):
                 request_id_var.reset(tokens[0])
                 language_var.reset(tokens[1])
                 current_call.reset(call_token)
+                call_deadline.reset(deadline_token)
 
         return grpc.unary_unary_rpc_method_handler(
             wrapped,

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ from ..domain.model import (
     Step,
 )
 from ..domain.pii import Vault
-from ..domain.ports import Conflict, StoreUnavailable
+from ..domain.ports import Conflict, StoreUnavailable, call_deadline
 from .db import is_postgres, open_database
 from .fields import from_micros, to_micros
 from .migrate import migrate, pending
@@ -524,6 +525,10 @@ class PeeweeStore:
             try:
                 with serial, self.db.atomic(**options):
                     yield PeeweeTx(self.db, self._statements)
+                    if (deadline := call_deadline.get()) is not None and (
+                        time.monotonic() > deadline
+                    ):
+                        raise StoreUnavailable("the caller stopped waiting; rolled back")
             except peewee.IntegrityError as error:
                 raise Conflict(_conflict_name(error)) from error
 
