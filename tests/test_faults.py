@@ -1071,6 +1071,31 @@ def test_workers_refuse_a_port_that_others_already_serve(tmp_path, secrets_seen)
         first.kill()
 
 
+def test_workers_start_again_on_the_port_they_just_left(tmp_path, secrets_seen):
+    """The connections of a stopped server linger in TIME_WAIT on its port; they
+    must not make the port look taken, or a restart fails for a minute."""
+    first, _ = two_workers(tmp_path, secrets_seen)
+    channel = grpc.insecure_channel(first.address)
+    try:
+        assert health(channel) == "SERVING"  # a connection the server will close first
+        assert first.stop() == 0
+    finally:
+        channel.close()
+        first.kill()
+    again = Serve(
+        f"sqlite:///{tmp_path}/first.db",
+        tmp_path,
+        str(tmp_path / "sms.jsonl"),
+        ("--workers", "2"),
+        secrets=secrets_seen,
+        port=first.port,
+    ).start()
+    try:
+        assert health(grpc.insecure_channel(again.address)) == "SERVING"
+    finally:
+        again.kill()
+
+
 def test_workers_exit_when_their_supervisor_is_killed(tmp_path, secrets_seen):
     supervisor, workers = two_workers(tmp_path, secrets_seen)
     try:

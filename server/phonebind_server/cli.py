@@ -230,14 +230,21 @@ def _serve(settings: Settings, *, migrate: bool) -> int:
 
 
 def _port_taken(listen: str) -> str:
-    """Why `listen` cannot be bound by this process alone, or "" when it can."""
+    """Why `listen` cannot be bound by this process alone, or "" when it can.
+
+    Every address the host resolves to is probed, as gRPC binds them all. Like
+    gRPC, the probe sets SO_REUSEADDR, so connections of a stopped server still
+    in TIME_WAIT do not count; a socket listening there does.
+    """
     host, _, port = listen.rpartition(":")
     # The probe binds where the server itself will.
     host = host.strip("[]") or "0.0.0.0"  # noqa: S104  # nosec B104
     try:
-        family = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)[0][0]
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
-            probe.bind((host, int(port)))
+        addresses = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+        for family, kind, protocol, _, address in addresses:
+            with socket.socket(family, kind, protocol) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind(address)
     except OSError as error:
         return error.strerror or str(error)
     return ""
@@ -301,10 +308,11 @@ def _drain_when_gone(sentinel: int) -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
-# A worker that ends within this many seconds of its start failed to start.
+# A worker that ends within this many seconds of its start failed to start, and
+# waits before its next start: twice as long after each such failure, at most the cap.
 STARTUP_SECONDS = 10.0
-# After this many failed starts in a row, the supervisor gives up.
-MAX_FAILED_STARTS = 3
+RESTART_DELAY_SECONDS = 0.5
+RESTART_DELAY_CAP_SECONDS = 30.0
 
 
 def _supervise(settings: Settings) -> int:
@@ -313,15 +321,18 @@ def _supervise(settings: Settings) -> int:
     Each worker is a fresh interpreter (spawn), so no gRPC or database state
     crosses a fork. SIGTERM is passed on, and the supervisor waits for every
     worker to drain. A worker that cannot start (exit code 2: its settings, the
-    schema, a port) is not restarted, nor one that failed to start
-    MAX_FAILED_STARTS times in a row: the supervisor stops the others and exits
-    non-zero, so that systemd or Kubernetes see the failure.
+    schema, a port) is not restarted: the supervisor stops the others and exits
+    with that code, so that systemd or Kubernetes see the failure. A worker that
+    dies otherwise is restarted, after a delay that doubles while it keeps
+    failing at start (a database that refuses new connections), and the other
+    workers go on serving meanwhile.
     """
     context = multiprocessing.get_context("spawn")
     stopping = threading.Event()
     workers: list[multiprocessing.process.BaseProcess] = []
     started_at: list[float] = []
     failed_starts = [0] * settings.workers
+    restart_at: dict[int, float] = {}
 
     def spawn(index: int) -> multiprocessing.process.BaseProcess:
         own = settings
@@ -351,19 +362,28 @@ def _supervise(settings: Settings) -> int:
         for index, process in enumerate(workers):
             if process.is_alive() or stopping.is_set():
                 continue
-            lived = time.monotonic() - started_at[index]
-            failed_starts[index] = failed_starts[index] + 1 if lived < STARTUP_SECONDS else 0
-            if process.exitcode == 2 or failed_starts[index] >= MAX_FAILED_STARTS:
-                log.error(
-                    "worker cannot start; stopping",
-                    extra={"exitcode": process.exitcode, "failed_starts": failed_starts[index]},
-                )
-                outcome = process.exitcode if process.exitcode and process.exitcode > 0 else 1
+            if process.exitcode == 2:
+                log.error("worker cannot start; stopping", extra={"exitcode": 2})
+                outcome = 2
                 stop(signal.SIGTERM, None)
                 break
-            log.error("worker died, restarting", extra={"exitcode": process.exitcode})
-            workers[index] = spawn(index)
-        stopping.wait(0.5)
+            now = time.monotonic()
+            if index not in restart_at:
+                lived = now - started_at[index]
+                failed_starts[index] = failed_starts[index] + 1 if lived < STARTUP_SECONDS else 0
+                delay = min(
+                    RESTART_DELAY_CAP_SECONDS,
+                    RESTART_DELAY_SECONDS * 2 ** max(0, failed_starts[index] - 1),
+                )
+                restart_at[index] = now + (delay if failed_starts[index] else 0.0)
+                log.error(
+                    "worker died, restarting",
+                    extra={"exitcode": process.exitcode, "failed_starts": failed_starts[index]},
+                )
+            if now >= restart_at[index]:
+                del restart_at[index]
+                workers[index] = spawn(index)
+        stopping.wait(0.25)
     for process in workers:
         process.join(settings.grace_seconds + 5)
     return outcome
