@@ -166,6 +166,9 @@ def create_server(
         settings.database_url,
         max_connections=settings.threads + 10,
         lock_timeout=settings.store_lock_timeout_seconds,
+        # A statement not waiting on a lock has no business running this long;
+        # it is cut off rather than holding an RPC thread.
+        statement_timeout=30.0,
     )
     if migrate:
         store.migrate()

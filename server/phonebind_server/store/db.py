@@ -23,16 +23,13 @@ SQLITE_PRAGMAS = {
     "secure_delete": 1,
 }
 
-# A statement that is not waiting on a lock has no business running this long;
-# it is cut off rather than holding an RPC thread.
-STATEMENT_TIMEOUT_MS = 30_000
-
 
 def open_database(
     url: str, *, max_connections: int = 32, lock_timeout: float = 10.0
 ) -> peewee.Database:
-    """`lock_timeout` (seconds) bounds every wait on a lock held by another
-    session: SQLite's busy_timeout, PostgreSQL's lock_timeout."""
+    """`lock_timeout` (seconds) bounds a wait on a lock held by another session:
+    SQLite's busy_timeout, and the wait for a free pooled PostgreSQL connection
+    (PostgreSQL's own lock_timeout is set per transaction, see the store)."""
     lock_ms = max(1, round(lock_timeout * 1000))
     if url.startswith("sqlite:"):
         return connect(url, pragmas={**SQLITE_PRAGMAS, "busy_timeout": lock_ms})
@@ -45,7 +42,6 @@ def open_database(
             stale_timeout=300,
             # Waiting for a free pooled connection counts as waiting on a lock.
             timeout=lock_timeout,
-            options=f"-c lock_timeout={lock_ms} -c statement_timeout={STATEMENT_TIMEOUT_MS}",
             # A database host that vanishes (dropped packets, no RST) is noticed
             # by the kernel within seconds instead of hanging calls for minutes.
             connect_timeout=3,

@@ -49,9 +49,6 @@ def migrate(db: peewee.Database) -> list[int]:
     done: list[int] = []
     with db.atomic(**({} if is_postgres(db) else {"lock_type": "IMMEDIATE"})):
         if is_postgres(db):
-            # Waiting for another runner, or a long schema change, is expected here.
-            db.execute_sql("SET LOCAL lock_timeout = 0")
-            db.execute_sql("SET LOCAL statement_timeout = 0")
             db.execute_sql("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
         db.execute_sql(
             "CREATE TABLE IF NOT EXISTS schema_migrations "

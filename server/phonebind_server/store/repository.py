@@ -447,9 +447,18 @@ class OutboxItem:
 class PeeweeStore:
     """Opens the database, binds the models and hands out units of work."""
 
-    def __init__(self, url: str, *, max_connections: int = 32, lock_timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        max_connections: int = 32,
+        lock_timeout: float = 10.0,
+        statement_timeout: float | None = None,
+    ) -> None:
         self.url = url
         self._lock_timeout = lock_timeout
+        # 0: no limit (the command-line tools read whole tables).
+        self._statement_timeout_ms = round((statement_timeout or 0) * 1000)
         self.db = open_database(url, max_connections=max_connections, lock_timeout=lock_timeout)
         self.db.bind(ALL_MODELS, bind_refs=False, bind_backrefs=False)
         self._postgres = is_postgres(self.db)
@@ -524,6 +533,8 @@ class PeeweeStore:
             serial = self._serial_writer() if write and not self._postgres else nullcontext()
             try:
                 with serial, self.db.atomic(**options):
+                    if self._postgres:
+                        self._bound_waits()
                     yield PeeweeTx(self.db, self._statements)
                     if (deadline := call_deadline.get()) is not None and (
                         time.monotonic() > deadline
@@ -532,11 +543,28 @@ class PeeweeStore:
             except peewee.IntegrityError as error:
                 raise Conflict(_conflict_name(error)) from error
 
+    def _lock_wait(self) -> float:
+        """How long this unit of work may wait on a lock, in seconds: the lock
+        timeout, or less when the caller stops waiting sooner."""
+        deadline = call_deadline.get()
+        if deadline is None:
+            return self._lock_timeout
+        return max(0.001, min(self._lock_timeout, deadline - time.monotonic()))
+
+    def _bound_waits(self) -> None:
+        # Per transaction (SET LOCAL), not per connection: it follows each
+        # call's deadline, and works behind a transaction-pooling PgBouncer.
+        self.db.execute_sql(
+            "SELECT set_config('lock_timeout', %s, true),"
+            " set_config('statement_timeout', %s, true)",
+            (f"{max(1, round(self._lock_wait() * 1000))}ms", f"{self._statement_timeout_ms}ms"),
+        )
+
     @contextmanager
     def _serial_writer(self) -> Iterator[None]:
         # Bounded like the wait on SQLite's own lock: a writer stuck behind a
         # lock held elsewhere must not hold every other writer forever.
-        if not self._sqlite_writer.acquire(timeout=self._lock_timeout):
+        if not self._sqlite_writer.acquire(timeout=self._lock_wait()):
             raise StoreUnavailable("waited too long for the write lock")
         try:
             yield
