@@ -1200,6 +1200,21 @@ def test_a_lock_held_past_the_lock_timeout_answers_store_unavailable_and_frees_t
 GAVE_UP = (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE)
 
 
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_a_refusal_is_audited_even_after_its_caller_stopped_waiting(server):
+    """The refusal's answer goes out at once; its audit event, written after, waits
+    for the write lock. That record must stay, deadline or not."""
+    pb = server.api
+    pb.register("dl-4", "13800138804")
+    events = "SELECT count(*) FROM audit_events WHERE outcome = 'REBIND_NOT_FOUND'"
+    with held_lock(server.database_url, ""), pytest.raises(grpc.RpcError) as refused:
+        pb.stub.GetRebind(
+            api.GetRebindRequest(account_id="dl-4", rebind_id="rb_nosuchrebind"), timeout=0.3
+        )
+    assert refused.value.code() in (*GAVE_UP, grpc.StatusCode.NOT_FOUND)
+    wait_until(lambda: rows(server.database_url, events) == [(1,)], 15, "the refusal's event")
+
+
 def test_a_lock_wait_ends_at_the_callers_deadline(postgres_db, tmp_path, clock, secrets_seen):
     """PostgreSQL: the wait on a row lock is cut at the caller's deadline, so a
     call its client gave up on does not hold an RPC thread for the lock timeout.

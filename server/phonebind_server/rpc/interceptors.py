@@ -95,6 +95,9 @@ class ServerInterceptor(grpc.ServerInterceptor):
     def _record_refusal(self, reason: str, request: Any, caller: str) -> None:
         if self._on_refusal is None:
             return
+        # The refusal is answered whatever the deadline, so its record must not
+        # be rolled back for a caller who stopped waiting.
+        unbounded = call_deadline.set(None)
         try:
             self._on_refusal(
                 reason,
@@ -104,6 +107,8 @@ class ServerInterceptor(grpc.ServerInterceptor):
             )
         except StoreUnavailable:
             log.warning("refusal not audited: store unavailable")
+        finally:
+            call_deadline.reset(unbounded)
 
     def intercept_service(
         self,
