@@ -577,6 +577,30 @@ def test_dead_letter_after_max_attempts_erases_text_and_logs_an_error(
     assert key not in provider.sent
 
 
+def test_a_message_that_cannot_be_unsealed_is_dead_lettered_not_retried(sms_server, provider):
+    """A key dropped too early, or a damaged value: the batch goes on without it."""
+    provider.stop()
+    key = queue_code(sms_server, 11)
+    retry_scheduled(sms_server, key, 1)
+    if sms_server.database_url.startswith("sqlite:"):
+        connection = sqlite3.connect(sms_server.database_url[len("sqlite:///") :], timeout=10)
+        damage = "UPDATE sms_outbox SET text = 'v1:k-gone:AAAA' WHERE message_id = ?"
+    else:
+        connection = psycopg2.connect(sms_server.database_url)
+        damage = "UPDATE sms_outbox SET text = 'v1:k-gone:AAAA' WHERE message_id = %s"
+    with connection:
+        connection.cursor().execute(damage, (key,))
+    connection.close()
+    provider.start()
+    other = queue_code(sms_server, 12)
+    run_retry(sms_server, key, 1)
+    row = wait_row(sms_server.database_url, lambda r: r["state"] == "DEAD", key)
+    assert row["last_error"] == "cannot open the sealed message: ValueError"
+    assert row["text"] == ""
+    provider.wait_sent([other])
+    assert provider.requests_for(key) == []
+
+
 def test_permanent_refusal_dead_letters_at_once(sms_server, provider, caplog):
     provider.fail_next(1, 400)
     key = queue_code(sms_server, 8)

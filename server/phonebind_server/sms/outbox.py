@@ -18,6 +18,8 @@ import threading
 from concurrent import futures
 from datetime import timedelta
 
+from cryptography.exceptions import InvalidTag
+
 from ..domain.pii import Vault
 from ..domain.ports import Clock, StoreUnavailable
 from ..metrics import Metrics
@@ -125,11 +127,15 @@ class OutboxDispatcher:
 
     def _deliver(self, item: OutboxItem) -> bool:
         try:
+            to, text = self._vault.unseal(item.to_sealed), self._text(item)
+        except (ValueError, InvalidTag) as error:
+            # A key no longer configured, or a damaged value: no retry can help.
+            reason = f"cannot open the sealed message: {type(error).__name__}"
+            self._failed(item, reason, permanent=True)
+            return False
+        try:
             self._gateway.deliver(
-                message_id=item.message_id,
-                to=self._vault.unseal(item.to_sealed),
-                text=self._text(item),
-                purpose=item.purpose,
+                message_id=item.message_id, to=to, text=text, purpose=item.purpose
             )
         except PermanentGatewayError as error:
             self._failed(item, f"{type(error).__name__}: {error}", permanent=True)
