@@ -133,6 +133,11 @@ def test_per_request_metadata_and_reasons_comparable_with_the_enum(server):
             pb.get_account("loan-none")
         assert chinese.value.localized_message == "账户不存在。"
         assert chinese.value.x_request_id != "app-trace-1"
+    with (
+        PhonebindClient(server.target, token="t") as tokened,
+        pytest.raises(ValueError, match="already sends authorization"),
+    ):
+        tokened.with_metadata(("Authorization", "Bearer other"))
     plain = PhonebindError(grpc.StatusCode.INVALID_ARGUMENT, "bad", reason="INVALID_ARGUMENT")
     assert str(plain) == "INVALID_ARGUMENT: bad"
     assert plain.error_reason == ErrorReason.ERROR_REASON_UNSPECIFIED  # no phonebind domain

@@ -187,8 +187,12 @@ class PhonebindClient:
         e.g. ``pb.with_metadata(("accept-language", "en"))`` for one user's request,
         or ``("x-request-id", incoming_id)`` to follow a request through the logs.
         Closing it leaves the channel open."""
+        added = [(str(key), str(value)) for key, value in pairs]
+        keys = {key.lower() for key, _ in self._metadata}
+        if "authorization" in keys and any(key.lower() == "authorization" for key, _ in added):
+            raise ValueError("this client already sends authorization")
         other = copy.copy(self)
-        other._metadata = (*self._metadata, *((str(k), str(v)) for k, v in pairs))
+        other._metadata = (*self._metadata, *added)
         other._owns_channel = False
         return other
 
