@@ -1260,7 +1260,7 @@ def test_a_code_checked_after_its_caller_gave_up_counts_for_nothing(server):
                 "phonebind_rpcs_total",
                 {
                     "method": "/phonebind.v1.BindingService/VerifyCode",
-                    "outcome": "STORE_UNAVAILABLE",
+                    "outcome": "DEADLINE_EXCEEDED",
                 },
             )
             == 1
@@ -1311,7 +1311,7 @@ def test_deadline_expired_mid_call_then_retry_has_one_effect(server, rpc):
     def abandoned() -> float:
         value = server.app.metrics.registry.get_sample_value(
             "phonebind_rpcs_total",
-            {"method": f"/phonebind.v1.BindingService/{rpc}", "outcome": "STORE_UNAVAILABLE"},
+            {"method": f"/phonebind.v1.BindingService/{rpc}", "outcome": "DEADLINE_EXCEEDED"},
         )
         return value or 0.0
 

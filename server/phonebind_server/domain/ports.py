@@ -46,6 +46,11 @@ class StoreUnavailable(Exception):
     """The store cannot be reached; nothing was written."""
 
 
+class DeadlinePassed(StoreUnavailable):
+    """Nothing was written: the caller stopped waiting before the unit of work
+    could commit (or while it waited on a lock)."""
+
+
 # When the caller stops waiting (time.monotonic()), set by the rpc layer for each
 # call that has a deadline. A unit of work not committed by then is rolled back:
 # the caller cannot learn its outcome, so it must have none (a retry with the

@@ -16,7 +16,7 @@ from google.protobuf.message import DecodeError
 from ..domain.audit import CallContext, current_call
 from ..domain.errors import DomainError, Reason
 from ..domain.messages import pick_language
-from ..domain.ports import StoreUnavailable, call_deadline
+from ..domain.ports import DeadlinePassed, StoreUnavailable, call_deadline
 from ..logs import language_var, request_id_var, safe_header
 from ..metrics import Metrics
 from .auth import PUBLIC_PREFIXES, AuthError, Credentials, authenticate
@@ -172,9 +172,12 @@ class ServerInterceptor(grpc.ServerInterceptor):
                 if not error.audited and error.reason is not Reason.STORE_UNAVAILABLE:
                     self._record_refusal(outcome, request, caller)
                 context.abort_with_status(_tagged(to_status(error, language), request_id))
-            except StoreUnavailable:
-                outcome = Reason.STORE_UNAVAILABLE.value
-                status = "UNAVAILABLE"
+            except StoreUnavailable as error:
+                # A caller who stopped waiting is not a store fault: its own label,
+                # so that alerts on STORE_UNAVAILABLE see only the store.
+                gone = isinstance(error, DeadlinePassed)
+                outcome = "DEADLINE_EXCEEDED" if gone else Reason.STORE_UNAVAILABLE.value
+                status = "DEADLINE_EXCEEDED" if gone else "UNAVAILABLE"
                 context.abort_with_status(
                     _tagged(
                         to_status(

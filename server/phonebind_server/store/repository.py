@@ -38,7 +38,7 @@ from ..domain.model import (
     Step,
 )
 from ..domain.pii import Vault
-from ..domain.ports import Conflict, StoreUnavailable, call_deadline
+from ..domain.ports import Conflict, DeadlinePassed, StoreUnavailable, call_deadline
 from .db import is_postgres, open_database
 from .fields import from_micros, to_micros
 from .migrate import migrate, pending
@@ -75,6 +75,11 @@ _CONTENTION_CODES = frozenset({"40P01", "40001", "55P03", "57014"})
 def _contention(error: Exception) -> bool:
     cause = error.__cause__ or error.__context__
     return getattr(cause, "pgcode", None) in _CONTENTION_CODES
+
+
+def _caller_gone(margin: float = 0.0) -> bool:
+    deadline = call_deadline.get()
+    return deadline is not None and time.monotonic() >= deadline - margin
 
 
 _EXPIRE_UNSENT = (
@@ -505,6 +510,8 @@ class PeeweeStore:
             if not _contention(error):
                 self._outages += 1
                 self._drop_connection()
+            elif _caller_gone(margin=0.05):  # a lock wait cut at the caller's deadline
+                raise DeadlinePassed(type(error).__name__) from error
             raise StoreUnavailable(type(error).__name__) from error
 
     def _drop_connection(self) -> None:
@@ -536,10 +543,8 @@ class PeeweeStore:
                     if self._postgres:
                         self._bound_waits()
                     yield PeeweeTx(self.db, self._statements)
-                    if (deadline := call_deadline.get()) is not None and (
-                        time.monotonic() > deadline
-                    ):
-                        raise StoreUnavailable("the caller stopped waiting; rolled back")
+                    if _caller_gone():
+                        raise DeadlinePassed("the caller stopped waiting; rolled back")
             except peewee.IntegrityError as error:
                 raise Conflict(_conflict_name(error)) from error
 
@@ -565,7 +570,8 @@ class PeeweeStore:
         # Bounded like the wait on SQLite's own lock: a writer stuck behind a
         # lock held elsewhere must not hold every other writer forever.
         if not self._sqlite_writer.acquire(timeout=self._lock_wait()):
-            raise StoreUnavailable("waited too long for the write lock")
+            gone = DeadlinePassed if _caller_gone() else StoreUnavailable
+            raise gone("waited too long for the write lock")
         try:
             yield
         finally:
