@@ -1096,6 +1096,31 @@ def test_workers_start_again_on_the_port_they_just_left(tmp_path, secrets_seen):
         again.kill()
 
 
+def test_a_worker_failing_at_start_is_restarted_ever_slower_and_the_other_serves_on(
+    tmp_path, secrets_seen
+):
+    """A worker that keeps dying soon after its start (here: killed each time)
+    is restarted after 0.5, 1, 2 s...; the healthy worker is never touched."""
+    supervisor, workers = two_workers(tmp_path, secrets_seen)
+    try:
+        assert supervisor.process is not None
+        healthy, failing = workers
+        took = []
+        for _ in range(3):
+            os.kill(failing, signal.SIGKILL)
+            killed = time.monotonic()
+            workers = wait_workers(supervisor.process.pid, supervisor.port, {healthy, failing})
+            took.append(time.monotonic() - killed)
+            assert healthy in workers
+            failing = next(pid for pid in workers if pid != healthy)
+        assert supervisor.alive()
+        assert health(grpc.insecure_channel(supervisor.address)) == "SERVING"
+    finally:
+        supervisor.kill()
+    assert took[2] > took[0] + 0.8, took  # 2 s of delay before the third, 0.5 s before the first
+    print(f"\n[supervisor] a worker failing at start came back after {took}")
+
+
 def test_workers_exit_when_their_supervisor_is_killed(tmp_path, secrets_seen):
     supervisor, workers = two_workers(tmp_path, secrets_seen)
     try:
