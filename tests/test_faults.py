@@ -1037,14 +1037,16 @@ def clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("PHONEBIND_")}
 
 
-def two_workers(tmp_path, secrets_seen) -> tuple[Serve, list[int]]:
-    """`serve --workers 2` on a SQLite file; the supervisor and its two listening workers."""
+def two_workers(tmp_path, secrets_seen, port: int = 0) -> tuple[Serve, list[int]]:
+    """`serve --workers 2` on a SQLite file (on `port`, or a free one); the
+    supervisor and its two listening workers."""
     supervisor = Serve(
         f"sqlite:///{tmp_path}/first.db",
         tmp_path,
         str(tmp_path / "sms.jsonl"),
         ("--workers", "2"),
         secrets=secrets_seen,
+        port=port or free_port(),
     ).start()
     assert supervisor.process is not None
     return supervisor, wait_workers(supervisor.process.pid, supervisor.port, set())
@@ -1082,14 +1084,7 @@ def test_workers_start_again_on_the_port_they_just_left(tmp_path, secrets_seen):
     finally:
         channel.close()
         first.kill()
-    again = Serve(
-        f"sqlite:///{tmp_path}/first.db",
-        tmp_path,
-        str(tmp_path / "sms.jsonl"),
-        ("--workers", "2"),
-        secrets=secrets_seen,
-        port=first.port,
-    ).start()
+    again, _ = two_workers(tmp_path, secrets_seen, first.port)
     try:
         assert health(grpc.insecure_channel(again.address)) == "SERVING"
     finally:
