@@ -70,6 +70,7 @@ from support import (
 from phonebind.v1 import binding_service_pb2 as api
 from phonebind.v1 import resources_pb2 as res
 from phonebind_client import PhonebindClient, PhonebindError
+from phonebind_server.store.repository import PeeweeStore
 
 BIN = Path(sys.executable).parent
 OPEN_STATES = ("PENDING", "AWAITING_REVIEW", "READY")
@@ -1233,6 +1234,26 @@ def test_a_refusal_is_audited_even_after_its_caller_stopped_waiting(server):
         )
     assert refused.value.code() in (*GAVE_UP, grpc.StatusCode.NOT_FOUND)
     wait_until(lambda: rows(server.database_url, events) == [(1,)], 15, "the refusal's event")
+
+
+def test_options_in_the_database_url_still_reach_postgresql(postgres_db):
+    """The store's timeouts are set per transaction, so a URL's own libpq options
+    (a search_path, an application_name) are not replaced."""
+    joiner = "&" if "?" in postgres_db else "?"
+    store = PeeweeStore(
+        f"{postgres_db}{joiner}options=-c%20application_name%3Dpb-url-options",
+        lock_timeout=2.5,
+        statement_timeout=30,
+    )
+    try:
+        with store.transaction():
+            setting = store.db.execute_sql(
+                "SELECT current_setting('application_name'), current_setting('lock_timeout'),"
+                " current_setting('statement_timeout')"
+            ).fetchone()
+        assert list(setting) == ["pb-url-options", "2500ms", "30s"]
+    finally:
+        store.close()
 
 
 def test_a_lock_wait_ends_at_the_callers_deadline(postgres_db, tmp_path, clock, secrets_seen):
