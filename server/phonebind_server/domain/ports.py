@@ -61,7 +61,12 @@ call_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar(
 
 
 class Tx(Protocol):
-    """One unit of work: every call inside one database transaction."""
+    """One unit of work: every call inside one database transaction.
+
+    Row locks (`lock=True`) are taken in one order by every use case: the
+    account, then its rebinds, then the audit chain's head. Another order
+    deadlocks against StartRebind on PostgreSQL.
+    """
 
     def get_account(self, account_id: str, *, lock: bool = False) -> Account | None: ...
     def account_id_for_phone(self, phone_index: str) -> str | None: ...
