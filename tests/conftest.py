@@ -121,6 +121,11 @@ class Running:
     secrets: Secrets
     database_url: str
 
+    def stop(self) -> None:
+        # The server first: that spares the channel's reconnect attempts.
+        self.app.stop(grace=0)
+        self.channel.close()
+
     def snapshot(self) -> dict[str, list[tuple]]:
         """Every row of every table, once the outbox has delivered what it can."""
         deadline = time.monotonic() + 10
@@ -185,6 +190,4 @@ def server(
 ) -> Iterator[Running]:
     running = start_server(database_url, tmp_path, clock, secrets_seen)
     yield running
-    # Stopping the server first spares the channel's reconnect attempts.
-    running.app.stop(grace=0)
-    running.channel.close()
+    running.stop()

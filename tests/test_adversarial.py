@@ -593,8 +593,7 @@ def world(request: pytest.FixtureRequest, tmp_path_factory) -> Iterator[World]:
         yield world
     finally:
         if running is not None:
-            running.app.stop(grace=0)
-            running.channel.close()
+            running.stop()
         logging.getLogger().removeHandler(lines)
         if admin is not None:
             with admin.cursor() as cursor:
@@ -771,8 +770,7 @@ def test_oversized_message_is_refused_and_the_server_stays_serving(
         assert answer.status == health_pb2.HealthCheckResponse.SERVING
         assert pb.get_account("loan-a").phone_masked == "138****8000"
     finally:
-        running.app.stop(grace=0)
-        running.channel.close()
+        running.stop()
 
 
 # -- 3. a wrong identity tells nothing about which part was wrong --------------------------

@@ -40,8 +40,7 @@ def guarded(database_url, tmp_path, clock, secrets_seen):
         database_url, tmp_path, clock, secrets_seen, credentials_file=credentials_file(tmp_path)
     )
     yield running
-    running.channel.close()
-    running.app.stop(grace=0)
+    running.stop()
 
 
 def call(channel: grpc.Channel, method: str, metadata=()):
@@ -204,8 +203,7 @@ def test_tls_with_bearer_token(database_url, tmp_path, clock, secrets_seen, pki)
             call(plain, "/phonebind.v1.BindingService/GetAccount", bearer(TOKENS["reader"]))
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
-        running.channel.close()
-        running.app.stop(grace=0)
+        running.stop()
 
 
 def test_mutual_tls_maps_the_certificate_to_a_caller(
@@ -255,5 +253,4 @@ def test_mutual_tls_maps_the_certificate_to_a_caller(
         )
         assert get_account(client_credentials(ca_pem, expired)) == grpc.StatusCode.UNAVAILABLE
     finally:
-        running.channel.close()
-        running.app.stop(grace=0)
+        running.stop()

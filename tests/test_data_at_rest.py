@@ -93,8 +93,7 @@ def test_rotate_keys_reencrypts_everything_and_the_old_key_can_go(
     try:
         run_flows(running)
     finally:
-        running.app.stop(grace=0)
-        running.channel.close()
+        running.stop()
 
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("PHONEBIND_")},
@@ -129,5 +128,4 @@ def test_rotate_keys_reencrypts_everything_and_the_old_key_can_go(
         pb.send("rest-1", rebind.rebind_id, OLD)  # needs the bound number unsealed
         assert len(pb.inbox.wait_for(bound, before + 1, "REBIND_CODE")) == before + 1
     finally:
-        running.app.stop(grace=0)
-        running.channel.close()
+        running.stop()

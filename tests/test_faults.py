@@ -714,8 +714,7 @@ def proxied(postgres_db, tmp_path, clock, secrets_seen):
         yield proxy, running
     finally:
         proxy.thaw()
-        running.app.stop(grace=0)
-        running.channel.close()
+        running.stop()
         proxy.cut()
 
 
@@ -1207,8 +1206,7 @@ def test_a_lock_held_past_the_lock_timeout_answers_store_unavailable_and_frees_t
         assert sent.attempts_left == 5
         assert len(pb.inbox.wait_for(e164("13900139811"), 1, "REBIND_CODE")) == 1
     finally:
-        running.app.stop(grace=0)
-        running.channel.close()
+        running.stop()
     print(f"\n[{database_url.split(':')[0]} lock timeout 0.5 s] refused after {waited:.2f} s")
 
 
@@ -1279,8 +1277,7 @@ def test_a_lock_wait_ends_at_the_callers_deadline(postgres_db, tmp_path, clock, 
             freed_in = time.monotonic() - started
         assert freed_in < 3, freed_in  # the lock timeout is 10 s
     finally:
-        running.app.stop(grace=0)
-        running.channel.close()
+        running.stop()
     print(f"\n[postgresql] two calls behind a held lock, both threads free after {freed_in:.2f} s")
 
 

@@ -75,8 +75,7 @@ def test_sends_per_number_per_day(database_url, tmp_path, clock, secrets_seen):
             clock.now()
         )
     finally:
-        running.channel.close()
-        running.app.stop(grace=0)
+        running.stop()
 
 
 def test_rebind_starts_per_account_per_day(server, clock):

@@ -19,8 +19,7 @@ def measured(database_url, tmp_path, clock, secrets_seen):
         database_url, tmp_path, clock, secrets_seen, metrics_listen="127.0.0.1:0"
     )
     yield running
-    running.app.stop(grace=0)
-    running.channel.close()
+    running.stop()
 
 
 def scrape(running) -> dict[str, float]:
@@ -82,8 +81,7 @@ def test_outbox_gauges_show_messages_waiting_for_a_provider_that_is_down(
         assert samples["phonebind_outbox_pending"] == 1
         assert samples["phonebind_outbox_oldest_age_seconds"] == 30
     finally:
-        running.app.stop(grace=0)
-        running.channel.close()
+        running.stop()
 
 
 def test_scrapes_do_not_keep_database_connections(database_url, tmp_path, clock, secrets_seen):
@@ -97,5 +95,4 @@ def test_scrapes_do_not_keep_database_connections(database_url, tmp_path, clock,
             assert "phonebind_outbox_pending" in scrape(running)
         assert running.api.register("m-3", "13800138903").phone_masked == "138****8903"
     finally:
-        running.app.stop(grace=0)
-        running.channel.close()
+        running.stop()

@@ -113,8 +113,7 @@ def test_thresholds_are_configurable(database_url, tmp_path, clock, secrets_seen
         risk = risk_of(pb, "r-6", "13700137116")
         assert risk.decision == res.RISK_DECISION_ALLOW, risk
     finally:
-        running.app.stop(grace=0)
-        running.channel.close()
+        running.stop()
 
 
 SIGNALS = RiskSignals(

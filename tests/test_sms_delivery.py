@@ -241,8 +241,7 @@ def start_sms_server(
 
     yield start
     for running in started:
-        running.channel.close()
-        running.app.stop(grace=0)
+        running.stop()
 
 
 @pytest.fixture
