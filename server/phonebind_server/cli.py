@@ -137,8 +137,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"phonebind-server: {error}", file=sys.stderr)
         return 2
     except StoreUnavailable as error:
-        print(f"phonebind-server: the database is unreachable ({error})", file=sys.stderr)
-        return 1
+        return _unreachable(error)
+
+
+def _unreachable(error: StoreUnavailable) -> int:
+    print(f"phonebind-server: the database is unreachable ({error})", file=sys.stderr)
+    return 1
 
 
 def _migrate(settings: Settings) -> int:
@@ -258,6 +262,8 @@ def _serve_one(settings: Settings, *, migrate: bool) -> int:
     except (RuntimeError, ValueError, OSError) as error:
         print(f"phonebind-server: {error}", file=sys.stderr)
         return 2
+    except StoreUnavailable as error:
+        return _unreachable(error)
 
     def drain(signum: int, _frame: object) -> None:
         log.info("draining", extra={"signal": signal.Signals(signum).name})
@@ -294,12 +300,7 @@ def _worker(settings: Settings) -> None:
         threading.Thread(
             target=_drain_when_gone, args=(parent.sentinel,), name="parent", daemon=True
         ).start()
-    try:
-        code = _serve_one(settings, migrate=False)
-    except StoreUnavailable as error:
-        print(f"phonebind-server: the database is unreachable ({error})", file=sys.stderr)
-        code = 1
-    sys.exit(code)
+    sys.exit(_serve_one(settings, migrate=False))
 
 
 def _drain_when_gone(sentinel: int) -> None:
@@ -330,7 +331,7 @@ def _supervise(settings: Settings) -> int:
     context = multiprocessing.get_context("spawn")
     stopping = threading.Event()
     workers: list[multiprocessing.process.BaseProcess] = []
-    started_at: list[float] = []
+    started_at = [0.0] * settings.workers
     failed_starts = [0] * settings.workers
     restart_at: dict[int, float] = {}
 
@@ -341,10 +342,7 @@ def _supervise(settings: Settings) -> int:
             own = dataclasses.replace(settings, metrics_listen=f"{host}:{int(port) + index}")
         process = context.Process(target=_worker, args=(own,), name=f"phonebind-worker-{index}")
         process.start()
-        if index < len(started_at):
-            started_at[index] = time.monotonic()
-        else:
-            started_at.append(time.monotonic())
+        started_at[index] = time.monotonic()
         return process
 
     def stop(signum: int, _frame: object) -> None:
