@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, timedelta
 
 import grpc
 import pytest
-from support import NEW, error_details, make_id_number
+from support import NEW, OLD, error_details, make_id_number
 
 from phonebind.v1 import binding_service_pb2 as api
 from phonebind.v1 import resources_pb2 as res
@@ -55,6 +55,40 @@ def test_approval_after_codes_makes_the_rebind_ready_and_completable(server, des
     assert desk.ListReviews(rapi.ListReviewsRequest()).rebinds == []
     approved_list = desk.ListReviews(rapi.ListReviewsRequest(state=res.REVIEW_STATE_APPROVED))
     assert [r.rebind_id for r in approved_list.rebinds] == [rebind.rebind_id]
+
+
+def prove(pb, account_id: str, rebind_id: str, old: str, new: str) -> None:
+    """Every step but review: identity, then both codes."""
+    pb.identity(account_id, rebind_id)
+    pb.send_and_verify(account_id, rebind_id, OLD, old)
+    pb.send_and_verify(account_id, rebind_id, NEW, new)
+
+
+def test_a_later_change_never_shortens_a_running_hold(server, desk):
+    """A 72 h lost-phone hold keeps its end when an ordinary change follows inside it;
+    a hold that has run out is replaced by the new change's own."""
+    pb, clock = server.api, server.clock
+    first = lost_phone_rebind(server, "rv-hold", "13800138209", "13900139209")
+    pb.send_and_verify("rv-hold", first.rebind_id, NEW, "13900139209")
+    approve(desk, first.rebind_id)
+    long_hold = pb.complete("rv-hold", first.rebind_id).account.hold_until
+
+    clock.advance(timedelta(hours=1))
+    second = pb.start("rv-hold", "13700137209")
+    assert res.REBIND_STEP_REVIEW in second.required_steps  # a change inside a hold
+    prove(pb, "rv-hold", second.rebind_id, "13900139209", "13700137209")
+    approve(desk, second.rebind_id)
+    done = pb.complete("rv-hold", second.rebind_id).account
+    assert done.phone_masked == "137****7209"
+    assert done.hold_until == long_hold  # not now + 24 h, which ends 47 h sooner
+    assert pb.get_account("rv-hold").hold_until == long_hold
+
+    clock.advance(long_hold.ToDatetime(tzinfo=UTC) - clock.now() + timedelta(days=40))
+    third = pb.start("rv-hold", "13600136209")
+    assert res.REBIND_STEP_REVIEW not in third.required_steps
+    prove(pb, "rv-hold", third.rebind_id, "13700137209", "13600136209")
+    done = pb.complete("rv-hold", third.rebind_id).account
+    assert done.hold_until.ToDatetime(tzinfo=UTC) == clock.now() + timedelta(hours=24)
 
 
 def test_approval_before_codes_leaves_the_codes_outstanding(server, desk):

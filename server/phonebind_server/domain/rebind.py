@@ -608,8 +608,11 @@ class RebindService:
                 if tx.account_id_for_phone(rebind.new_phone.index) is not None:
                     raise _phone_in_use()
                 hold = p.hold_old_phone_lost if rebind.old_phone_lost else p.hold
+                # A hold still running (72 h after a lost phone) is never shortened
+                # by a later, ordinary change: its end is the later of the two.
+                hold_until = max(now + hold, account.hold_until or now)
                 moved = account.with_changes(
-                    phone=rebind.new_phone, bound_at=now, hold_until=now + hold
+                    phone=rebind.new_phone, bound_at=now, hold_until=hold_until
                 )
                 tx.update_account(moved)
                 done = rebind.with_changes(
