@@ -16,8 +16,16 @@ from phonebind.v1 import (
     binding_service_pb2,
 )
 from phonebind_client import PhonebindClient, PhonebindError
+from phonebind_server import cli
 from phonebind_server.devcerts import cert_pem, issue, key_pem, make_ca
-from phonebind_server.rpc.auth import ROLES, RPC_ROLES, new_token, token_digest
+from phonebind_server.rpc.auth import (
+    ROLES,
+    RPC_ROLES,
+    Credentials,
+    CredentialsError,
+    new_token,
+    token_digest,
+)
 
 METHODS = {path: request for path, (request, _) in RPCS.items()}
 TOKENS = {role: new_token() for role in sorted(ROLES)}
@@ -142,6 +150,87 @@ def test_a_token_speaks_for_its_own_caller_only(guarded):
         metadata=bearer(TOKENS["auditor"]),
     ).events
     assert [(e.caller, e.outcome) for e in refused] == [("svc-flow", "PERMISSION_DENIED")]
+
+
+@pytest.mark.parametrize("name", ["s" * 129, "svc\nforged-line", "svc\x1b[31m"])
+def test_a_caller_name_must_be_short_and_printable(name):
+    entry = {"roles": ["reader"], "token_sha256": token_digest(new_token())}
+    with pytest.raises(CredentialsError, match="at most 128 printable characters"):
+        Credentials.from_document({"caller": [{**entry, "name": name}]})
+
+
+def test_the_token_command_prints_an_entry_the_credentials_file_accepts(tmp_path, capsys):
+    assert cli.main(["token", "--name", "loan-app-backend", "--roles", "flow,reader"]) == 0
+    printed = capsys.readouterr().out
+    token = printed.split("token: ", 1)[1].split("\n", 1)[0]
+    (tmp_path / "callers.toml").write_text(printed.split("\n\n", 1)[1], encoding="utf-8")
+    caller = Credentials.load(str(tmp_path / "callers.toml")).by_token(token)
+    assert (caller.name, caller.roles) == ("loan-app-backend", frozenset({"flow", "reader"}))
+
+    assert cli.main(["token", "--name", "s" * 129, "--roles", "flow"]) == 2
+    assert "at most 128 printable characters" in capsys.readouterr().err
+
+
+def test_the_longest_caller_name_fits_the_audit_trail(database_url, tmp_path, clock, secrets_seen):
+    """128 characters (not bytes: CJK here) is what the audit trail's caller column holds."""
+    name, token = "录" * 128, new_token()
+    extra = (
+        f'\n[[caller]]\nname = "{name}"\nroles = ["kyc"]\ntoken_sha256 = "{token_digest(token)}"\n'
+    )
+    running = start_server(
+        database_url,
+        tmp_path,
+        clock,
+        secrets_seen,
+        credentials_file=credentials_file(tmp_path, extra),
+    )
+    try:
+        running.api.stub.RegisterAccount(
+            binding_service_pb2.RegisterAccountRequest(
+                account_id="long-name",
+                holder_name="张三",
+                id_number="11010519491231002X",
+                phone="13800138702",
+            ),
+            metadata=bearer(token),
+        )
+        running.secrets.add_phone("13800138702")
+        events = (
+            audit_service_pb2_grpc.AuditServiceStub(running.channel)
+            .ListAuditEvents(
+                audit_service_pb2.ListAuditEventsRequest(account_id="long-name"),
+                metadata=bearer(TOKENS["auditor"]),
+            )
+            .events
+        )
+        assert [(e.action, e.caller) for e in events] == [("ACCOUNT_REGISTERED", name)]
+    finally:
+        running.stop()
+
+
+def test_a_refusal_the_audit_trail_cannot_record_is_still_answered(guarded, caplog):
+    """The audit insert fails for a reason other than an outage: the caller still
+    gets UNAUTHENTICATED with its ErrorInfo, and the failure is logged."""
+    db = guarded.app.store.db
+    if guarded.app.store.dialect == "postgresql":
+        db.execute_sql(
+            "CREATE FUNCTION refuse_audit() RETURNS trigger LANGUAGE plpgsql"
+            " AS $$ BEGIN RAISE EXCEPTION 'audit refused'; END $$"
+        )
+        db.execute_sql(
+            "CREATE TRIGGER refuse_audit BEFORE INSERT ON audit_events"
+            " FOR EACH ROW EXECUTE FUNCTION refuse_audit()"
+        )
+    else:
+        db.execute_sql(
+            "CREATE TRIGGER refuse_audit BEFORE INSERT ON audit_events"
+            " BEGIN SELECT RAISE(ABORT, 'audit refused'); END"
+        )
+    with pytest.raises(grpc.RpcError) as caught:
+        call(guarded.channel, "/phonebind.v1.BindingService/GetAccount", bearer("pbt_forged"))
+    code, reason, _ = error_details(caught.value)
+    assert (code, reason) == (grpc.StatusCode.UNAUTHENTICATED, "UNAUTHENTICATED")
+    assert "refusal not audited" in [r.getMessage() for r in caplog.records]
 
 
 def test_health_stays_open_and_the_client_sends_its_token(guarded):

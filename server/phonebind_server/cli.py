@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from . import logs
 from .config import ConfigError, Settings, load
 from .domain.ports import StoreUnavailable
-from .rpc.auth import ROLES, new_token, token_digest
+from .rpc.auth import ROLES, CredentialsError, check_caller_name, new_token, token_digest
 
 log = logging.getLogger("phonebind.cli")
 
@@ -158,6 +158,11 @@ def _migrate(settings: Settings) -> int:
 
 
 def _token(name: str, roles_text: str) -> int:
+    try:
+        check_caller_name(name)
+    except CredentialsError as error:
+        print(f"phonebind-server: {error}", file=sys.stderr)
+        return 2
     roles = [r.strip() for r in roles_text.split(",") if r.strip()]
     unknown = sorted(set(roles) - ROLES)
     if not roles or unknown:

@@ -65,8 +65,22 @@ RPC_ROLES: dict[str, frozenset[str]] = {
 PUBLIC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 
+# The audit trail's caller column holds this many characters.
+MAX_CALLER_NAME = 128
+
+
 class CredentialsError(ValueError):
     """The credentials file is unreadable or inconsistent."""
+
+
+def check_caller_name(name: str) -> None:
+    """The name is the caller of every audit event (at most 128 characters there)
+    and appears in logs: a short, printable label."""
+    if len(name) > MAX_CALLER_NAME or not name.isprintable():
+        raise CredentialsError(
+            f"caller {name[:MAX_CALLER_NAME]!r}: the name must be at most"
+            f" {MAX_CALLER_NAME} printable characters"
+        )
 
 
 @dataclass(frozen=True)
@@ -124,6 +138,7 @@ class Credentials:
             subject = str(entry.get("cert_subject", ""))
             if not name:
                 raise CredentialsError("a caller has no name")
+            check_caller_name(name)
             if not roles or not roles <= ROLES:
                 raise CredentialsError(
                     f"caller {name}: roles must be some of {', '.join(sorted(ROLES))}"

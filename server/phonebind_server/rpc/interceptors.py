@@ -107,6 +107,8 @@ class ServerInterceptor(grpc.ServerInterceptor):
             )
         except StoreUnavailable:
             log.warning("refusal not audited: store unavailable")
+        except Exception as error:  # noqa: BLE001 - the refusal is answered all the same
+            log.error("refusal not audited", extra={"error": type(error).__name__})
         finally:
             call_deadline.reset(unbounded)
 
