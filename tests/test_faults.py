@@ -63,6 +63,7 @@ from support import (
     error_details,
     free_port,
     held_lock,
+    make_id_number,
     serving,
     sqlite_path,
 )
@@ -70,6 +71,9 @@ from support import (
 from phonebind.v1 import binding_service_pb2 as api
 from phonebind.v1 import resources_pb2 as res
 from phonebind_client import PhonebindClient, PhonebindError
+from phonebind_server.domain.errors import DomainError, Reason
+from phonebind_server.domain.model import CodeTarget
+from phonebind_server.domain.ports import DeadlinePassed, call_deadline
 from phonebind_server.store.repository import PeeweeStore
 
 BIN = Path(sys.executable).parent
@@ -1312,6 +1316,59 @@ def test_a_code_checked_after_its_caller_gave_up_counts_for_nothing(server):
         rebind_id,
     ) == [("LIVE", 0)]
     checked = pb.verify("dl-2", rebind_id, OLD, code)
+    assert res.REBIND_STEP_OLD_PHONE_CODE in checked.completed_steps
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_a_wrong_code_checked_after_its_caller_gave_up_still_counts(server):
+    """The other side of the test above: a wrong code is counted whether or not
+    anyone waits for the answer, or a caller who gives up early would guess for
+    free. (SQLite: the server waits out the held write lock, then checks the code;
+    PostgreSQL cuts the lock wait at the deadline, before any check.)"""
+    pb = server.api
+    rebind_id, code = ready_for_old_code(pb, "dl-5", "13800138805", "13900139805")
+    wrong = f"{(int(code) + 1) % 1_000_000:06d}"
+    with held_lock(server.database_url, rebind_id), pytest.raises(grpc.RpcError) as expired:
+        pb.stub.VerifyCode(
+            api.VerifyCodeRequest(account_id="dl-5", rebind_id=rebind_id, target=OLD, code=wrong),
+            timeout=0.5,
+        )
+    assert expired.value.code() in GAVE_UP, expired.value
+    attempts = "SELECT state, attempts FROM challenges WHERE rebind_id = ? AND target = 'OLD_PHONE'"
+    wait_until(lambda: rows(server.database_url, attempts, rebind_id) == [("LIVE", 1)], 15, "count")
+    failures = "SELECT failures FROM rebinds WHERE rebind_id = ?"
+    assert rows(server.database_url, failures, rebind_id) == [(1,)]
+    checked = pb.verify("dl-5", rebind_id, OLD, code)
+    assert res.REBIND_STEP_OLD_PHONE_CODE in checked.completed_steps
+
+
+def test_wrong_answers_commit_past_the_deadline_and_right_ones_do_not(server):
+    """The unit of work's rule, on both backends: with the caller's deadline already
+    passed when it ends, a counted wrong code or identity answer is kept, and a
+    right code is rolled back (its caller could not learn that it was used)."""
+    pb, service = server.api, server.app.service
+    rebind_id, code = ready_for_old_code(pb, "dl-6", "13800138806", "13900139806")
+    pb.register("dl-6b", "13800138816")
+    other = pb.start("dl-6b", "13900139816").rebind_id
+    wrong = f"{(int(code) + 1) % 1_000_000:06d}"
+    gone = call_deadline.set(time.monotonic() - 1)
+    try:
+        with pytest.raises(DomainError) as mismatch:
+            service.verify_code("dl-6", rebind_id, CodeTarget.OLD_PHONE, wrong)
+        with pytest.raises(DomainError) as no_match:
+            service.verify_identity("dl-6b", other, HOLDER, make_id_number())  # not dl-6b's
+        with pytest.raises(DeadlinePassed):
+            service.verify_code("dl-6", rebind_id, CodeTarget.OLD_PHONE, code)
+    finally:
+        call_deadline.reset(gone)
+    assert (mismatch.value.reason, no_match.value.reason) == (
+        Reason.CODE_MISMATCH,
+        Reason.IDENTITY_MISMATCH,
+    )
+    failures = "SELECT failures FROM rebinds WHERE rebind_id = ?"
+    assert rows(server.database_url, failures, rebind_id) == [(1,)]
+    assert rows(server.database_url, failures, other) == [(1,)]
+    checked = pb.verify("dl-6", rebind_id, OLD, code)
     assert res.REBIND_STEP_OLD_PHONE_CODE in checked.completed_steps
 
 

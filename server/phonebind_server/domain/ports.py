@@ -54,7 +54,8 @@ class DeadlinePassed(StoreUnavailable):
 # When the caller stops waiting (time.monotonic()), set by the rpc layer for each
 # call that has a deadline. A unit of work not committed by then is rolled back:
 # the caller cannot learn its outcome, so it must have none (a retry with the
-# same request_id then does the work once).
+# same request_id then does the work once). The exception: see
+# Tx.commit_even_if_caller_gone.
 call_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar(
     "call_deadline", default=None
 )
@@ -67,6 +68,12 @@ class Tx(Protocol):
     account, then its rebinds, then the audit chain's head. Another order
     deadlocks against StartRebind on PostgreSQL.
     """
+
+    def commit_even_if_caller_gone(self) -> None:
+        """This unit of work commits although its caller stopped waiting (see
+        call_deadline): a counted wrong answer must stick, or a caller who gives
+        up before the answer would guess for free."""
+        ...
 
     def get_account(self, account_id: str, *, lock: bool = False) -> Account | None: ...
     def account_id_for_phone(self, phone_index: str) -> str | None: ...

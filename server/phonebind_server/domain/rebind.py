@@ -756,6 +756,7 @@ class RebindService:
         failures = rebind.failures + 1
         updated = rebind.with_changes(failures=failures, updated_at=now)
         tx.update_rebind(updated)
+        tx.commit_even_if_caller_gone()
         rebind_left = max(0, self._policy.rebind_max_failures - failures)
         if rebind_left == 0:
             error = DomainError(Reason.REBIND_LOCKED, "too many wrong answers; start a new rebind")

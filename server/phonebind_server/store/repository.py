@@ -123,6 +123,10 @@ class PeeweeTx:
         self._db = db
         self._lock_rows = is_postgres(db)
         self._sql = statements
+        self.keep_if_caller_gone = False
+
+    def commit_even_if_caller_gone(self) -> None:
+        self.keep_if_caller_gone = True
 
     def _select(self, model: type[peewee.Model], lock: bool) -> peewee.ModelSelect:
         query = model.select()
@@ -542,8 +546,9 @@ class PeeweeStore:
                 with serial, self.db.atomic(**options):
                     if self._postgres:
                         self._bound_waits()
-                    yield PeeweeTx(self.db, self._statements)
-                    if _caller_gone():
+                    tx = PeeweeTx(self.db, self._statements)
+                    yield tx
+                    if _caller_gone() and not tx.keep_if_caller_gone:
                         raise DeadlinePassed("the caller stopped waiting; rolled back")
             except peewee.IntegrityError as error:
                 raise Conflict(_conflict_name(error)) from error
