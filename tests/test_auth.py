@@ -212,7 +212,8 @@ def test_a_refusal_the_audit_trail_cannot_record_is_still_answered(guarded, capl
     """The audit insert fails for a reason other than an outage: the caller still
     gets UNAUTHENTICATED with its ErrorInfo, and the failure is logged."""
     db = guarded.app.store.db
-    if guarded.app.store.dialect == "postgresql":
+    postgresql = guarded.app.store.dialect == "postgresql"
+    if postgresql:
         db.execute_sql(
             "CREATE FUNCTION refuse_audit() RETURNS trigger LANGUAGE plpgsql"
             " AS $$ BEGIN RAISE EXCEPTION 'audit refused'; END $$"
@@ -226,8 +227,13 @@ def test_a_refusal_the_audit_trail_cannot_record_is_still_answered(guarded, capl
             "CREATE TRIGGER refuse_audit BEFORE INSERT ON audit_events"
             " BEGIN SELECT RAISE(ABORT, 'audit refused'); END"
         )
-    with pytest.raises(grpc.RpcError) as caught:
-        call(guarded.channel, "/phonebind.v1.BindingService/GetAccount", bearer("pbt_forged"))
+    try:
+        with pytest.raises(grpc.RpcError) as caught:
+            call(guarded.channel, "/phonebind.v1.BindingService/GetAccount", bearer("pbt_forged"))
+    finally:  # the PostgreSQL database outlives this test
+        db.execute_sql("DROP TRIGGER refuse_audit" + (" ON audit_events" if postgresql else ""))
+        if postgresql:
+            db.execute_sql("DROP FUNCTION refuse_audit()")
     code, reason, _ = error_details(caught.value)
     assert (code, reason) == (grpc.StatusCode.UNAUTHENTICATED, "UNAUTHENTICATED")
     assert "refusal not audited" in [r.getMessage() for r in caplog.records]
