@@ -73,7 +73,7 @@ from phonebind.v1 import resources_pb2 as res
 from phonebind_client import PhonebindClient, PhonebindError
 from phonebind_server.domain.errors import DomainError, Reason
 from phonebind_server.domain.model import CodeTarget
-from phonebind_server.domain.ports import DeadlinePassed, call_deadline
+from phonebind_server.domain.ports import DeadlinePassed, StoreUnavailable, call_deadline
 from phonebind_server.store.repository import PeeweeStore
 
 BIN = Path(sys.executable).parent
@@ -789,22 +789,99 @@ def test_silent_partition_turns_health_not_serving(proxied):
     wait_until(lambda: health(running.channel) == "SERVING", 5, "health SERVING again")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a call already waiting on a silent database is not cut short: psycopg2 has no"
-    " client-side statement deadline, and TCP keepalives only help when packets are dropped,"
-    " not when a middlebox accepts and holds them as this proxy does",
-)
-def test_silent_partition_answers_store_unavailable_and_not_serving(proxied):
-    """The database stops answering without closing anything (packets dropped)."""
-    proxy, running = proxied
-    running.api.register("part-1", "13800138511")
-    proxy.freeze()
-    answer = outcome_code(
-        lambda: running.api.stub.GetAccount(api.GetAccountRequest(account_id="part-1"), timeout=2)
+@pytest.fixture
+def proxied_two_threads(postgres_db, tmp_path, clock, secrets_seen):
+    """As `proxied`, with two RPC threads: two calls stuck on the database would
+    leave none for the health check."""
+    proxy = TcpProxy(upstream_of(postgres_db))
+    running = start_server(
+        via_proxy(postgres_db, proxy.port),
+        tmp_path,
+        clock,
+        secrets_seen,
+        health_interval_seconds=0.2,
+        threads=2,
     )
-    assert answer == "UNAVAILABLE", f"a call during the partition answered {answer}"
-    wait_until(lambda: health(running.channel) == "NOT_SERVING", 2, "health NOT_SERVING")
+    try:
+        yield proxy, running
+    finally:
+        proxy.thaw()
+        running.stop()
+        proxy.cut()
+
+
+def test_a_silent_database_frees_waiting_calls_and_answers_store_unavailable(
+    proxied_two_threads,
+):
+    """The database stops answering but every connection stays open (a hung
+    server, or a proxy that accepts and holds): calls waiting on it are cut one
+    second after their deadline, their RPC threads are free again, and while
+    health says NOT_SERVING new calls answer STORE_UNAVAILABLE at once."""
+    proxy, running = proxied_two_threads
+    pb = running.api
+    pb.register("part-1", "13800138511")
+    with ThreadPoolExecutor(4) as pool:  # each RPC thread opens its pooled connection
+        list(pool.map(lambda _: pb.get_account("part-1"), range(40)))
+    proxy.freeze()
+    started = time.monotonic()
+    with ThreadPoolExecutor(2) as pool:  # as many calls as the server has threads
+        stuck = list(
+            pool.map(
+                lambda _: outcome_code(
+                    lambda: pb.stub.GetAccount(
+                        api.GetAccountRequest(account_id="part-1"), timeout=1
+                    )
+                ),
+                range(2),
+            )
+        )
+    assert stuck == ["DEADLINE_EXCEEDED"] * 2
+    # Health/Check needs an RPC thread: it answers once the cut frees one. The bound:
+    # the deadline, the 1 s grace, and a pooled connection that another thread may
+    # have begun to open (peewee opens them one at a time; connect_timeout is 3 s).
+    wait_until(lambda: health(running.channel) == "NOT_SERVING", 8, "health NOT_SERVING")
+    freed_in = time.monotonic() - started
+    assert running.app.store.silence.cut == 2  # each stuck statement cut, not waited out
+
+    asked = time.monotonic()
+    with pytest.raises(grpc.RpcError) as refused:
+        pb.stub.GetAccount(api.GetAccountRequest(account_id="part-1"), timeout=5)
+    answered_in = time.monotonic() - asked
+    code, reason, details = error_details(refused.value)
+    assert (code, reason) == (grpc.StatusCode.UNAVAILABLE, "STORE_UNAVAILABLE")
+    assert "RetryInfo" in details
+    assert answered_in < 1, answered_in
+
+    proxy.thaw()
+    wait_until(lambda: health(running.channel) == "SERVING", 10, "health SERVING again")
+    assert pb.get_account("part-1").phone_masked == "138****8511"
+    print(
+        f"\n[postgresql] silent database: both RPC threads free {freed_in:.2f} s after two"
+        f" 1 s calls began; a new call answered STORE_UNAVAILABLE in {answered_in * 1000:.0f} ms"
+    )
+
+
+def test_a_statement_without_a_deadline_is_cut_at_the_statement_timeout(postgres_db):
+    """Background work (the outbox, housekeeping) has no caller's deadline: a
+    silent database still gets no longer than the statement timeout and a grace."""
+    proxy = TcpProxy(upstream_of(postgres_db))
+    store = PeeweeStore(via_proxy(postgres_db, proxy.port), statement_timeout=0.5)
+    try:
+        assert store.ping()
+        with store.transaction(write=False) as tx:
+            assert tx.get_account("nobody") is None  # this thread's connection is open
+        proxy.freeze()
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable), store.transaction(write=False) as tx:
+            tx.get_account("nobody")
+        waited = time.monotonic() - started
+        assert 1.4 < waited < 3, waited  # 0.5 s + 1 s grace, seen within a 0.25 s tick
+        assert store.silence is not None and store.silence.cut == 1
+        assert not store.ping(timeout=0.2)
+    finally:
+        proxy.thaw()
+        store.close()
+        proxy.cut()
 
 
 # -- a worker killed with SIGKILL in the middle of load -------------------------------------

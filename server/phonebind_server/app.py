@@ -99,7 +99,8 @@ class App:
 
     def _watch_store(self, last: bool) -> None:
         # Pings run on one thread of their own (and its one connection); one that
-        # hangs past the deadline counts as down, and later pings queue behind it.
+        # hangs past the deadline counts as down, and later pings queue behind it
+        # (on PostgreSQL the silence watch ends it a second later).
         deadline = max(1.0, 2 * self.settings.health_interval_seconds)
         pinger = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ping")
         pending: futures.Future[bool] | None = None
@@ -111,13 +112,14 @@ class App:
                 next_housekeeping = time.monotonic() + HOUSEKEEPING_SECONDS
                 pinger.submit(self._housekeep_quietly)
             if pending is None or pending.done():
-                pending = pinger.submit(self.store.ping)
+                pending = pinger.submit(self.store.ping, deadline)
             try:
                 up = pending.result(timeout=deadline)
             except futures.TimeoutError:
                 up = False
             if up != last:
                 log.warning("store is %s", "reachable" if up else "unreachable")
+                self.store.reachable(up)
                 self.set_serving(up)
                 last = up
         pinger.shutdown(wait=False, cancel_futures=True)
@@ -244,6 +246,7 @@ def create_server(
     if settings.metrics_listen:
         app.metrics_port = metrics.serve(settings.metrics_listen)
     store_up = store.ping()
+    store.reachable(store_up)
     app.set_serving(store_up)
     server.start()
     dispatcher.start()

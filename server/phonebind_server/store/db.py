@@ -25,19 +25,26 @@ SQLITE_PRAGMAS = {
 
 
 def open_database(
-    url: str, *, max_connections: int = 32, lock_timeout: float = 10.0
+    url: str,
+    *,
+    max_connections: int = 32,
+    lock_timeout: float = 10.0,
+    cursor_factory: type | None = None,
 ) -> peewee.Database:
     """`lock_timeout` (seconds) bounds a wait on a lock held by another session:
     SQLite's busy_timeout, and the wait for a free pooled PostgreSQL connection
-    (PostgreSQL's own lock_timeout is set per transaction, see the store)."""
+    (PostgreSQL's own lock_timeout is set per transaction, see the store).
+    `cursor_factory`: the psycopg2 cursor class of PostgreSQL connections."""
     lock_ms = max(1, round(lock_timeout * 1000))
     if url.startswith("sqlite:"):
         return connect(url, pragmas={**SQLITE_PRAGMAS, "busy_timeout": lock_ms})
     if url.startswith(("postgres://", "postgresql://")):
         url = url.replace("postgres://", "postgresql://", 1)
         pooled = "postgresql+pool://" + url[len("postgresql://") :]
+        extra = {"cursor_factory": cursor_factory} if cursor_factory else {}
         return connect(
             pooled,
+            **extra,
             max_connections=max_connections,
             stale_timeout=300,
             # Waiting for a free pooled connection counts as waiting on a lock.

@@ -17,8 +17,10 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 import peewee
+import psycopg2
 from playhouse.pool import MaxConnectionsExceeded
 
 from ..domain.audit import StoredEvent, account_chain, canonical_details
@@ -55,6 +57,7 @@ from .models import (
     RefusedStartRow,
     SmsOutboxRow,
 )
+from .silence import SilenceWatch
 from .statements import Statements
 
 log = logging.getLogger(__name__)
@@ -468,7 +471,19 @@ class PeeweeStore:
         self._lock_timeout = lock_timeout
         # 0: no limit (the command-line tools read whole tables).
         self._statement_timeout_ms = round((statement_timeout or 0) * 1000)
-        self.db = open_database(url, max_connections=max_connections, lock_timeout=lock_timeout)
+        # A server's statements are bounded on the client side too (see silence.py);
+        # the command-line tools' long reads are not.
+        self.silence = (
+            SilenceWatch(statement_timeout)
+            if statement_timeout and url.startswith(("postgres://", "postgresql://"))
+            else None
+        )
+        self.db = open_database(
+            url,
+            max_connections=max_connections,
+            lock_timeout=lock_timeout,
+            cursor_factory=self.silence.cursor_factory() if self.silence else None,
+        )
         self.db.bind(ALL_MODELS, bind_refs=False, bind_backrefs=False)
         self._postgres = is_postgres(self.db)
         self._statements = Statements(self.db)
@@ -477,6 +492,11 @@ class PeeweeStore:
         # connection has seen (see _connected).
         self._outages = 0
         self._seen = threading.local()
+        # False while the last health check found the database unreachable: units
+        # of work then fail at once instead of each waiting on it (see reachable).
+        self._reachable = True
+        self._ping_lock = threading.Lock()
+        self._ping_connection: Any = None
 
     @property
     def dialect(self) -> str:
@@ -491,14 +511,26 @@ class PeeweeStore:
             return pending(self.db)
 
     def close(self) -> None:
+        if self.silence is not None:
+            self.silence.stop()
+        with self._ping_lock:
+            self._close_ping_connection()
         if not self.db.is_closed():
             self.db.close()
         close_all = getattr(self.db, "close_all", None)
         if close_all is not None:
             close_all()
 
+    def reachable(self, up: bool) -> None:
+        """Told by the health check. While the database is unreachable, units of
+        work answer STORE_UNAVAILABLE at once: a silent database would otherwise
+        hold each call until its deadline, and its RPC thread with it."""
+        self._reachable = up
+
     @contextmanager
-    def _connected(self) -> Iterator[None]:
+    def _connected(self, *, probe: bool = False) -> Iterator[None]:
+        if not (probe or self._reachable):
+            raise StoreUnavailable("the database did not answer the last health check")
         try:
             if self._postgres and getattr(self._seen, "outages", self._outages) != self._outages:
                 # The database was unreachable since this thread's pooled connection
@@ -582,13 +614,45 @@ class PeeweeStore:
         finally:
             self._sqlite_writer.release()
 
-    def ping(self) -> bool:
+    def ping(self, timeout: float | None = None) -> bool:
+        """Whether the database answers, within `timeout` seconds (and the
+        silence watch's grace) when given."""
+        bound = call_deadline.set(None if timeout is None else time.monotonic() + timeout)
         try:
-            with self._connected():
+            if self._postgres:
+                return self._ping_postgresql()
+            with self._connected(probe=True):
                 self.db.execute_sql("SELECT 1")
             return True
         except StoreUnavailable:
             return False
+        finally:
+            call_deadline.reset(bound)
+
+    def _ping_postgresql(self) -> bool:
+        # On a connection of its own, outside the pool: peewee opens pooled
+        # connections one at a time under a lock, and a ping connecting to a
+        # database that does not answer would hold that lock for connect_timeout
+        # against every RPC thread, again and again while the outage lasts.
+        with self._ping_lock:
+            try:
+                if self._ping_connection is None or self._ping_connection.closed:
+                    self._ping_connection = psycopg2.connect(
+                        dbname=self.db.database, **self.db.connect_params
+                    )
+                    self._ping_connection.autocommit = True
+                with self._ping_connection.cursor() as cursor:
+                    cursor.execute("SELECT 1")
+                return True
+            except psycopg2.Error:
+                self._close_ping_connection()
+                self._outages += 1  # pooled connections are tested before their next use
+                return False
+
+    def _close_ping_connection(self) -> None:
+        connection, self._ping_connection = self._ping_connection, None
+        if connection is not None and not connection.closed:
+            connection.close()
 
     # -- outbox dispatcher --------------------------------------------------------
 
