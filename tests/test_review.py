@@ -156,8 +156,11 @@ def test_reviewer_cannot_approve_expired_closed_or_unneeded(server, desk, clock)
         "REBIND_EXPIRED",
         server,
     )
+    # No decision will come: the review no longer shows as waiting.
+    assert pb.get_rebind("rv-5", expired.rebind_id).review.state == res.REVIEW_STATE_ABANDONED
 
     cancelled = lost_phone_rebind(server, "rv-6", "13800138206", "13900139206")
+    assert pb.get_rebind("rv-6", cancelled.rebind_id).review.state == res.REVIEW_STATE_PENDING
     pb.stub.CancelRebind(api.CancelRebindRequest(account_id="rv-6", rebind_id=cancelled.rebind_id))
     refused(
         lambda: desk.ApproveRebind(
@@ -166,6 +169,7 @@ def test_reviewer_cannot_approve_expired_closed_or_unneeded(server, desk, clock)
         "REBIND_CLOSED",
         server,
     )
+    assert pb.get_rebind("rv-6", cancelled.rebind_id).review.state == res.REVIEW_STATE_ABANDONED
 
     pb.register("rv-7", "13800138207")
     plain = pb.start("rv-7", "13900139207")
@@ -201,6 +205,16 @@ def test_a_rebind_locked_by_wrong_answers_leaves_the_review_list(server, desk):
     assert error_details(caught.value)[1] == "REBIND_LOCKED"
     listed = desk.ListReviews(rapi.ListReviewsRequest())
     assert [r.rebind_id for r in listed.rebinds] == [waiting.rebind_id]
+    assert listed.rebinds[0].review.state == res.REVIEW_STATE_PENDING
+    assert pb.get_rebind("rv-lock", locked.rebind_id).review.state == res.REVIEW_STATE_ABANDONED
+
+
+def test_abandoned_is_a_review_state_but_not_a_list(server, desk):
+    with pytest.raises(grpc.RpcError) as caught:
+        desk.ListReviews(rapi.ListReviewsRequest(state=res.REVIEW_STATE_ABANDONED))
+    code, reason, details = error_details(caught.value)
+    assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT")
+    assert [v.field for v in details["BadRequest"].field_violations] == ["state"]
 
 
 def test_approving_twice_and_bad_reviewer_input(server, desk):

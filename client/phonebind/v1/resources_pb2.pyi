@@ -23,6 +23,7 @@ class ReviewState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     REVIEW_STATE_PENDING: _ClassVar[ReviewState]
     REVIEW_STATE_APPROVED: _ClassVar[ReviewState]
     REVIEW_STATE_REJECTED: _ClassVar[ReviewState]
+    REVIEW_STATE_ABANDONED: _ClassVar[ReviewState]
 
 class RebindState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -63,6 +64,7 @@ REVIEW_STATE_UNSPECIFIED: ReviewState
 REVIEW_STATE_PENDING: ReviewState
 REVIEW_STATE_APPROVED: ReviewState
 REVIEW_STATE_REJECTED: ReviewState
+REVIEW_STATE_ABANDONED: ReviewState
 REBIND_STATE_UNSPECIFIED: RebindState
 REBIND_STATE_PENDING: RebindState
 REBIND_STATE_AWAITING_REVIEW: RebindState

@@ -33,6 +33,8 @@ class ReviewFilter(enum.Enum):
     PENDING = "PENDING"
     APPROVED = "APPROVED"
     REJECTED = "REJECTED"
+    # Shown on a rebind that ended undecided; no list is kept of these.
+    ABANDONED = "ABANDONED"
 
 
 @dataclass(frozen=True)
@@ -54,13 +56,16 @@ def _check_text(value: str, field: str, *, required: bool, limit: int) -> str:
     return value
 
 
-def review_state(rebind: Rebind) -> ReviewFilter | None:
+def review_state(rebind: Rebind, max_failures: int) -> ReviewFilter | None:
+    """`rebind` as it stands now (see `effective`): expired when it is."""
     if Step.REVIEW not in rebind.required:
         return None
     if Step.REVIEW in rebind.completed:
         return ReviewFilter.APPROVED
     if rebind.state is RebindState.REJECTED:
         return ReviewFilter.REJECTED
+    if not rebind.state.is_open or rebind.failures >= max_failures:
+        return ReviewFilter.ABANDONED
     return ReviewFilter.PENDING
 
 

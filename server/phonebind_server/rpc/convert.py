@@ -72,7 +72,7 @@ def rebind(entity: Rebind, policy: Policy) -> pb.Rebind:
         complete_time=timestamp(entity.completed_at),
         old_phone_lost=entity.old_phone_lost,
         attempts_left=max(0, policy.rebind_max_failures - entity.failures),
-        review=_review(entity),
+        review=_review(entity, policy.rebind_max_failures),
         update_time=timestamp(entity.updated_at),
         notices=[pb.Notice(code=code, text=text) for code, text in _notices(entity, policy)],
     )
@@ -92,11 +92,12 @@ _REVIEW_STATE = {
     ReviewFilter.PENDING: pb.REVIEW_STATE_PENDING,
     ReviewFilter.APPROVED: pb.REVIEW_STATE_APPROVED,
     ReviewFilter.REJECTED: pb.REVIEW_STATE_REJECTED,
+    ReviewFilter.ABANDONED: pb.REVIEW_STATE_ABANDONED,
 }
 
 
-def _review(entity: Rebind) -> pb.Review | None:
-    state = review_state(entity)
+def _review(entity: Rebind, max_failures: int) -> pb.Review | None:
+    state = review_state(entity, max_failures)
     if state is None:
         return None
     return pb.Review(
@@ -111,9 +112,13 @@ def review_filter(value: int) -> ReviewFilter:
     if value == pb.REVIEW_STATE_UNSPECIFIED:
         return ReviewFilter.PENDING
     for state, number in _REVIEW_STATE.items():
-        if number == value:
+        if number == value and state is not ReviewFilter.ABANDONED:
             return state
-    raise invalid(Reason.INVALID_ARGUMENT, "state", "state is not a ReviewState")
+    raise invalid(
+        Reason.INVALID_ARGUMENT,
+        "state",
+        "state must be REVIEW_STATE_PENDING, REVIEW_STATE_APPROVED or REVIEW_STATE_REJECTED",
+    )
 
 
 def binding_change(entity: BindingChange) -> pb.BindingChange:
