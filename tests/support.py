@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -365,6 +365,35 @@ class Api:
         rebind = self.send_and_verify(account_id, rebind.rebind_id, NEW, new_phone)
         assert rebind.state == res.REBIND_STATE_READY
         return rebind
+
+
+def rows(url: str, sql: str, *params: object) -> list[tuple]:
+    """Rows straight from the database through the driver, so that the models of a
+    server running in this process stay bound to its own store; `?` is the
+    placeholder on both backends."""
+    if url.startswith("sqlite"):
+        connection = sqlite3.connect(sqlite_path(url), timeout=10)
+        try:
+            return connection.execute(sql, params).fetchall()
+        finally:
+            connection.close()
+    connection = psycopg2.connect(url)
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute(sql.replace("?", "%s"), params)
+            return cursor.fetchall()
+    finally:
+        connection.close()
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> float:
+    """Polls `predicate` until it holds; the seconds that took. Fails after `timeout`."""
+    started = time.monotonic()
+    while not predicate():
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"not within {timeout} s: {what}")
+        time.sleep(0.02)
+    return time.monotonic() - started
 
 
 def free_port() -> int:

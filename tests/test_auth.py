@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
 
 import grpc
 import pytest
 from conftest import start_server
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from support import RPCS, error_details
+from support import RPCS, error_details, rows, wait_until
 
 from phonebind.v1 import (
     audit_service_pb2,
@@ -237,6 +241,68 @@ def test_a_refusal_the_audit_trail_cannot_record_is_still_answered(guarded, capl
     code, reason, _ = error_details(caught.value)
     assert (code, reason) == (grpc.StatusCode.UNAUTHENTICATED, "UNAUTHENTICATED")
     assert "refusal not audited" in [r.getMessage() for r in caplog.records]
+
+
+def test_strangers_cannot_grow_the_audit_trail_at_will(database_url, tmp_path, clock, secrets_seen):
+    """Unauthenticated refusals: 5 a minute per source address get an event each,
+    the rest one CALLS_REFUSED event per source and minute (also for the minute
+    still running when the server stops). Known callers' refusals all get one."""
+    running = start_server(
+        database_url,
+        tmp_path,
+        clock,
+        secrets_seen,
+        credentials_file=credentials_file(tmp_path),
+        unauthenticated_audit_per_minute=5,
+        health_interval_seconds=0.05,
+    )
+    url = running.database_url
+
+    def events(action: str) -> list[tuple[str, str]]:
+        return rows(
+            url, "SELECT outcome, details FROM audit_events WHERE action = ? ORDER BY seq", action
+        )
+
+    def refuse(token: str, count: int, method: str = "GetAccount") -> None:
+        for _ in range(count):
+            with pytest.raises(grpc.RpcError) as caught:
+                call(running.channel, f"/phonebind.v1.BindingService/{method}", bearer(token))
+            assert error_details(caught.value)[0] in (
+                grpc.StatusCode.UNAUTHENTICATED,
+                grpc.StatusCode.PERMISSION_DENIED,
+            )
+
+    try:
+        refuse("pbt_forged", 12)
+        refuse(TOKENS["reader"], 8, "RegisterAccount")  # a known caller: never summarised
+        assert [o for o, _ in events("CALL_REFUSED")] == ["UNAUTHENTICATED"] * 5 + [
+            "PERMISSION_DENIED"
+        ] * 8
+        assert events("CALLS_REFUSED") == []
+
+        clock.advance(timedelta(seconds=60))
+        wait_until(lambda: events("CALLS_REFUSED") != [], 10, "the minute's summary")
+        ((outcome, details),) = events("CALLS_REFUSED")
+        assert outcome == "UNAUTHENTICATED"
+        assert json.loads(details) == {
+            "refusals": "7",
+            "since": (clock.now() - timedelta(seconds=60)).isoformat(),
+            "source": "127.0.0.1",
+        }
+
+        refuse("pbt_forged", 9)  # a new minute: 5 events, 4 counted
+        assert len(events("CALL_REFUSED")) == 5 + 8 + 5
+    finally:
+        running.stop()
+    assert [json.loads(d)["refusals"] for _, d in events("CALLS_REFUSED")] == ["7", "4"]
+    binary = os.path.join(os.path.dirname(sys.executable), "phonebind-server")
+    verified = subprocess.run(
+        [binary, "audit", "verify", "--dev", "--database-url", url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert verified.returncode == 0, verified.stdout + verified.stderr
 
 
 def test_health_stays_open_and_the_client_sends_its_token(guarded):

@@ -30,7 +30,6 @@ import os
 import re
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -64,8 +63,9 @@ from support import (
     free_port,
     held_lock,
     make_id_number,
+    rows,
     serving,
-    sqlite_path,
+    wait_until,
 )
 
 from phonebind.v1 import binding_service_pb2 as api
@@ -215,16 +215,6 @@ def health(channel: grpc.Channel) -> str:
     return health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> float:
-    """Polls `predicate` until it holds; the seconds that took. Fails after `timeout`."""
-    started = time.monotonic()
-    while not predicate():
-        if time.monotonic() - started > timeout:
-            raise AssertionError(f"not within {timeout} s: {what}")
-        time.sleep(0.02)
-    return time.monotonic() - started
-
-
 def outcome(call: Callable[[], object]) -> str:
     """OK, or STATUS/REASON of the failure."""
     try:
@@ -246,25 +236,6 @@ def outcome_code(call: Callable[[], object]) -> str:
 
 def tally(outcomes: list[str]) -> dict[str, int]:
     return dict(Counter(outcomes).most_common())
-
-
-def rows(url: str, sql: str, *params: object) -> list[tuple]:
-    """Rows straight from the database through the driver, so that the models of a
-    server running in this process stay bound to its own store; `?` is the
-    placeholder on both backends."""
-    if url.startswith("sqlite"):
-        connection = sqlite3.connect(sqlite_path(url), timeout=10)
-        try:
-            return connection.execute(sql, params).fetchall()
-        finally:
-            connection.close()
-    connection = psycopg2.connect(url)
-    try:
-        with connection.cursor() as cursor:
-            cursor.execute(sql.replace("?", "%s"), params)
-            return cursor.fetchall()
-    finally:
-        connection.close()
 
 
 def wait_blocked(url: str) -> None:

@@ -74,6 +74,7 @@ class App:
     metrics: Metrics
     clock: Clock
     metrics_port: int = 0
+    audit_log: AuditLog | None = None
     _stopped: threading.Event = field(default_factory=threading.Event)
     _watch: threading.Thread | None = None
 
@@ -97,6 +98,14 @@ class App:
         except StoreUnavailable:
             log.warning("housekeeping skipped: store unavailable")
 
+    def _summarise_refusals_quietly(self, final: bool = False) -> None:
+        if self.audit_log is None:
+            return
+        try:
+            self.audit_log.summarise_refusals(final=final)
+        except StoreUnavailable:
+            log.warning("summary of refused calls not audited: store unavailable")
+
     def _watch_store(self, last: bool) -> None:
         # Pings run on one thread of their own (and its one connection); one that
         # hangs past the deadline counts as down, and later pings queue behind it
@@ -111,6 +120,8 @@ class App:
                 # still turn health NOT_SERVING (the next ping times out behind it).
                 next_housekeeping = time.monotonic() + HOUSEKEEPING_SECONDS
                 pinger.submit(self._housekeep_quietly)
+            if last:  # on the pinger's thread, as housekeeping
+                pinger.submit(self._summarise_refusals_quietly)
             if pending is None or pending.done():
                 pending = pinger.submit(self.store.ping, deadline)
             try:
@@ -131,6 +142,7 @@ class App:
         self._stopped.set()
         self.health.enter_graceful_shutdown()
         self.server.stop(self.settings.grace_seconds if grace is None else grace).wait()
+        self._summarise_refusals_quietly(final=True)
         self.dispatcher.stop()
         self.store.close()
 
@@ -203,7 +215,12 @@ def create_server(
     )
     credentials = Credentials.load(settings.credentials_file) if settings.credentials_file else None
     trail = AuditTrail(keys.audit_key)
-    audit_log = AuditLog(store, trail, clock)
+    audit_log = AuditLog(
+        store,
+        trail,
+        clock,
+        stranger_events_per_minute=settings.unauthenticated_audit_per_minute,
+    )
     service = RebindService(store, vault, settings.policy, clock, outbox=dispatcher, audit=trail)
 
     server = grpc.server(
@@ -242,7 +259,18 @@ def create_server(
         port = server.add_insecure_port(settings.listen)
     if port == 0:
         raise RuntimeError(f"cannot listen on {settings.listen}")
-    app = App(server, port, store, dispatcher, health_servicer, service, settings, metrics, clock)
+    app = App(
+        server,
+        port,
+        store,
+        dispatcher,
+        health_servicer,
+        service,
+        settings,
+        metrics,
+        clock,
+        audit_log=audit_log,
+    )
     if settings.metrics_listen:
         app.metrics_port = metrics.serve(settings.metrics_listen)
     store_up = store.ping()

@@ -73,6 +73,9 @@ class Settings:
     health_interval_seconds: float = 2.0
     # How long a call waits on a database lock before it answers STORE_UNAVAILABLE.
     store_lock_timeout_seconds: float = 10.0
+    # Refusals of unauthenticated calls recorded one by one, per source address
+    # and minute; the rest are counted in one audit event.
+    unauthenticated_audit_per_minute: int = 60
     sms_max_attempts: int = 8
     sms_http_secret: str = ""
     sms_http_timeout_seconds: float = 5.0
@@ -241,6 +244,8 @@ def check(settings: Settings) -> None:
         raise ConfigError("threads must be at least 1")
     if settings.store_lock_timeout_seconds <= 0:
         raise ConfigError("store_lock_timeout_seconds must be positive")
+    if settings.unauthenticated_audit_per_minute < 1:
+        raise ConfigError("unauthenticated_audit_per_minute must be at least 1")
     _check_sms(settings)
     if bool(settings.tls_cert) != bool(settings.tls_key):
         raise ConfigError("tls_cert and tls_key go together")

@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+import threading
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 
-from .audit import AuditEvent, AuditTrail, ChainReport, StoredEvent, refusal_chain
+from .audit import (
+    AuditEvent,
+    AuditTrail,
+    CallContext,
+    ChainReport,
+    StoredEvent,
+    current_call,
+    refusal_chain,
+)
 from .errors import Reason, invalid
 from .ports import Clock, Store
 from .rebind import check_account_id
@@ -13,17 +23,110 @@ MAX_PAGE_SIZE = 500
 DEFAULT_PAGE_SIZE = 50
 
 
+@dataclass
+class _Window:
+    started: datetime
+    recorded: int = 0
+    unrecorded: int = 0
+
+
+class StrangerWindows:
+    """How many refusals of unauthenticated calls each source may have recorded
+    one by one: `limit` a minute. The rest are counted, and recorded as one
+    CALLS_REFUSED event per source and minute, so that anyone who reaches the
+    port cannot grow the audit trail (and take the write lock) at will, and
+    every refused call is still accounted for."""
+
+    WINDOW = timedelta(minutes=1)
+    # Beyond this many sources in one minute, the newcomers share one window.
+    MAX_SOURCES = 10_000
+    OVERFLOW = "(other sources)"
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._lock = threading.Lock()
+        self._windows: dict[str, _Window] = {}
+        self._ended: list[tuple[str, _Window]] = []  # over, with refusals to summarise
+
+    def admit(self, source: str, now: datetime) -> bool:
+        """Whether this refusal gets an event of its own; if not, it is counted."""
+        with self._lock:
+            window = self._windows.get(source)
+            if window is None and len(self._windows) >= self.MAX_SOURCES:
+                source = self.OVERFLOW
+                window = self._windows.get(source)
+            if window is not None and now >= window.started + self.WINDOW:
+                self._end(source)
+                window = None
+            if window is None:
+                window = self._windows[source] = _Window(now)
+            if window.recorded < self._limit:
+                window.recorded += 1
+                return True
+            window.unrecorded += 1
+            return False
+
+    def closed(self, now: datetime, *, every: bool = False) -> list[tuple[str, _Window]]:
+        """The windows that are over (`every`: all of them), forgotten; those
+        with unrecorded refusals are returned for their summary."""
+        with self._lock:
+            for source in [
+                s for s, w in self._windows.items() if every or now >= w.started + self.WINDOW
+            ]:
+                self._end(source)
+            ended, self._ended = self._ended, []
+        return ended
+
+    def _end(self, source: str) -> None:
+        window = self._windows.pop(source)
+        if window.unrecorded:
+            self._ended.append((source, window))
+
+
 class AuditLog:
-    def __init__(self, store: Store, trail: AuditTrail, clock: Clock) -> None:
+    def __init__(
+        self, store: Store, trail: AuditTrail, clock: Clock, *, stranger_events_per_minute: int = 60
+    ) -> None:
         self._store = store
         self._trail = trail
         self._clock = clock
+        self._strangers = StrangerWindows(stranger_events_per_minute)
 
-    def refusal(self, reason: str, account_id: str, rebind_id: str, caller: str) -> None:
-        """Records a refused call in a shared chain, in its own transaction."""
+    def refusal(
+        self, reason: str, account_id: str, rebind_id: str, caller: str, stranger: str = ""
+    ) -> None:
+        """Records a refused call in a shared chain, in its own transaction.
+        `stranger`: where an unauthenticated call came from (its IP address)."""
+        now = self._clock.now()
+        if stranger and not self._strangers.admit(stranger, now):
+            return
         event = AuditEvent("CALL_REFUSED", reason, account_id, rebind_id)
         with self._store.transaction() as tx:
-            self._trail.append(tx, event, self._clock.now(), refusal_chain(caller + account_id))
+            self._trail.append(tx, event, now, refusal_chain(caller + account_id))
+
+    def summarise_refusals(self, *, final: bool = False) -> int:
+        """Records one CALLS_REFUSED event for each source and minute whose
+        unauthenticated refusals went beyond those recorded one by one; how many.
+        `final` (the server stops): the minutes still running too."""
+        now = self._clock.now()
+        windows = self._strangers.closed(now, every=final)
+        context = current_call.set(CallContext(caller="unauthenticated"))
+        try:
+            for source, window in windows:
+                event = AuditEvent(
+                    "CALLS_REFUSED",
+                    "UNAUTHENTICATED",
+                    details={
+                        "source": source,
+                        "refusals": str(window.unrecorded),
+                        "since": window.started.isoformat(),
+                    },
+                )
+                with self._store.transaction() as tx:
+                    self._trail.append(tx, event, now, refusal_chain(source))
+        finally:
+            current_call.reset(context)
+        return len(windows)
 
     def events(
         self,

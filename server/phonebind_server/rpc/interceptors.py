@@ -25,7 +25,9 @@ from .errors import STATUS_FOR_REASON, plain_status, to_status
 log = logging.getLogger("phonebind.rpc")
 
 
-RefusalHook = Callable[[str, str, str, str], None]
+# (reason, account_id, rebind_id, caller, stranger): `stranger` is the source
+# address of an unauthenticated call, empty for a known caller.
+RefusalHook = Callable[[str, str, str, str, str], None]
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,18 @@ def _tagged(status: grpc.Status, request_id: str) -> grpc.Status:
 # after authentication, so a stranger's garbage gets UNAUTHENTICATED, and a
 # caller's gets INVALID_ARGUMENT with ErrorInfo rather than INTERNAL.
 _UNREADABLE = object()
+
+
+def _source_address(peer: str) -> str:
+    """The address of gRPC's peer string without its port: `ipv4:10.0.0.7:5123`
+    and `ipv6:[fd00::7]:5123` give `10.0.0.7` and `fd00::7`; other transports
+    (`unix:`) their kind."""
+    kind, _, rest = peer.partition(":")
+    if kind == "ipv4":
+        return rest.rpartition(":")[0] or rest
+    if kind == "ipv6":
+        return rest.rpartition(":")[0].strip("[]") or rest
+    return kind or "unknown"
 
 
 def _lenient(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
@@ -92,7 +106,7 @@ class ServerInterceptor(grpc.ServerInterceptor):
         # Only a server that asks for client certificates needs the peer's subject.
         self._read_subject = credentials is not None
 
-    def _record_refusal(self, reason: str, request: Any, caller: str) -> None:
+    def _record_refusal(self, reason: str, request: Any, caller: str, stranger: str = "") -> None:
         if self._on_refusal is None:
             return
         # The refusal is answered whatever the deadline, so its record must not
@@ -104,6 +118,7 @@ class ServerInterceptor(grpc.ServerInterceptor):
                 _plain_id(getattr(request, "account_id", "")),
                 _plain_id(getattr(request, "rebind_id", "")),
                 caller,
+                stranger,
             )
         except StoreUnavailable:
             log.warning("refusal not audited: store unavailable")
@@ -163,7 +178,8 @@ class ServerInterceptor(grpc.ServerInterceptor):
                 outcome = status = "PERMISSION_DENIED" if error.permission else "UNAUTHENTICATED"
                 caller = error.caller
                 current_call.set(CallContext(caller, method, request_id))
-                self._record_refusal(outcome, request, caller)
+                stranger = "" if error.permission else _source_address(context.peer())
+                self._record_refusal(outcome, request, caller, stranger)
                 code = getattr(grpc.StatusCode, outcome)
                 context.abort_with_status(
                     _tagged(plain_status(code, error.message, outcome), request_id)

@@ -1,0 +1,49 @@
+"""The bound on audit events of unauthenticated refusals, source by source."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from phonebind_server.domain.audit_log import StrangerWindows
+from phonebind_server.rpc.interceptors import _source_address
+
+T0 = datetime(2026, 3, 1, 9, 0, tzinfo=UTC)
+
+
+def test_each_source_has_its_own_minute():
+    windows = StrangerWindows(limit=2)
+    assert [windows.admit("10.0.0.1", T0) for _ in range(3)] == [True, True, False]
+    assert windows.admit("10.0.0.2", T0)  # another source, its own allowance
+    assert windows.closed(T0 + timedelta(seconds=59)) == []
+    assert not windows.admit("10.0.0.1", T0 + timedelta(seconds=59))
+    # A new minute for the first source; its last one waits for its summary.
+    assert windows.admit("10.0.0.1", T0 + timedelta(seconds=60))
+    closed = windows.closed(T0 + timedelta(seconds=61))
+    assert [(source, w.started, w.unrecorded) for source, w in closed] == [("10.0.0.1", T0, 2)]
+    assert windows.closed(T0 + timedelta(seconds=200)) == []  # nothing left unrecorded
+
+
+def test_more_sources_than_it_keeps_share_one_window(monkeypatch):
+    monkeypatch.setattr(StrangerWindows, "MAX_SOURCES", 3)
+    windows = StrangerWindows(limit=1)
+    assert all(windows.admit(f"10.0.0.{n}", T0) for n in range(3))
+    assert windows.admit("10.0.1.1", T0)  # the overflow window's one event
+    assert not windows.admit("10.0.1.2", T0)
+    closed = windows.closed(T0, every=True)
+    assert [(s, w.recorded, w.unrecorded) for s, w in closed] == [(StrangerWindows.OVERFLOW, 1, 1)]
+
+
+@pytest.mark.parametrize(
+    ("peer", "source"),
+    [
+        ("ipv4:10.0.0.7:5123", "10.0.0.7"),
+        ("ipv6:[fd00::7]:5123", "fd00::7"),
+        ("ipv6:[::1]:40000", "::1"),
+        ("unix:/run/phonebind.sock", "unix"),
+        ("", "unknown"),
+    ],
+)
+def test_the_source_is_the_peer_address_without_its_port(peer, source):
+    assert _source_address(peer) == source
