@@ -855,6 +855,57 @@ def test_a_statement_without_a_deadline_is_cut_at_the_statement_timeout(postgres
         proxy.cut()
 
 
+def test_housekeeping_blocked_on_a_lock_leaves_health_serving(
+    postgres_db, tmp_path, clock, secrets_seen
+):
+    """Forgetting old request_ids waits here on rows another session holds: the
+    pings run beside it, so health stays SERVING, as the store is fine."""
+    first = start_server(postgres_db, tmp_path, clock, secrets_seen)
+    try:
+        first.api.register("hk-1", "13800138901", request_id="hk-register")
+    finally:
+        first.stop()
+    clock.advance(timedelta(days=2))  # the request_id is past its 24 h
+    holder = psycopg2.connect(postgres_db)
+    try:
+        with holder.cursor() as cursor:
+            cursor.execute("SELECT 1 FROM idempotency_keys FOR UPDATE")
+            assert cursor.fetchall() == [(1,)]
+        running = start_server(
+            postgres_db, tmp_path, clock, secrets_seen, health_interval_seconds=0.1
+        )
+        try:
+            # The prune starts at the first tick and waits on the lock (10 s).
+            wait_until(
+                lambda: (
+                    rows(
+                        postgres_db,
+                        "SELECT count(*) FROM pg_stat_activity"
+                        " WHERE wait_event_type = 'Lock' AND left(query, 6) = 'DELETE'",
+                    )
+                    == [(1,)]
+                ),
+                5,
+                "the prune waiting on the lock",
+            )
+            seen = set()
+            watched_until = time.monotonic() + 2  # ten intervals, twice the ping deadline
+            while time.monotonic() < watched_until:
+                seen.add(health(running.channel))
+            assert seen == {"SERVING"}
+            assert running.api.get_account("hk-1").phone_masked == "138****8901"
+            holder.rollback()
+            wait_until(
+                lambda: rows(postgres_db, "SELECT count(*) FROM idempotency_keys") == [(0,)],
+                10,
+                "the prune to finish",
+            )
+        finally:
+            running.stop()
+    finally:
+        holder.close()
+
+
 # -- a worker killed with SIGKILL in the middle of load -------------------------------------
 
 

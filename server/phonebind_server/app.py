@@ -109,19 +109,21 @@ class App:
     def _watch_store(self, last: bool) -> None:
         # Pings run on one thread of their own (and its one connection); one that
         # hangs past the deadline counts as down, and later pings queue behind it
-        # (on PostgreSQL the silence watch ends it a second later).
+        # (on PostgreSQL the silence watch ends it a second later). Chores (pruning
+        # request_ids, summarising refusals) run on another: one slowed by a lock
+        # must not delay a ping and turn a healthy store NOT_SERVING.
         deadline = max(1.0, 2 * self.settings.health_interval_seconds)
         pinger = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ping")
+        chores = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="chores")
         pending: futures.Future[bool] | None = None
+        chore: futures.Future[None] | None = None
         next_housekeeping = 0.0
         while not self._stopped.wait(self.settings.health_interval_seconds):
-            if last and time.monotonic() >= next_housekeeping:
-                # On the pinger's thread, never this one: a store that hangs must
-                # still turn health NOT_SERVING (the next ping times out behind it).
-                next_housekeeping = time.monotonic() + HOUSEKEEPING_SECONDS
-                pinger.submit(self._housekeep_quietly)
-            if last:  # on the pinger's thread, as housekeeping
-                pinger.submit(self._summarise_refusals_quietly)
+            if last and (chore is None or chore.done()):
+                housekeeping = time.monotonic() >= next_housekeeping
+                if housekeeping:
+                    next_housekeeping = time.monotonic() + HOUSEKEEPING_SECONDS
+                chore = chores.submit(self._chores, housekeeping)
             if pending is None or pending.done():
                 pending = pinger.submit(self.store.ping, deadline)
             try:
@@ -134,6 +136,12 @@ class App:
                 self.set_serving(up)
                 last = up
         pinger.shutdown(wait=False, cancel_futures=True)
+        chores.shutdown(wait=False, cancel_futures=True)
+
+    def _chores(self, housekeeping: bool) -> None:
+        if housekeeping:
+            self._housekeep_quietly()
+        self._summarise_refusals_quietly()
 
     def stop(self, grace: float | None = None) -> None:
         """Stops taking calls (health NOT_SERVING first), lets in-flight ones finish."""
