@@ -102,6 +102,28 @@ def test_rotate_keys_reencrypts_everything_and_the_old_key_can_go(
         "PHONEBIND_ACTIVE_SEAL_KEY": "k2",
     }
     binary = os.path.join(os.path.dirname(sys.executable), "phonebind-server")
+
+    def refused(*args: str, **changes: str) -> subprocess.CompletedProcess:
+        run = subprocess.run(
+            [binary, "rotate-keys", "--dev", *args],
+            env={**env, **changes},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert "Traceback" not in run.stderr
+        assert "every sealed value now uses" not in run.stdout
+        return run
+
+    # Without the old key nothing can be re-encrypted; it says which key is missing.
+    missing = refused(PHONEBIND_SEAL_KEYS=f"k2:{new_key}")
+    assert missing.returncode == 1
+    assert "a value is sealed with an unknown key 'k1'; add that key to seal_keys" in (
+        missing.stderr
+    )
+    for batch in ("0", "-1", "many"):
+        assert refused("--batch", batch).returncode == 2
+
     rotate = subprocess.run(
         [binary, "rotate-keys", "--dev", "--batch", "2"],
         env=env,

@@ -1070,9 +1070,11 @@ def test_sigterm_drains_in_flight_calls_and_refuses_new_ones(database_url, tmp_p
     )
 
 
-def test_sigterm_grace_seconds_bounds_a_stuck_call(postgres_db, tmp_path, secrets_seen):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigterm_grace_seconds_bounds_a_stuck_call(postgres_db, tmp_path, secrets_seen, workers):
     """A call still stuck when grace_seconds run out is cut (the client is told
-    UNAVAILABLE, nothing of it is applied), and the process exits anyway.
+    UNAVAILABLE, nothing of it is applied), and the process exits anyway, and
+    not with 0: with workers, the supervisor passes the failed drain on.
 
     PostgreSQL only: on SQLite a blocked write gives up by itself at busy_timeout.
     """
@@ -1081,6 +1083,7 @@ def test_sigterm_grace_seconds_bounds_a_stuck_call(postgres_db, tmp_path, secret
         postgres_db,
         tmp_path,
         sms_file,
+        ("--workers", "2") if workers == 2 else (),
         env={"PHONEBIND_GRACE_SECONDS": "0.5"},
         secrets=secrets_seen,
     )
@@ -1113,7 +1116,8 @@ def test_sigterm_grace_seconds_bounds_a_stuck_call(postgres_db, tmp_path, secret
         postgres_db, "SELECT state, attempts FROM challenges WHERE rebind_id = ?", rebind_id
     ) == [("LIVE", 0)]
     print(
-        f"\n[postgresql SIGTERM, grace 0.5 s] the stuck call was cut after {cut_in:.2f} s,"
+        f"\n[postgresql SIGTERM, grace 0.5 s, {workers} worker(s)] the stuck call was cut"
+        f" after {cut_in:.2f} s,"
         f" the process exited ({exit_code}) after {exited_in:.2f} s with the lock still held"
     )
 

@@ -67,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
         help="re-encrypt every sealed number under active_seal_key, in small transactions",
     )
     common(rotate)
-    rotate.add_argument("--batch", type=int, default=500, help="rows per transaction")
+    rotate.add_argument("--batch", type=_positive, default=500, help="rows per transaction")
 
     audit = commands.add_parser("audit", help="the audit trail")
     audit_commands = audit.add_subparsers(dest="audit_command", required=True)
@@ -102,6 +102,16 @@ def _parser() -> argparse.ArgumentParser:
         help="apply pending migrations before serving (always on with --dev)",
     )
     return parser
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, not {text!r}")
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -189,8 +199,16 @@ def _rotate_keys(settings: Settings, batch: int) -> int:
     try:
         for model, column in PeeweeStore.SEALED_COLUMNS:
             total = 0
-            while done := store.reseal_batch(model, column, vault, batch):
-                total += done
+            try:
+                while done := store.reseal_batch(model, column, vault, batch):
+                    total += done
+            except ValueError as error:  # a value under a key the settings lack
+                print(
+                    f"phonebind-server: {model._meta.table_name}.{column}: a value is {error};"
+                    f" add that key to seal_keys and run again ({total} re-encrypted so far)",
+                    file=sys.stderr,
+                )
+                return 1
             print(f"{model._meta.table_name}.{column}: {total} re-encrypted")
     finally:
         store.close()
@@ -389,6 +407,14 @@ def _supervise(settings: Settings) -> int:
         stopping.wait(0.25)
     for process in workers:
         process.join(settings.grace_seconds + 5)
+    if outcome == 0 and any(process.exitcode != 0 for process in workers):
+        # A worker had to be ended with calls still running (or did not end):
+        # systemd and Kubernetes should not see a clean stop.
+        log.error(
+            "a worker did not drain cleanly",
+            extra={"exitcodes": [process.exitcode for process in workers]},
+        )
+        outcome = 1
     return outcome
 
 

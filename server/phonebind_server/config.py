@@ -231,10 +231,75 @@ def load(
             reflection=True,
             **{name: getattr(settings, name) or value for name, value in DEV_KEYS.items()},
         )
-    settings = dataclasses.replace(settings, policy=policy)
+    settings = dataclasses.replace(
+        settings, policy=policy, log_level=settings.log_level.strip().upper()
+    )
+    _check_common(settings)
     if serving:
         check(settings)
     return settings
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _check_common(settings: Settings) -> None:
+    """What every command needs: its log level and a database it can open."""
+    if settings.log_level not in LOG_LEVELS:
+        raise ConfigError(f"log_level must be one of {', '.join(LOG_LEVELS)}")
+    if not settings.database_url.startswith(("sqlite:///", "postgresql://", "postgres://")):
+        raise ConfigError(
+            "database_url must be sqlite:////abs/path.db or postgresql://user@host:port/db"
+        )
+
+
+def _port_of(name: str, address: str, *, allow_zero: bool) -> int:
+    host, colon, port = address.rpartition(":")
+    lowest = 0 if allow_zero else 1
+    if not colon or not host or not port.isdigit() or not lowest <= int(port) <= 65535:
+        raise ConfigError(f"{name} must be HOST:PORT with a port from {lowest} to 65535")
+    return int(port)
+
+
+def _check_addresses(settings: Settings) -> None:
+    _port_of("listen", settings.listen, allow_zero=True)
+    if settings.metrics_listen:
+        port = _port_of("metrics_listen", settings.metrics_listen, allow_zero=False)
+        if port + settings.workers - 1 > 65535:
+            raise ConfigError(
+                f"metrics_listen: worker {settings.workers - 1} would need port"
+                f" {port + settings.workers - 1}; choose a lower port"
+            )
+
+
+def _check_tls_files(settings: Settings) -> None:
+    """Unreadable or malformed PEM files are named here, not reported later by
+    gRPC as a failure to bind the port."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    def read(name: str, path: str) -> bytes:
+        try:
+            with open(path, "rb") as handle:
+                return handle.read()
+        except OSError as error:
+            raise ConfigError(f"{name}: cannot read {path}: {error.strerror}") from None
+
+    for name, path in (("tls_cert", settings.tls_cert), ("tls_client_ca", settings.tls_client_ca)):
+        if path:
+            pem = read(name, path)
+            try:
+                x509.load_pem_x509_certificates(pem)
+            except ValueError:
+                raise ConfigError(f"{name}: {path} holds no PEM certificate") from None
+    if settings.tls_key:
+        pem = read("tls_key", settings.tls_key)
+        try:
+            serialization.load_pem_private_key(pem, password=None)
+        except (ValueError, TypeError):
+            raise ConfigError(
+                f"tls_key: {settings.tls_key} holds no unencrypted PEM private key"
+            ) from None
 
 
 def check(settings: Settings) -> None:
@@ -247,10 +312,12 @@ def check(settings: Settings) -> None:
     if settings.unauthenticated_audit_per_minute < 1:
         raise ConfigError("unauthenticated_audit_per_minute must be at least 1")
     _check_sms(settings)
+    _check_addresses(settings)
     if bool(settings.tls_cert) != bool(settings.tls_key):
         raise ConfigError("tls_cert and tls_key go together")
     if settings.tls_client_ca and not settings.tls_cert:
         raise ConfigError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+    _check_tls_files(settings)
     if settings.dev:
         if not _loopback_host(settings.listen.rsplit(":", 1)[0].strip("[]")):
             raise ConfigError("--dev listens on loopback only (127.0.0.1, ::1 or localhost)")

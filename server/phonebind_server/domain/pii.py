@@ -91,7 +91,8 @@ class Vault:
     def unseal(self, token: str) -> str:
         version, kid, payload = token.split(":", 2)
         if version != _SEAL_VERSION or kid not in self._ciphers:
-            raise ValueError("sealed with an unknown key")
+            # The key id is no secret; it tells the operator which key is missing.
+            raise ValueError(f"sealed with an unknown key {kid[:32]!r}")
         raw = base64.urlsafe_b64decode(payload)
         return self._ciphers[kid].decrypt(raw[:12], raw[12:], kid.encode()).decode()
 
