@@ -15,6 +15,7 @@ import pytest
 from support import HOLDER, ID_NUMBER, e164, held_lock
 
 from phonebind_client import ErrorReason, PhonebindClient, PhonebindError, RebindState
+from phonebind_client.client import _Retry, _retryable
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -75,6 +76,25 @@ def test_facade_retries_unavailable_with_backoff_then_gives_up():
     assert caught.value.code == grpc.StatusCode.UNAVAILABLE
     assert len(delays) == 2
     assert all(0 <= d <= 2.0 for d in delays)
+
+
+@pytest.mark.parametrize(
+    ("code", "reason", "replay_safe", "others"),
+    [
+        (grpc.StatusCode.UNAVAILABLE, "STORE_UNAVAILABLE", True, True),
+        (grpc.StatusCode.UNAVAILABLE, None, True, False),  # the transport: may have arrived
+        (grpc.StatusCode.DEADLINE_EXCEEDED, None, True, False),
+        (grpc.StatusCode.CANCELLED, None, True, False),  # a draining server
+        (grpc.StatusCode.INTERNAL, None, False, False),
+        (grpc.StatusCode.FAILED_PRECONDITION, "CODE_EXPIRED", False, False),
+    ],
+)
+def test_which_failures_each_kind_of_call_retries(code, reason, replay_safe, others):
+    """Reads and request_id calls retry whatever cannot have taken effect twice;
+    verify_code and the like only what phonebind says changed nothing."""
+    error = PhonebindError(code, reason=reason, domain="phonebind.v1" if reason else None)
+    assert _retryable(error, _Retry.REPLAY_SAFE) is replay_safe
+    assert _retryable(error, _Retry.STORE_UNAVAILABLE) is others
 
 
 def test_a_call_past_its_deadline_is_retried_with_the_same_request_id_to_one_effect(server):

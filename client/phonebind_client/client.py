@@ -65,9 +65,11 @@ _TARGETS: dict[str, int] = {
 class _Retry(enum.Enum):
     """Which failures a method may retry."""
 
-    # Reads and request_id calls: any UNAVAILABLE or DEADLINE_EXCEEDED (the
-    # request either did not arrive, changes nothing, or is deduplicated by its
-    # request_id, so a retry gets the first attempt's answer if it took effect).
+    # Reads and request_id calls: any UNAVAILABLE, DEADLINE_EXCEEDED or CANCELLED
+    # (the request either did not arrive, changes nothing, or is deduplicated by
+    # its request_id, so a retry gets the first attempt's answer if it took
+    # effect). CANCELLED comes from the server here (this client never cancels):
+    # a draining server's transport drops a few calls it had not yet started.
     REPLAY_SAFE = enum.auto()
     # Calls without request_id whose replay could count twice (an attempt, a
     # cancel): only UNAVAILABLE/STORE_UNAVAILABLE from phonebind itself, which
@@ -103,8 +105,9 @@ class PhonebindClient:
     Retries (at most ``max_attempts`` attempts in total, sleeping through
     ``sleep``):
 
-    * UNAVAILABLE and DEADLINE_EXCEEDED are retried by the reads (get_account,
-      get_rebind, list_binding_history) and by the calls that carry a request_id
+    * UNAVAILABLE, DEADLINE_EXCEEDED and CANCELLED (from a server shutting down)
+      are retried by the reads (get_account, get_rebind, list_binding_history)
+      and by the calls that carry a request_id
       (register_account, start_rebind, send_code, complete_rebind), which send
       the same request_id on every attempt; a PhonebindError from such a call
       carries that ``request_id``, to retry it later with the same effect;
@@ -398,9 +401,14 @@ class PhonebindClient:
         return random.uniform(0, ceiling)  # noqa: S311 - jitter, not a secret
 
 
+_REPLAY_SAFE_CODES = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
+)
+
+
 def _retryable(error: PhonebindError, retry: _Retry) -> bool:
     if retry is _Retry.REPLAY_SAFE:
-        return error.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+        return error.code in _REPLAY_SAFE_CODES
     return (
         error.code is grpc.StatusCode.UNAVAILABLE
         and error.reason == "STORE_UNAVAILABLE"
