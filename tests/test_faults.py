@@ -940,6 +940,14 @@ def test_worker_killed_mid_load_leaves_every_invariant(database_url, tmp_path, s
             load.stopping.set()
         supervisor.kill()
 
+    # Each worker's lines say which worker wrote them; the supervisor names the dead one.
+    lines = [json.loads(line) for line in supervisor.log().splitlines() if line.startswith("{")]
+    serving = {(e["worker"], e["pid"]) for e in lines if e["message"] == "phonebind serving"}
+    assert {w for w, _ in serving} == {0, 1} and victim in {p for _, p in serving}
+    (died,) = [e for e in lines if e["message"] == "worker died, restarting"]
+    assert died["pid"] == victim and died["exitcode"] == -signal.SIGKILL
+    assert (died["worker"], victim) in serving
+
     counts = assert_invariants(database_url, load.flows)
     assert load.outcomes().get("COMPLETED", 0) >= 20
     # Failures only around the kill: connection losses, and codes the dead worker had

@@ -315,8 +315,8 @@ def _exit_stuck(seconds: float) -> None:
     os._exit(1)
 
 
-def _worker(settings: Settings) -> None:
-    logs.configure(settings.log_level)
+def _worker(settings: Settings, index: int) -> None:
+    logs.configure(settings.log_level, worker=index, pid=os.getpid())
     parent = multiprocessing.parent_process()
     if parent is not None:
         # A worker outlives a supervisor killed with SIGKILL; it drains and exits.
@@ -363,7 +363,9 @@ def _supervise(settings: Settings) -> int:
         if settings.metrics_listen:
             host, _, port = settings.metrics_listen.rpartition(":")
             own = dataclasses.replace(settings, metrics_listen=f"{host}:{int(port) + index}")
-        process = context.Process(target=_worker, args=(own,), name=f"phonebind-worker-{index}")
+        process = context.Process(
+            target=_worker, args=(own, index), name=f"phonebind-worker-{index}"
+        )
         process.start()
         started_at[index] = time.monotonic()
         return process
@@ -399,7 +401,12 @@ def _supervise(settings: Settings) -> int:
                 restart_at[index] = now + (delay if failed_starts[index] else 0.0)
                 log.error(
                     "worker died, restarting",
-                    extra={"exitcode": process.exitcode, "failed_starts": failed_starts[index]},
+                    extra={
+                        "worker": index,
+                        "pid": process.pid,
+                        "exitcode": process.exitcode,
+                        "failed_starts": failed_starts[index],
+                    },
                 )
             if now >= restart_at[index]:
                 del restart_at[index]

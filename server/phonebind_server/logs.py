@@ -47,12 +47,19 @@ logging.setLogRecordFactory(_stamp_request_id(logging.getLogRecordFactory()))
 
 
 class JsonFormatter(logging.Formatter):
+    """`fields` go into every line: which worker process wrote it, under --workers."""
+
+    def __init__(self, fields: dict[str, object] | None = None) -> None:
+        super().__init__()
+        self._fields = dict(fields or {})
+
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, object] = {
             "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),
+            **self._fields,
         }
         if request_id := getattr(record, "request_id", ""):
             entry["request_id"] = request_id
@@ -64,9 +71,9 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=True)
 
 
-def configure(level: str = "INFO") -> None:
+def configure(level: str = "INFO", **fields: object) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter())
+    handler.setFormatter(JsonFormatter(fields))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
