@@ -781,6 +781,19 @@ def proxied_two_threads(postgres_db, tmp_path, clock, secrets_seen):
         proxy.cut()
 
 
+def not_ok_get_accounts(running) -> float:
+    """GetAccount calls the server has finished with another outcome than OK."""
+    return sum(
+        sample.value
+        for family in running.app.metrics.registry.collect()
+        if family.name == "phonebind_rpcs"
+        for sample in family.samples
+        if sample.name == "phonebind_rpcs_total"
+        and sample.labels["method"].endswith("/GetAccount")
+        and sample.labels["outcome"] != "OK"
+    )
+
+
 def test_a_silent_database_frees_waiting_calls_and_answers_store_unavailable(
     proxied_two_threads,
 ):
@@ -812,7 +825,14 @@ def test_a_silent_database_frees_waiting_calls_and_answers_store_unavailable(
     # have begun to open (peewee opens them one at a time; connect_timeout is 3 s).
     wait_until(lambda: health(running.channel) == "NOT_SERVING", 8, "health NOT_SERVING")
     freed_in = time.monotonic() - started
-    assert running.app.store.silence.cut == 2  # each stuck statement cut, not waited out
+    # Both stuck calls ended on the server (their statements cut, not waited out;
+    # the health ping's may have been cut too).
+    wait_until(lambda: not_ok_get_accounts(running) == 2, 5, "both stuck calls to end")
+    cut = running.app.store.silence.cut
+    assert cut >= 2
+    metric = running.app.metrics.registry.get_sample_value
+    assert metric("phonebind_store_connections_cut_total") == cut
+    assert metric("phonebind_store_up") == 0
 
     asked = time.monotonic()
     with pytest.raises(grpc.RpcError) as refused:
@@ -825,6 +845,7 @@ def test_a_silent_database_frees_waiting_calls_and_answers_store_unavailable(
 
     proxy.thaw()
     wait_until(lambda: health(running.channel) == "SERVING", 10, "health SERVING again")
+    assert metric("phonebind_store_up") == 1
     assert pb.get_account("part-1").phone_masked == "138****8511"
     print(
         f"\n[postgresql] silent database: both RPC threads free {freed_in:.2f} s after two"

@@ -133,6 +133,7 @@ class App:
             if up != last:
                 log.warning("store is %s", "reachable" if up else "unreachable")
                 self.store.reachable(up)
+                self.metrics.store_up.set(1 if up else 0)
                 self.set_serving(up)
                 last = up
         pinger.shutdown(wait=False, cancel_futures=True)
@@ -203,6 +204,7 @@ def create_server(
     vault = Vault(keys)
     metrics = Metrics()
     metrics.watch_outbox(lambda: store.outbox_stats(clock.now()))
+    metrics.watch_connections_cut(lambda: store.silence.cut if store.silence else 0)
     dispatcher = OutboxDispatcher(
         store,
         vault,
@@ -283,6 +285,7 @@ def create_server(
         app.metrics_port = metrics.serve(settings.metrics_listen)
     store_up = store.ping()
     store.reachable(store_up)
+    metrics.store_up.set(1 if store_up else 0)
     app.set_serving(store_up)
     server.start()
     dispatcher.start()

@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 # Outcomes of a verification that failed, and refusals of rate and cooldown limits.
@@ -37,6 +37,18 @@ class _OutboxCollector(Collector):
             "phonebind_outbox_oldest_age_seconds",
             "Age of the oldest undelivered SMS (0 when none)",
             value=age,
+        )
+
+
+class _ConnectionsCutCollector(Collector):
+    def __init__(self, read: Callable[[], int]) -> None:
+        self._read = read
+
+    def collect(self):
+        yield CounterMetricFamily(
+            "phonebind_store_connections_cut",
+            "Database connections shut because a statement went unanswered past its deadline",
+            value=self._read(),
         )
 
 
@@ -82,8 +94,17 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.store_up = Gauge(
+            "phonebind_store_up",
+            "1 while the health check reaches the database, 0 while it does not",
+            registry=self.registry,
+        )
+
     def watch_outbox(self, read: Callable[[], tuple[int, float]]) -> None:
         self.registry.register(_OutboxCollector(read))
+
+    def watch_connections_cut(self, read: Callable[[], int]) -> None:
+        self.registry.register(_ConnectionsCutCollector(read))
 
     def observe_rpc(self, method: str, outcome: str, status: str, seconds: float) -> None:
         key = (method, outcome, status)
