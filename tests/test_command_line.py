@@ -44,6 +44,11 @@ def sqlite(tmp_path) -> str:
         (("serve", "--dev", "--listen", "50051"), {}, "listen must be HOST:PORT"),
         (("serve", "--dev", "--metrics-listen", "foo"), {}, "metrics_listen must be HOST:PORT"),
         (
+            ("serve", "--dev", "--workers", "2", "--metrics-listen", "127.0.0.1:0"),
+            {},
+            "metrics_listen must be HOST:PORT with a port from 1 to 65535",
+        ),
+        (
             ("serve", "--dev", "--workers", "2", "--metrics-listen", "127.0.0.1:65535"),
             {},
             "metrics_listen: worker 1 would need port 65536",

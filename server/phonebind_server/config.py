@@ -264,7 +264,8 @@ def _port_of(name: str, address: str, *, allow_zero: bool) -> int:
 def _check_addresses(settings: Settings) -> None:
     _port_of("listen", settings.listen, allow_zero=True)
     if settings.metrics_listen:
-        port = _port_of("metrics_listen", settings.metrics_listen, allow_zero=False)
+        # Port 0 (any free one) only for one process: workers count up from the port.
+        port = _port_of("metrics_listen", settings.metrics_listen, allow_zero=settings.workers == 1)
         if port + settings.workers - 1 > 65535:
             raise ConfigError(
                 f"metrics_listen: worker {settings.workers - 1} would need port"
