@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -24,7 +26,7 @@ from phonebind.v1 import (
     review_service_pb2_grpc,
 )
 
-from .config import Settings
+from .config import ConfigError, Settings
 from .domain.audit import AuditTrail
 from .domain.audit_log import AuditLog
 from .domain.pii import Vault
@@ -159,16 +161,39 @@ class App:
         self.server.wait_for_termination()
 
 
-def _read(path: str) -> bytes:
-    with open(path, "rb") as handle:
-        return handle.read()
+def _pem(name: str, path: str) -> bytes:
+    try:
+        with open(path, "rb") as handle:
+            return handle.read()
+    except OSError as error:
+        raise ConfigError(f"{name}: cannot read {path}: {error.strerror}") from None
 
 
 def _tls_credentials(settings: Settings) -> grpc.ServerCredentials:
-    """TLS; with a client CA, mutual TLS: a client certificate is required."""
-    client_ca = _read(settings.tls_client_ca) if settings.tls_client_ca else None
+    """TLS; with a client CA, mutual TLS: a client certificate is required.
+
+    The PEM files are checked here, so that a malformed one is named, instead of
+    gRPC reporting a failure to bind the port."""
+    certificate = _pem("tls_cert", settings.tls_cert)
+    key = _pem("tls_key", settings.tls_key)
+    client_ca = _pem("tls_client_ca", settings.tls_client_ca) if settings.tls_client_ca else None
+    for name, path, pem in (
+        ("tls_cert", settings.tls_cert, certificate),
+        ("tls_client_ca", settings.tls_client_ca, client_ca),
+    ):
+        try:
+            if pem is not None:
+                x509.load_pem_x509_certificates(pem)
+        except ValueError:
+            raise ConfigError(f"{name}: {path} holds no PEM certificate") from None
+    try:
+        serialization.load_pem_private_key(key, password=None)
+    except (ValueError, TypeError):
+        raise ConfigError(
+            f"tls_key: {settings.tls_key} holds no unencrypted PEM private key"
+        ) from None
     return grpc.ssl_server_credentials(
-        [(_read(settings.tls_key), _read(settings.tls_cert))],
+        [(key, certificate)],
         root_certificates=client_ca,
         require_client_auth=client_ca is not None,
     )

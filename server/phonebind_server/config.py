@@ -273,36 +273,6 @@ def _check_addresses(settings: Settings) -> None:
             )
 
 
-def _check_tls_files(settings: Settings) -> None:
-    """Unreadable or malformed PEM files are named here, not reported later by
-    gRPC as a failure to bind the port."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import serialization
-
-    def read(name: str, path: str) -> bytes:
-        try:
-            with open(path, "rb") as handle:
-                return handle.read()
-        except OSError as error:
-            raise ConfigError(f"{name}: cannot read {path}: {error.strerror}") from None
-
-    for name, path in (("tls_cert", settings.tls_cert), ("tls_client_ca", settings.tls_client_ca)):
-        if path:
-            pem = read(name, path)
-            try:
-                x509.load_pem_x509_certificates(pem)
-            except ValueError:
-                raise ConfigError(f"{name}: {path} holds no PEM certificate") from None
-    if settings.tls_key:
-        pem = read("tls_key", settings.tls_key)
-        try:
-            serialization.load_pem_private_key(pem, password=None)
-        except (ValueError, TypeError):
-            raise ConfigError(
-                f"tls_key: {settings.tls_key} holds no unencrypted PEM private key"
-            ) from None
-
-
 def check(settings: Settings) -> None:
     """Refuses settings that would be unsafe outside a developer's machine."""
     settings.keys()
@@ -318,7 +288,6 @@ def check(settings: Settings) -> None:
         raise ConfigError("tls_cert and tls_key go together")
     if settings.tls_client_ca and not settings.tls_cert:
         raise ConfigError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
-    _check_tls_files(settings)
     if settings.dev:
         if not _loopback_host(settings.listen.rsplit(":", 1)[0].strip("[]")):
             raise ConfigError("--dev listens on loopback only (127.0.0.1, ::1 or localhost)")
