@@ -183,6 +183,14 @@ class TcpProxy:
     def restore(self) -> None:
         self._listen()
 
+    def refuse_new(self) -> None:
+        """New connections are refused; those already forwarded go on working
+        (a database at its connection limit)."""
+        self._stop.set()
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.close()
+
     def freeze(self) -> None:
         self._frozen.set()
 
@@ -851,6 +859,49 @@ def test_a_silent_database_frees_waiting_calls_and_answers_store_unavailable(
         f"\n[postgresql] silent database: both RPC threads free {freed_in:.2f} s after two"
         f" 1 s calls began; a new call answered STORE_UNAVAILABLE in {answered_in * 1000:.0f} ms"
     )
+
+
+def test_a_database_refusing_only_new_connections_still_serves_calls(proxied_two_threads):
+    """At its connection limit the database refuses new connections but serves the
+    open ones: health says NOT_SERVING (its ping needs a new connection here),
+    while calls go on through the connections the server already holds."""
+    proxy, running = proxied_two_threads
+    pb = running.api
+    pb.register("lim-1", "13800138512")
+    with ThreadPoolExecutor(4) as pool:  # each RPC thread opens its pooled connection
+        list(pool.map(lambda _: pb.get_account("lim-1"), range(40)))
+    proxy.refuse_new()
+    ping_pid = running.app.store._ping_connection.get_backend_pid()
+    terminate(postgres_url_of(running, proxy), ping_pid)  # the ping must connect anew
+    wait_until(lambda: health(running.channel) == "NOT_SERVING", 5, "health NOT_SERVING")
+    answers = [pb.get_account("lim-1").phone_masked for _ in range(20)]
+    assert answers == ["138****8512"] * 20
+    proxy.restore()
+    wait_until(lambda: health(running.channel) == "SERVING", 10, "health SERVING again")
+
+
+def test_a_ping_connection_lost_alone_does_not_count_as_an_outage(postgres_db):
+    """An idle-session timeout or a DBA ends the ping's own connection: the ping
+    tries a fresh one before it calls the database unreachable."""
+    store = PeeweeStore(postgres_db, statement_timeout=30)
+    try:
+        assert store.ping()
+        first = store._ping_connection.get_backend_pid()
+        terminate(postgres_db, first)
+        assert store.ping()
+        assert store._ping_connection.get_backend_pid() != first
+    finally:
+        store.close()
+
+
+def terminate(url: str, pid: int) -> None:
+    assert rows(url, "SELECT pg_terminate_backend(?)", pid) == [(True,)]
+
+
+def postgres_url_of(running, proxy) -> str:
+    """The server's database URL without the proxy in between."""
+    host, port = proxy.upstream
+    return running.database_url.replace(f"127.0.0.1:{proxy.port}", f"{host}:{port}")
 
 
 def test_a_statement_without_a_deadline_is_cut_at_the_statement_timeout(postgres_db):

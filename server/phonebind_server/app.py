@@ -132,9 +132,11 @@ class App:
                 up = pending.result(timeout=deadline)
             except futures.TimeoutError:
                 up = False
+                self.store.reachable(False)  # silent: calls must not wait on it
+            if up:
+                self.store.reachable(True)
             if up != last:
                 log.warning("store is %s", "reachable" if up else "unreachable")
-                self.store.reachable(up)
                 self.metrics.store_up.set(1 if up else 0)
                 self.set_serving(up)
                 last = up
@@ -309,7 +311,6 @@ def create_server(
     if settings.metrics_listen:
         app.metrics_port = metrics.serve(settings.metrics_listen)
     store_up = store.ping()
-    store.reachable(store_up)
     metrics.store_up.set(1 if store_up else 0)
     app.set_serving(store_up)
     server.start()

@@ -522,9 +522,12 @@ class PeeweeStore:
             close_all()
 
     def reachable(self, up: bool) -> None:
-        """Told by the health check. While the database is unreachable, units of
-        work answer STORE_UNAVAILABLE at once: a silent database would otherwise
-        hold each call until its deadline, and its RPC thread with it."""
+        """Told by the health check: False once a ping went unanswered past its
+        deadline, True once one is answered. Meanwhile units of work answer
+        STORE_UNAVAILABLE at once: a silent database would otherwise hold each
+        call until its deadline, and its RPC thread with it. (A database that
+        refuses connections fails calls at once by itself, and one that refuses
+        only new ones still serves the connections the pool holds.)"""
         self._reachable = up
 
     @contextmanager
@@ -635,19 +638,24 @@ class PeeweeStore:
         # database that does not answer would hold that lock for connect_timeout
         # against every RPC thread, again and again while the outage lasts.
         with self._ping_lock:
-            try:
-                if self._ping_connection is None or self._ping_connection.closed:
-                    self._ping_connection = psycopg2.connect(
-                        dbname=self.db.database, **self.db.connect_params
-                    )
-                    self._ping_connection.autocommit = True
-                with self._ping_connection.cursor() as cursor:
-                    cursor.execute("SELECT 1")
-                return True
-            except psycopg2.Error:
-                self._close_ping_connection()
-                self._outages += 1  # pooled connections are tested before their next use
-                return False
+            # The kept connection may have died alone (an idle-session timeout, a
+            # pooler restart): then a fresh one decides.
+            for _ in range(1 if self._ping_connection is None else 2):
+                try:
+                    if self._ping_connection is None or self._ping_connection.closed:
+                        self._ping_connection = psycopg2.connect(
+                            dbname=self.db.database, **self.db.connect_params
+                        )
+                        self._ping_connection.autocommit = True
+                    with self._ping_connection.cursor() as cursor:
+                        cursor.execute("SELECT 1")
+                    return True
+                except psycopg2.Error:
+                    self._close_ping_connection()
+                    if _caller_gone():  # it did not answer in time: no second try
+                        break
+        self._outages += 1  # pooled connections are tested before their next use
+        return False
 
     def _close_ping_connection(self) -> None:
         connection, self._ping_connection = self._ping_connection, None

@@ -14,6 +14,11 @@ timeout plus that grace. One thread per store looks every `tick` seconds and
 shuts down the socket of a statement waiting past its time; psycopg2 then
 fails it as a lost connection, which the store reports as STORE_UNAVAILABLE,
 and the pool discards the connection.
+
+No cancel request is sent first: psycopg2 sends it holding the GIL, and a
+database that does not answer would stop the whole process. A database that is
+alive but slow runs a cut statement to its end (its statement_timeout, when
+set), as it would have for a caller who gave up.
 """
 
 from __future__ import annotations
@@ -39,11 +44,12 @@ class SilenceWatch:
         self._grace = grace
         self._tick = tick
         # id(connection) -> (answer-by time, connection); a connection runs one
-        # statement at a time. Plain dict operations, atomic under the GIL.
+        # statement at a time. A statement's end takes the lock, so a cut cannot
+        # land on the connection's next statement.
         self._waiting: dict[int, tuple[float, Any]] = {}
+        self._lock = threading.Lock()
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
-        self._start_lock = threading.Lock()
         self.cut = 0
 
     def cursor_factory(self) -> type[psycopg2.extensions.cursor]:
@@ -73,13 +79,14 @@ class SilenceWatch:
         return key
 
     def end(self, key: int) -> None:
-        self._waiting.pop(key, None)
+        with self._lock:
+            del self._waiting[key]
 
     def stop(self) -> None:
         self._stopped.set()
 
     def _start(self) -> None:
-        with self._start_lock:
+        with self._lock:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="db-silence", daemon=True)
                 self._thread.start()
@@ -88,9 +95,11 @@ class SilenceWatch:
         while not self._stopped.wait(self._tick):
             now = time.monotonic()
             for key, entry in list(self._waiting.items()):
-                answer_by, connection = entry
-                if now >= answer_by and self._waiting.get(key) is entry:
-                    self._cut(connection)
+                if now < entry[0]:
+                    continue
+                with self._lock:
+                    if self._waiting.get(key) is entry:  # still that statement
+                        self._cut(entry[1])
 
     def _cut(self, connection: Any) -> None:
         try:
