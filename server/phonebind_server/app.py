@@ -106,7 +106,14 @@ class App:
         try:
             self.audit_log.summarise_refusals(final=final)
         except StoreUnavailable:
-            log.warning("summary of refused calls not audited: store unavailable")
+            if final:  # no later try: the counts go to the log instead
+                for source, refusals in self.audit_log.unsummarised_refusals():
+                    log.error(
+                        "refused calls not audited: store unavailable",
+                        extra={"source": source, "refusals": refusals},
+                    )
+            else:
+                log.warning("summary of refused calls not audited yet: store unavailable")
 
     def _watch_store(self, last: bool) -> None:
         # Pings run on one thread of their own (and its one connection); one that

@@ -31,22 +31,26 @@ class _Window:
 
 
 class StrangerWindows:
-    """How many refusals of unauthenticated calls each source may have recorded
-    one by one: `limit` a minute. The rest are counted, and recorded as one
-    CALLS_REFUSED event per source and minute, so that anyone who reaches the
-    port cannot grow the audit trail (and take the write lock) at will, and
-    every refused call is still accounted for."""
+    """How many refusals of unauthenticated calls are recorded one by one: `limit`
+    a minute per source, and ten times that from all sources together. The rest
+    are counted, and recorded as one CALLS_REFUSED event per source and minute,
+    so that anyone who reaches the port cannot grow the audit trail (and take
+    the write lock) at will, and every refused call is still accounted for.
+    Each server process keeps its own count."""
 
     WINDOW = timedelta(minutes=1)
-    # Beyond this many sources in one minute, the newcomers share one window.
+    # Beyond this many sources, or this many minutes waiting for their summary
+    # (the store down), newcomers share one window.
     MAX_SOURCES = 10_000
     OVERFLOW = "(other sources)"
 
     def __init__(self, limit: int) -> None:
         self._limit = limit
+        self._all_limit = 10 * limit
         self._lock = threading.Lock()
         self._windows: dict[str, _Window] = {}
-        self._ended: list[tuple[str, _Window]] = []  # over, with refusals to summarise
+        self._all: _Window | None = None  # every source's individual events this minute
+        self._ended: dict[tuple[str, datetime], _Window] = {}  # over, to summarise
 
     def admit(self, source: str, now: datetime) -> bool:
         """Whether this refusal gets an event of its own; if not, it is counted."""
@@ -60,8 +64,11 @@ class StrangerWindows:
                 window = None
             if window is None:
                 window = self._windows[source] = _Window(now)
-            if window.recorded < self._limit:
+            if self._all is None or now >= self._all.started + self.WINDOW:
+                self._all = _Window(now)
+            if window.recorded < self._limit and self._all.recorded < self._all_limit:
                 window.recorded += 1
+                self._all.recorded += 1
                 return True
             window.unrecorded += 1
             return False
@@ -74,13 +81,25 @@ class StrangerWindows:
                 s for s, w in self._windows.items() if every or now >= w.started + self.WINDOW
             ]:
                 self._end(source)
-            ended, self._ended = self._ended, []
-        return ended
+            ended, self._ended = self._ended, {}
+        return [(source, window) for (source, _), window in ended.items()]
+
+    def unsummarised(self, windows: list[tuple[str, _Window]]) -> None:
+        """Windows whose summary could not be written: kept for the next try."""
+        with self._lock:
+            for source, window in windows:
+                self._keep(source, window)
 
     def _end(self, source: str) -> None:
         window = self._windows.pop(source)
         if window.unrecorded:
-            self._ended.append((source, window))
+            self._keep(source, window)
+
+    def _keep(self, source: str, window: _Window) -> None:
+        if (source, window.started) not in self._ended and len(self._ended) >= self.MAX_SOURCES:
+            source = self.OVERFLOW
+        kept = self._ended.setdefault((source, window.started), _Window(window.started))
+        kept.unrecorded += window.unrecorded
 
 
 class AuditLog:
@@ -111,6 +130,7 @@ class AuditLog:
         now = self._clock.now()
         windows = self._strangers.closed(now, every=final)
         context = current_call.set(CallContext(caller="unauthenticated"))
+        written = 0
         try:
             for source, window in windows:
                 event = AuditEvent(
@@ -124,9 +144,18 @@ class AuditLog:
                 )
                 with self._store.transaction() as tx:
                     self._trail.append(tx, event, now, refusal_chain(source))
+                written += 1
         finally:
             current_call.reset(context)
-        return len(windows)
+            # Kept for the next try (the store down); with `final` there is none.
+            self._strangers.unsummarised(windows[written:])
+        return written
+
+    def unsummarised_refusals(self) -> list[tuple[str, int]]:
+        """(source, refusals) still waiting for their summary event."""
+        windows = self._strangers.closed(self._clock.now(), every=True)
+        self._strangers.unsummarised(windows)
+        return [(source, window.unrecorded) for source, window in windows]
 
     def events(
         self,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import time
@@ -9,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
+from urllib.parse import unquote
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -54,14 +56,24 @@ _UNREADABLE = object()
 
 
 def _source_address(peer: str) -> str:
-    """The address of gRPC's peer string without its port: `ipv4:10.0.0.7:5123`
-    and `ipv6:[fd00::7]:5123` give `10.0.0.7` and `fd00::7`; other transports
-    (`unix:`) their kind."""
-    kind, _, rest = peer.partition(":")
+    """Where an unauthenticated call came from, as one counted source: the IPv4
+    address of gRPC's peer string (`ipv4:10.0.0.7:5123`), or the /64 network of
+    an IPv6 one (`ipv6:%5B2001:db8::7%5D:5123`, percent-encoded by gRPC), as a
+    single host holds a whole /64; other transports (`unix:`) by their kind."""
+    kind, _, rest = unquote(peer).partition(":")
     if kind == "ipv4":
         return rest.rpartition(":")[0] or rest
     if kind == "ipv6":
-        return rest.rpartition(":")[0].strip("[]") or rest
+        host = rest.rpartition(":")[0].strip("[]") or rest
+        try:
+            address = ipaddress.IPv6Address(host.split("%", 1)[0])
+        except ValueError:
+            return host[:64]
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        if address.is_loopback:
+            return str(address)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
     return kind or "unknown"
 
 
