@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import grpc
 import pytest
 from support import free_port
 
@@ -43,6 +44,11 @@ def sqlite(tmp_path) -> str:
         (("serve", "--dev", "--listen", "127.0.0.1:99999"), {}, "port from 0 to 65535"),
         (("serve", "--dev", "--listen", "50051"), {}, "listen must be HOST:PORT"),
         (("serve", "--dev", "--metrics-listen", "foo"), {}, "metrics_listen must be HOST:PORT"),
+        (
+            ("serve", "--dev", "--workers", "2", "--listen", "unix:pb.sock"),
+            {},
+            "several workers share a TCP port",
+        ),
         (
             ("serve", "--dev", "--workers", "2", "--metrics-listen", "127.0.0.1:0"),
             {},
@@ -89,3 +95,39 @@ def test_an_ipv6_listen_address_is_accepted():
     assert settings.listen == "[::1]:50051"
     with pytest.raises(ConfigError, match="listen must be HOST:PORT"):
         load({"dev": True, "listen": "[::1]"}, env={})
+
+
+def test_addresses_and_levels_that_work_in_production_are_accepted():
+    assert load({"log_level": "warn"}, env={}, serving=False).log_level == "WARNING"
+    assert load({"log_level": "fatal"}, env={}, serving=False).log_level == "CRITICAL"
+    for listen in ("0.0.0.0:50051", "[::]:50051", "phonebind.internal:50051", "unix:/run/pb.sock"):
+        assert load({"dev": False, "listen": listen}, env={}, serving=False).listen == listen
+    assert load({"dev": True, "metrics_listen": ":9464"}, env={}).metrics_listen == ":9464"
+
+
+def test_a_server_on_a_unix_socket_answers_health(tmp_path):
+    """A sidecar (Envoy, a mesh) may reach phonebind over a Unix socket."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    socket_path = tmp_path / "pb.sock"
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("PHONEBIND_")}
+    server = subprocess.Popen(
+        [
+            *(BINARY, "serve", "--dev", "--listen", f"unix:{socket_path}"),
+            *("--database-url", sqlite(tmp_path), "--log-level", "WARNING"),
+        ],
+        env=environment,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        with grpc.insecure_channel(f"unix:{socket_path}") as channel:
+            grpc.channel_ready_future(channel).result(timeout=30)
+            answer = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=5
+            )
+        assert answer.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        server.terminate()
+        assert server.wait(timeout=30) == 0

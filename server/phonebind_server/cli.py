@@ -370,11 +370,14 @@ def _supervise(settings: Settings) -> int:
         started_at[index] = time.monotonic()
         return process
 
+    draining: list[multiprocessing.process.BaseProcess] = []
+
     def stop(signum: int, _frame: object) -> None:
         log.info("draining workers", extra={"signal": signal.Signals(signum).name})
         stopping.set()
         for process in workers:
             if process.is_alive() and process.pid is not None:
+                draining.append(process)
                 os.kill(process.pid, signal.SIGTERM)
 
     signal.signal(signal.SIGTERM, stop)
@@ -414,12 +417,13 @@ def _supervise(settings: Settings) -> int:
         stopping.wait(0.25)
     for process in workers:
         process.join(settings.grace_seconds + 5)
-    if outcome == 0 and any(process.exitcode != 0 for process in workers):
-        # A worker had to be ended with calls still running (or did not end):
-        # systemd and Kubernetes should not see a clean stop.
+    # A worker told to drain that had to end with calls still running (or did not
+    # end): systemd and Kubernetes should not see a clean stop. A worker that had
+    # died before, and waited for its restart, was not draining.
+    if outcome == 0 and any(process.exitcode != 0 for process in draining):
         log.error(
             "a worker did not drain cleanly",
-            extra={"exitcodes": [process.exitcode for process in workers]},
+            extra={"exitcodes": [process.exitcode for process in draining]},
         )
         outcome = 1
     return outcome

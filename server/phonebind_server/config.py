@@ -231,8 +231,9 @@ def load(
             reflection=True,
             **{name: getattr(settings, name) or value for name, value in DEV_KEYS.items()},
         )
+    level = settings.log_level.strip().upper()
     settings = dataclasses.replace(
-        settings, policy=policy, log_level=settings.log_level.strip().upper()
+        settings, policy=policy, log_level=_LOG_LEVEL_ALIASES.get(level, level)
     )
     _check_common(settings)
     if serving:
@@ -241,6 +242,7 @@ def load(
 
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_LOG_LEVEL_ALIASES = {"WARN": "WARNING", "FATAL": "CRITICAL"}
 
 
 def _check_common(settings: Settings) -> None:
@@ -253,19 +255,36 @@ def _check_common(settings: Settings) -> None:
         )
 
 
-def _port_of(name: str, address: str, *, allow_zero: bool) -> int:
+def _port_of(name: str, address: str, *, allow_zero: bool, need_host: bool = True) -> int:
     host, colon, port = address.rpartition(":")
     lowest = 0 if allow_zero else 1
-    if not colon or not host or not port.isdigit() or not lowest <= int(port) <= 65535:
+    if (
+        not colon
+        or (need_host and not host)
+        or not port.isdigit()
+        or not lowest <= int(port) <= 65535
+    ):
         raise ConfigError(f"{name} must be HOST:PORT with a port from {lowest} to 65535")
     return int(port)
 
 
+UNIX_SOCKET_PREFIXES = ("unix:", "unix-abstract:")
+
+
 def _check_addresses(settings: Settings) -> None:
-    _port_of("listen", settings.listen, allow_zero=True)
+    if settings.listen.startswith(UNIX_SOCKET_PREFIXES):  # gRPC serves a Unix socket too
+        if settings.workers > 1:
+            raise ConfigError("several workers share a TCP port; listen on HOST:PORT")
+    else:
+        _port_of("listen", settings.listen, allow_zero=True)
     if settings.metrics_listen:
         # Port 0 (any free one) only for one process: workers count up from the port.
-        port = _port_of("metrics_listen", settings.metrics_listen, allow_zero=settings.workers == 1)
+        port = _port_of(
+            "metrics_listen",
+            settings.metrics_listen,
+            allow_zero=settings.workers == 1,
+            need_host=False,  # ":9464" is 127.0.0.1:9464
+        )
         if port + settings.workers - 1 > 65535:
             raise ConfigError(
                 f"metrics_listen: worker {settings.workers - 1} would need port"
@@ -289,7 +308,10 @@ def check(settings: Settings) -> None:
     if settings.tls_client_ca and not settings.tls_cert:
         raise ConfigError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
     if settings.dev:
-        if not _loopback_host(settings.listen.rsplit(":", 1)[0].strip("[]")):
+        local = settings.listen.startswith(UNIX_SOCKET_PREFIXES) or _loopback_host(
+            settings.listen.rsplit(":", 1)[0].strip("[]")
+        )
+        if not local:
             raise ConfigError("--dev listens on loopback only (127.0.0.1, ::1 or localhost)")
         return
     problems = []
