@@ -943,8 +943,9 @@ def test_housekeeping_blocked_on_a_lock_leaves_health_serving(
         with holder.cursor() as cursor:
             cursor.execute("SELECT 1 FROM idempotency_keys FOR UPDATE")
             assert cursor.fetchall() == [(1,)]
+        # Pings every second, each given 2 s: a loaded machine cannot make one late.
         running = start_server(
-            postgres_db, tmp_path, clock, secrets_seen, health_interval_seconds=0.1
+            postgres_db, tmp_path, clock, secrets_seen, health_interval_seconds=1.0
         )
         try:
             # The prune starts at the first tick and waits on the lock (10 s).
@@ -961,7 +962,8 @@ def test_housekeeping_blocked_on_a_lock_leaves_health_serving(
                 "the prune waiting on the lock",
             )
             seen = set()
-            watched_until = time.monotonic() + 2  # ten intervals, twice the ping deadline
+            # Long enough for a ping queued behind the prune to miss its deadline.
+            watched_until = time.monotonic() + 3.5
             while time.monotonic() < watched_until:
                 seen.add(health(running.channel))
             assert seen == {"SERVING"}
