@@ -681,8 +681,8 @@ class Load:
 # -- the database goes away ----------------------------------------------------------------
 
 
-@pytest.fixture
-def proxied(postgres_db, tmp_path, clock, secrets_seen):
+@contextmanager
+def server_behind_proxy(postgres_db, tmp_path, clock, secrets_seen, **settings):
     """A server that reaches PostgreSQL through a TcpProxy the test can cut or
     freeze, with health pinging the store every 0.2 s."""
     proxy = TcpProxy(upstream_of(postgres_db))
@@ -692,6 +692,7 @@ def proxied(postgres_db, tmp_path, clock, secrets_seen):
         clock,
         secrets_seen,
         health_interval_seconds=0.2,
+        **settings,
     )
     try:
         yield proxy, running
@@ -699,6 +700,12 @@ def proxied(postgres_db, tmp_path, clock, secrets_seen):
         proxy.thaw()
         running.stop()
         proxy.cut()
+
+
+@pytest.fixture
+def proxied(postgres_db, tmp_path, clock, secrets_seen):
+    with server_behind_proxy(postgres_db, tmp_path, clock, secrets_seen) as behind:
+        yield behind
 
 
 def test_database_outage_answers_store_unavailable_and_recovers_by_itself(proxied):
@@ -772,21 +779,16 @@ def test_silent_partition_turns_health_not_serving(proxied):
 def proxied_two_threads(postgres_db, tmp_path, clock, secrets_seen):
     """As `proxied`, with two RPC threads: two calls stuck on the database would
     leave none for the health check."""
-    proxy = TcpProxy(upstream_of(postgres_db))
-    running = start_server(
-        via_proxy(postgres_db, proxy.port),
-        tmp_path,
-        clock,
-        secrets_seen,
-        health_interval_seconds=0.2,
-        threads=2,
-    )
-    try:
-        yield proxy, running
-    finally:
-        proxy.thaw()
-        running.stop()
-        proxy.cut()
+    with server_behind_proxy(postgres_db, tmp_path, clock, secrets_seen, threads=2) as behind:
+        yield behind
+
+
+def registered_on_every_thread(pb: Api, account_id: str, phone: str) -> None:
+    """Registers the account, then reads it on every RPC thread, so that each
+    holds its pooled connection before the database misbehaves."""
+    pb.register(account_id, phone)
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda _: pb.get_account(account_id), range(40)))
 
 
 def not_ok_get_accounts(running) -> float:
@@ -811,9 +813,7 @@ def test_a_silent_database_frees_waiting_calls_and_answers_store_unavailable(
     health says NOT_SERVING new calls answer STORE_UNAVAILABLE at once."""
     proxy, running = proxied_two_threads
     pb = running.api
-    pb.register("part-1", "13800138511")
-    with ThreadPoolExecutor(4) as pool:  # each RPC thread opens its pooled connection
-        list(pool.map(lambda _: pb.get_account("part-1"), range(40)))
+    registered_on_every_thread(pb, "part-1", "13800138511")
     proxy.freeze()
     started = time.monotonic()
     with ThreadPoolExecutor(2) as pool:  # as many calls as the server has threads
@@ -867,9 +867,7 @@ def test_a_database_refusing_only_new_connections_still_serves_calls(proxied_two
     while calls go on through the connections the server already holds."""
     proxy, running = proxied_two_threads
     pb = running.api
-    pb.register("lim-1", "13800138512")
-    with ThreadPoolExecutor(4) as pool:  # each RPC thread opens its pooled connection
-        list(pool.map(lambda _: pb.get_account("lim-1"), range(40)))
+    registered_on_every_thread(pb, "lim-1", "13800138512")
     proxy.refuse_new()
     ping_pid = running.app.store._ping_connection.get_backend_pid()
     terminate(postgres_url_of(running, proxy), ping_pid)  # the ping must connect anew
