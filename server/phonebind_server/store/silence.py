@@ -15,10 +15,10 @@ shuts down the socket of a statement waiting past its time; psycopg2 then
 fails it as a lost connection, which the store reports as STORE_UNAVAILABLE,
 and the pool discards the connection.
 
-No cancel request is sent first: psycopg2 sends it holding the GIL, and a
-database that does not answer would stop the whole process. A database that is
-alive but slow runs a cut statement to its end (its statement_timeout, when
-set), as it would have for a caller who gave up.
+No cancel request is sent first: psycopg2's cancel() waits for the database
+without releasing the GIL, and against a silent one it stopped the whole
+process. A database that is alive but slow runs a cut statement to its end
+(its statement_timeout, when set), as it would have for a caller who gave up.
 """
 
 from __future__ import annotations
