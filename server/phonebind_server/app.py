@@ -75,8 +75,8 @@ class App:
     settings: Settings
     metrics: Metrics
     clock: Clock
+    audit_log: AuditLog
     metrics_port: int = 0
-    audit_log: AuditLog | None = None
     _stopped: threading.Event = field(default_factory=threading.Event)
     _watch: threading.Thread | None = None
 
@@ -101,8 +101,6 @@ class App:
             log.warning("housekeeping skipped: store unavailable")
 
     def _summarise_refusals_quietly(self, final: bool = False) -> None:
-        if self.audit_log is None:
-            return
         try:
             self.audit_log.summarise_refusals(final=final)
         except StoreUnavailable:
@@ -313,7 +311,7 @@ def create_server(
         settings,
         metrics,
         clock,
-        audit_log=audit_log,
+        audit_log,
     )
     if settings.metrics_listen:
         app.metrics_port = metrics.serve(settings.metrics_listen)

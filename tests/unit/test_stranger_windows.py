@@ -51,6 +51,7 @@ def test_summaries_not_written_wait_for_the_next_try_within_bounds(monkeypatch):
         assert [windows.admit("10.0.0.1", at) for _ in range(3)] == [True, False, False]
         windows.unsummarised(windows.closed(at + timedelta(minutes=1)))
     # Two minutes kept as they were, the third folded into the overflow window.
+    assert sorted(windows.waiting()) == [("(other sources)", 2), ("10.0.0.1", 2), ("10.0.0.1", 2)]
     kept = sorted((s, w.started, w.unrecorded) for s, w in windows.closed(T0 + timedelta(hours=1)))
     assert kept == [
         ("(other sources)", T0 + timedelta(minutes=2), 2),

@@ -84,6 +84,11 @@ class StrangerWindows:
             ended, self._ended = self._ended, {}
         return [(source, window) for (source, _), window in ended.items()]
 
+    def waiting(self) -> list[tuple[str, int]]:
+        """(source, refusals) of the windows that are over and not yet summarised."""
+        with self._lock:
+            return [(source, window.unrecorded) for (source, _), window in self._ended.items()]
+
     def unsummarised(self, windows: list[tuple[str, _Window]]) -> None:
         """Windows whose summary could not be written: kept for the next try."""
         with self._lock:
@@ -152,10 +157,9 @@ class AuditLog:
         return written
 
     def unsummarised_refusals(self) -> list[tuple[str, int]]:
-        """(source, refusals) still waiting for their summary event."""
-        windows = self._strangers.closed(self._clock.now(), every=True)
-        self._strangers.unsummarised(windows)
-        return [(source, window.unrecorded) for source, window in windows]
+        """(source, refusals) whose summary could not be written yet; after a
+        `final` summary, every count not in the audit trail."""
+        return self._strangers.waiting()
 
     def events(
         self,

@@ -38,7 +38,7 @@ def open_database(
     lock_ms = max(1, round(lock_timeout * 1000))
     if url.startswith("sqlite:"):
         return connect(url, pragmas={**SQLITE_PRAGMAS, "busy_timeout": lock_ms})
-    if url.startswith(("postgres://", "postgresql://")):
+    if is_postgres_url(url):
         url = url.replace("postgres://", "postgresql://", 1)
         pooled = "postgresql+pool://" + url[len("postgresql://") :]
         extra = {"cursor_factory": cursor_factory} if cursor_factory else {}
@@ -59,6 +59,10 @@ def open_database(
             tcp_user_timeout=5000,
         )
     raise ValueError("database URL must start with sqlite:/// or postgresql://")
+
+
+def is_postgres_url(url: str) -> bool:
+    return url.startswith(("postgres://", "postgresql://"))
 
 
 def is_postgres(db: peewee.Database) -> bool:

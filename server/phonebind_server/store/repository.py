@@ -41,7 +41,7 @@ from ..domain.model import (
 )
 from ..domain.pii import Vault
 from ..domain.ports import Conflict, DeadlinePassed, StoreUnavailable, call_deadline
-from .db import is_postgres, open_database
+from .db import is_postgres, is_postgres_url, open_database
 from .fields import from_micros, to_micros
 from .migrate import migrate, pending
 from .models import (
@@ -474,9 +474,7 @@ class PeeweeStore:
         # A server's statements are bounded on the client side too (see silence.py);
         # the command-line tools' long reads are not.
         self.silence = (
-            SilenceWatch(statement_timeout)
-            if statement_timeout and url.startswith(("postgres://", "postgresql://"))
-            else None
+            SilenceWatch(statement_timeout) if statement_timeout and is_postgres_url(url) else None
         )
         self.db = open_database(
             url,
