@@ -131,7 +131,7 @@ def machine(pg_version: str | None) -> dict[str, Any]:
         "grpcio": _version("grpcio"),
         "protobuf": _version("protobuf"),
         "peewee": _version("peewee"),
-        "psycopg2-binary": _version("psycopg2-binary"),
+        "psycopg": _version("psycopg"),
         "sqlite": sqlite3.sqlite_version,
         "postgresql": pg_version or "not available",
     }
@@ -226,12 +226,12 @@ def server_env() -> dict[str, str]:
 
 @contextlib.contextmanager
 def postgres_database(base: str) -> Iterator[str]:
-    import psycopg2
+    import psycopg
 
     name = f"phonebind_bench_{secrets.token_hex(4)}"
     try:
-        admin = psycopg2.connect(base, connect_timeout=5)
-    except psycopg2.Error as error:
+        admin = psycopg.connect(base, connect_timeout=5)
+    except psycopg.Error as error:
         raise Unavailable(f"PostgreSQL unreachable ({str(error).strip()})") from None
     admin.autocommit = True
     try:
@@ -246,9 +246,9 @@ def postgres_database(base: str) -> Iterator[str]:
 
 def postgres_version(base: str) -> str | None:
     try:
-        import psycopg2
+        import psycopg
 
-        connection = psycopg2.connect(base, connect_timeout=5)
+        connection = psycopg.connect(base, connect_timeout=5)
     except Exception:  # noqa: BLE001 - reported as "not available"
         return None
     try:
@@ -700,7 +700,7 @@ def markdown(report: dict[str, Any], names: dict[str, str]) -> str:
         f"| grpcio | {m['grpcio']} |",
         f"| protobuf | {m['protobuf']} |",
         f"| peewee | {m['peewee']} |",
-        f"| psycopg2-binary | {m['psycopg2-binary']} |",
+        f"| psycopg | {m['psycopg']} |",
         f"| SQLite | {m['sqlite']} |",
         f"| PostgreSQL | {m['postgresql']} |",
         "",

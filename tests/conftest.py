@@ -17,13 +17,13 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
 import grpc
-import psycopg2
+import psycopg
 import pytest
-from support import Api, FakeClock, Inbox, LogLines, Secrets
+from support import Api, FakeClock, Inbox, LogLines, LoopThread, Secrets, column_names, rows
 
 from phonebind_server.app import App, create_server
 from phonebind_server.config import load
-from phonebind_server.store.repository import PeeweeStore
+from phonebind_server.store.store import Store
 
 PG_ENV = "PHONEBIND_TEST_DATABASE_URL"
 # The business state: a refused call must leave all of it unchanged.
@@ -75,28 +75,33 @@ def postgres_url() -> Iterator[str]:
             pytest.fail(f"{PG_ENV} must be set when PHONEBIND_REQUIRE_POSTGRES is")
         pytest.skip(f"PostgreSQL tests skipped: {PG_ENV} is not set")
     name = f"phonebind_test_{os.getpid()}_{pysecrets.token_hex(4)}"
-    admin = psycopg2.connect(base)
-    admin.autocommit = True
+    admin = psycopg.connect(base, autocommit=True)
     with admin.cursor() as cursor:
         cursor.execute(f'CREATE DATABASE "{name}"')
     parts = urlsplit(base)
     url = urlunsplit(parts._replace(path="/" + name))
-    store = PeeweeStore(url)
-    store.migrate()
-    store.close()
+    Store(url).migrate()
     yield url
     with admin.cursor() as cursor:
         cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     admin.close()
 
 
+def business_columns(url: str, table: str) -> list[str]:
+    """The table's columns but the audit chain's head an account's row keeps
+    (the audit trail records refusals too, so it is not business state)."""
+    return [name for name in column_names(url, table) if not name.startswith("audit_")]
+
+
+def business_rows(url: str, table: str) -> list[tuple]:
+    selected = ", ".join(business_columns(url, table))
+    return sorted(map(tuple, rows(url, f"SELECT {selected} FROM {table}")), key=repr)
+
+
 def emptied(url: str) -> str:
     """The per-run PostgreSQL database at `url`, with every table emptied."""
-    connection = psycopg2.connect(url)
-    connection.autocommit = True
-    with connection.cursor() as cursor:
-        cursor.execute(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY")
-    connection.close()
+    with psycopg.connect(url, autocommit=True) as connection:
+        connection.execute(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY")
     return url
 
 
@@ -113,6 +118,7 @@ def database_url(request: pytest.FixtureRequest, tmp_path) -> str:
 @dataclass
 class Running:
     app: App
+    loop: LoopThread
     target: str
     channel: grpc.Channel
     api: Api
@@ -123,22 +129,27 @@ class Running:
 
     def stop(self) -> None:
         # The server first: that spares the channel's reconnect attempts.
-        self.app.stop(grace=0)
+        self.loop.run(self.app.stop(grace=0))
+        self.loop.close()
         self.channel.close()
+
+    def in_store(self, fn, *args, **kwargs):
+        """Runs store code (`fn(*args)`) on the server's event loop, as the server would."""
+        return self.loop.run(self.app.store.run(fn, *args, **kwargs))
+
+    def on_loop(self, coroutine):
+        return self.loop.run(coroutine)
+
+    def wake_outbox(self) -> None:
+        """The dispatcher's pass now, instead of at its next poll."""
+        self.loop.loop.call_soon_threadsafe(self.app.dispatcher.wake_loop)
 
     def snapshot(self) -> dict[str, list[tuple]]:
         """Every row of every table, once the outbox has delivered what it can."""
         deadline = time.monotonic() + 10
-        while self.app.store.outbox_pending() and time.monotonic() < deadline:
+        while self.in_store(self.app.store.outbox_pending) and time.monotonic() < deadline:
             time.sleep(0.01)
-        db = self.app.store.db
-        with self.app.store.transaction(write=False):
-            return {
-                table: sorted(
-                    map(tuple, db.execute_sql(f"SELECT * FROM {table}").fetchall()), key=repr
-                )
-                for table in STATE_TABLES
-            }
+        return {table: business_rows(self.database_url, table) for table in STATE_TABLES}
 
 
 def start_server(
@@ -147,6 +158,7 @@ def start_server(
     clock: FakeClock,
     secrets_seen: Secrets,
     env: dict[str, str] | None = None,
+    gateway=None,
     **settings,
 ) -> Running:
     sms_path = str(tmp_path / "sms.jsonl")
@@ -156,12 +168,16 @@ def start_server(
             "database_url": database_url,
             "sms_gateway": f"file:{sms_path}",
             "dev": True,
-            "threads": 24,
             **settings,
         },
         env=env or {},
     )
-    app = create_server(config, clock=clock, migrate=True)
+    loop = LoopThread()
+    try:
+        app = loop.run(create_server(config, clock=clock, gateway=gateway, migrate=True))
+    except BaseException:
+        loop.close()
+        raise
     target = f"127.0.0.1:{app.port}"
     channel = grpc.insecure_channel(target)
     if not config.tls_cert:  # a TLS server's tests open their own channels
@@ -169,6 +185,7 @@ def start_server(
     inbox = Inbox(sms_path, secrets_seen)
     return Running(
         app,
+        loop,
         target,
         channel,
         Api(channel, inbox, secrets_seen),

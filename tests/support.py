@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -19,7 +20,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
-import psycopg2
+import psycopg
 from google.protobuf import message_factory
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
@@ -367,6 +368,28 @@ class Api:
         return rebind
 
 
+class LoopThread:
+    """An event loop on a thread of its own: the tests' servers run there, and
+    the synchronous tests reach them through `run`."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self.loop.run_forever, name="server-loop", daemon=True
+        )
+        self._thread.start()
+
+    def run(self, coroutine, timeout: float = 60):
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def close(self) -> None:
+        if self.loop.is_closed():
+            return
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        self.loop.close()
+
+
 def rows(url: str, sql: str, *params: object) -> list[tuple]:
     """Rows straight from the database through the driver, so that the models of a
     server running in this process stay bound to its own store; `?` is the
@@ -377,13 +400,24 @@ def rows(url: str, sql: str, *params: object) -> list[tuple]:
             return connection.execute(sql, params).fetchall()
         finally:
             connection.close()
-    connection = psycopg2.connect(url)
-    try:
-        with connection.cursor() as cursor:
-            cursor.execute(sql.replace("?", "%s"), params)
-            return cursor.fetchall()
-    finally:
-        connection.close()
+    with psycopg.connect(url, autocommit=True) as connection:
+        cursor = connection.execute(sql.replace("?", "%s"), params)
+        return cursor.fetchall() if cursor.description else []
+
+
+def column_names(url: str, table: str) -> list[str]:
+    """The columns of `table`, in order."""
+    if url.startswith("sqlite"):
+        connection = sqlite3.connect(sqlite_path(url), timeout=10)
+        try:
+            return [
+                d[0] for d in connection.execute(f"SELECT * FROM {table} WHERE 1 = 0").description
+            ]
+        finally:
+            connection.close()
+    with psycopg.connect(url, autocommit=True) as connection:
+        cursor = connection.execute(f"SELECT * FROM {table} WHERE 1 = 0")
+        return [d.name for d in cursor.description]
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> float:
@@ -506,8 +540,9 @@ def sqlite_path(url: str) -> str:
 
 @contextmanager
 def held_lock(url: str, rebind_id: str) -> Iterator[None]:
-    """Makes the rebind's next write wait: its row locked FOR UPDATE on PostgreSQL,
-    the database's write lock on SQLite (the server waits up to busy_timeout)."""
+    """Makes the next write to the rebind's account wait: the account's row (which
+    every unit of work on the account locks first) locked FOR UPDATE on
+    PostgreSQL, the database's write lock on SQLite."""
     if url.startswith("sqlite"):
         connection = sqlite3.connect(sqlite_path(url), isolation_level=None, timeout=10)
         try:
@@ -517,12 +552,12 @@ def held_lock(url: str, rebind_id: str) -> Iterator[None]:
         finally:
             connection.close()
         return
-    connection = psycopg2.connect(url)
-    try:
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT 1 FROM rebinds WHERE rebind_id = %s FOR UPDATE", (rebind_id,))
-            assert cursor.fetchone() is not None
+    with psycopg.connect(url) as connection:
+        found = connection.execute(
+            "SELECT 1 FROM accounts WHERE account_id ="
+            " (SELECT account_id FROM rebinds WHERE rebind_id = %s) FOR UPDATE",
+            (rebind_id,),
+        ).fetchone()
+        assert found is not None
         yield
         connection.rollback()
-    finally:
-        connection.close()

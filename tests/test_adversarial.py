@@ -26,7 +26,7 @@ from datetime import timedelta
 from urllib.parse import urlsplit, urlunsplit
 
 import grpc
-import psycopg2
+import psycopg
 import pytest
 from conftest import PG_ENV, Running, start_server
 from google.protobuf import timestamp_pb2
@@ -48,6 +48,7 @@ from support import (
     e164,
     error_details,
     make_id_number,
+    rows,
 )
 
 from phonebind.v1 import (
@@ -454,32 +455,35 @@ class World:
         POOL.codes_for[challenge] = code.group(1)
 
     def check_invariants(self) -> None:
-        db = self.running.app.store.db
-        with self.running.app.store.transaction(write=False):
-            unbound = db.execute_sql(
-                "SELECT account_id FROM accounts WHERE phone_index IS NULL OR phone_index = ''"
-                " OR phone_sealed IS NULL OR phone_sealed = ''"
-            ).fetchall()
-            shared = db.execute_sql(
-                "SELECT phone_index, COUNT(*) FROM accounts GROUP BY phone_index"
-                " HAVING COUNT(*) > 1"
-            ).fetchall()
-            open_twice = db.execute_sql(
-                "SELECT account_id, COUNT(*) FROM rebinds"
-                " WHERE state IN ('PENDING', 'AWAITING_REVIEW', 'READY')"
-                " GROUP BY account_id HAVING COUNT(*) > 1"
-            ).fetchall()
-            orphans = db.execute_sql(
-                "SELECT r.rebind_id FROM rebinds r LEFT JOIN accounts a"
-                " ON a.account_id = r.account_id WHERE a.account_id IS NULL"
-            ).fetchall()
-            # The last completed change of an account moved it to the number it has now.
-            moved_elsewhere = db.execute_sql(
-                "SELECT c.account_id FROM binding_changes c JOIN accounts a"
-                " ON a.account_id = c.account_id"
-                " WHERE c.seq = (SELECT MAX(seq) FROM binding_changes l"
-                " WHERE l.account_id = c.account_id) AND c.new_phone_index <> a.phone_index"
-            ).fetchall()
+        url = self.running.database_url
+        unbound = rows(
+            url,
+            "SELECT account_id FROM accounts WHERE phone_index IS NULL OR phone_index = ''"
+            " OR phone_sealed IS NULL OR phone_sealed = ''",
+        )
+        shared = rows(
+            url,
+            "SELECT phone_index, COUNT(*) FROM accounts GROUP BY phone_index HAVING COUNT(*) > 1",
+        )
+        open_twice = rows(
+            url,
+            "SELECT account_id, COUNT(*) FROM rebinds"
+            " WHERE state IN ('PENDING', 'AWAITING_REVIEW', 'READY')"
+            " GROUP BY account_id HAVING COUNT(*) > 1",
+        )
+        orphans = rows(
+            url,
+            "SELECT r.rebind_id FROM rebinds r LEFT JOIN accounts a"
+            " ON a.account_id = r.account_id WHERE a.account_id IS NULL",
+        )
+        # The last completed change of an account moved it to the number it has now.
+        moved_elsewhere = rows(
+            url,
+            "SELECT c.account_id FROM binding_changes c JOIN accounts a"
+            " ON a.account_id = c.account_id"
+            " WHERE c.seq = (SELECT MAX(seq) FROM binding_changes l"
+            " WHERE l.account_id = c.account_id) AND c.new_phone_index <> a.phone_index",
+        )
         assert not unbound, f"accounts without a number: {unbound}"
         assert not shared, f"a number on two accounts: {len(shared)}"
         assert not open_twice, f"accounts with two open rebinds: {open_twice}"
@@ -581,7 +585,7 @@ def world(request: pytest.FixtureRequest, tmp_path_factory) -> Iterator[World]:
             request.getfixturevalue("postgres_url")  # skips, or fails, as the other tests do
             base = os.environ[PG_ENV]
             name = f"phonebind_adversarial_{os.getpid()}_{pysecrets.token_hex(4)}"
-            admin = psycopg2.connect(base)
+            admin = psycopg.connect(base)
             admin.autocommit = True
             with admin.cursor() as cursor:
                 cursor.execute(f'CREATE DATABASE "{name}"')

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import subprocess
 import sys
 from datetime import UTC, timedelta
 
 import grpc
+import psycopg
 import pytest
-from support import NEW, error_details
+from support import NEW, error_details, sqlite_path
 
 from phonebind.v1 import audit_service_pb2 as aapi
 from phonebind.v1 import audit_service_pb2_grpc as aapi_grpc
@@ -110,10 +112,22 @@ def test_audit_list_pages_and_rejects_foreign_tokens(server, audit):
 
 
 def execute(server, sql: str | list[str]) -> None:
-    db = server.app.store.db
-    with db.atomic():
-        for statement in [sql] if isinstance(sql, str) else sql:
-            db.execute_sql(statement)
+    """Statements run straight on the database, in one transaction."""
+    statements = [sql] if isinstance(sql, str) else sql
+    url = server.database_url
+    if url.startswith("sqlite"):
+        connection = sqlite3.connect(sqlite_path(url), isolation_level=None, timeout=10)
+        try:
+            connection.execute("BEGIN IMMEDIATE")
+            for statement in statements:
+                connection.execute(statement)
+            connection.execute("COMMIT")
+        finally:
+            connection.close()
+        return
+    with psycopg.connect(url) as connection:
+        for statement in statements:
+            connection.execute(statement)
 
 
 TAMPERING = {

@@ -215,29 +215,32 @@ def test_the_longest_caller_name_fits_the_audit_trail(database_url, tmp_path, cl
 def test_a_refusal_the_audit_trail_cannot_record_is_still_answered(guarded, caplog):
     """The audit insert fails for a reason other than an outage: the caller still
     gets UNAUTHENTICATED with its ErrorInfo, and the failure is logged."""
-    db = guarded.app.store.db
+    url = guarded.database_url
     postgresql = guarded.app.store.dialect == "postgresql"
     if postgresql:
-        db.execute_sql(
+        rows(
+            url,
             "CREATE FUNCTION refuse_audit() RETURNS trigger LANGUAGE plpgsql"
-            " AS $$ BEGIN RAISE EXCEPTION 'audit refused'; END $$"
+            " AS $$ BEGIN RAISE EXCEPTION 'audit refused'; END $$",
         )
-        db.execute_sql(
+        rows(
+            url,
             "CREATE TRIGGER refuse_audit BEFORE INSERT ON audit_events"
-            " FOR EACH ROW EXECUTE FUNCTION refuse_audit()"
+            " FOR EACH ROW EXECUTE FUNCTION refuse_audit()",
         )
     else:
-        db.execute_sql(
+        rows(
+            url,
             "CREATE TRIGGER refuse_audit BEFORE INSERT ON audit_events"
-            " BEGIN SELECT RAISE(ABORT, 'audit refused'); END"
+            " BEGIN SELECT RAISE(ABORT, 'audit refused'); END",
         )
     try:
         with pytest.raises(grpc.RpcError) as caught:
             call(guarded.channel, "/phonebind.v1.BindingService/GetAccount", bearer("pbt_forged"))
     finally:  # the PostgreSQL database outlives this test
-        db.execute_sql("DROP TRIGGER refuse_audit" + (" ON audit_events" if postgresql else ""))
+        rows(url, "DROP TRIGGER refuse_audit" + (" ON audit_events" if postgresql else ""))
         if postgresql:
-            db.execute_sql("DROP FUNCTION refuse_audit()")
+            rows(url, "DROP FUNCTION refuse_audit()")
     code, reason, _ = error_details(caught.value)
     assert (code, reason) == (grpc.StatusCode.UNAUTHENTICATED, "UNAUTHENTICATED")
     assert "refusal not audited" in [r.getMessage() for r in caplog.records]

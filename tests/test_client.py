@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
-from support import HOLDER, ID_NUMBER, e164, held_lock
+from support import HOLDER, ID_NUMBER, e164, held_lock, rows
 
 from phonebind_client import ErrorReason, PhonebindClient, PhonebindError, RebindState
 from phonebind_client.client import _Retry, _retryable
@@ -121,10 +121,8 @@ def test_a_call_past_its_deadline_is_retried_with_the_same_request_id_to_one_eff
 
 
 def codes_queued(server) -> int:
-    store = server.app.store
-    with store.transaction(write=False):
-        sql = "SELECT count(*) FROM sms_outbox WHERE purpose = 'REBIND_CODE'"
-        return store.db.execute_sql(sql).fetchone()[0]
+    sql = "SELECT count(*) FROM sms_outbox WHERE purpose = 'REBIND_CODE'"
+    return rows(server.database_url, sql)[0][0]
 
 
 def test_an_error_carries_the_request_id_to_retry_with_and_the_servers_call_id(server):

@@ -8,9 +8,9 @@ import os
 import subprocess
 import sys
 
-import psycopg2
+import psycopg
 from conftest import TABLES, start_server
-from support import NEW, OLD, e164
+from support import NEW, OLD, e164, rows
 
 from phonebind.v1 import review_service_pb2 as rapi
 from phonebind.v1 import review_service_pb2_grpc as rapi_grpc
@@ -45,16 +45,16 @@ def forbidden_values() -> list[str]:
 
 def database_text(running) -> str:
     """Every row of every table, as text."""
-    db = running.app.store.db
-    with running.app.store.transaction(write=False):
-        rows = [db.execute_sql(f"SELECT * FROM {table}").fetchall() for table in TABLES]
-    return repr(rows)
+    return repr([rows(running.database_url, f"SELECT * FROM {table}") for table in TABLES])
 
 
 def table_names(running) -> set[str]:
     """The tables the database holds, but the migration ledger and SQLite's own."""
-    with running.app.store.transaction(write=False):
-        names = running.app.store.db.get_tables()
+    if running.database_url.startswith("sqlite"):
+        sql = "SELECT name FROM sqlite_master WHERE type = 'table'"
+    else:
+        sql = "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
+    names = [row[0] for row in rows(running.database_url, sql)]
     return {n for n in names if n != "schema_migrations" and not n.startswith("sqlite_")}
 
 
@@ -68,7 +68,7 @@ def test_no_personal_data_in_clear_in_tables_or_files(server):
         path = server.database_url.removeprefix("sqlite:///")
         raw = b"".join(open(f, "rb").read() for f in glob.glob(path + "*"))
     else:
-        connection = psycopg2.connect(server.database_url)
+        connection = psycopg.connect(server.database_url)
         with connection.cursor() as cursor:
             raw = b""
             for table in TABLES:

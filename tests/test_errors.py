@@ -15,6 +15,7 @@ from datetime import timedelta
 
 import grpc
 import pytest
+from conftest import business_columns
 from support import (
     FLOW_RPCS,
     HOLDER,
@@ -81,9 +82,7 @@ def fails_unchanged(server, call, status, reason, *, hidden=()) -> dict[str, obj
 
 
 def columns(server, table: str) -> list[str]:
-    with server.app.store.transaction(write=False):
-        cursor = server.app.store.db.execute_sql(f"SELECT * FROM {table} WHERE 1 = 0")
-        return [d[0] for d in cursor.description]
+    return business_columns(server.database_url, table)
 
 
 def row_changes(server, before, after) -> dict[str, dict[str, object]]:

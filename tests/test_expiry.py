@@ -10,7 +10,7 @@ from datetime import datetime, timedelta
 
 import grpc
 import pytest
-from support import NEW, OLD, e164, error_details
+from support import NEW, OLD, e164, error_details, rows
 
 from phonebind.v1 import binding_service_pb2 as api
 from phonebind.v1 import resources_pb2 as res
@@ -146,12 +146,10 @@ def test_rebind_expires_at_30_00_and_stays_expired(server, clock):
     assert fresh.state == res.REBIND_STATE_PENDING
     assert fresh.expire_time.ToDatetime() == naive(clock) + timedelta(minutes=30)
     assert pb.get_rebind("exp-dead", rebind.rebind_id).state == res.REBIND_STATE_EXPIRED
-    store = server.app.store
-    with store.transaction(write=False):
-        rows = store.db.execute_sql(
-            f"SELECT state FROM rebinds WHERE rebind_id = {store.db.param}", (rebind.rebind_id,)
-        ).fetchall()
-    assert rows == [("EXPIRED",)]
+    found = rows(
+        server.database_url, "SELECT state FROM rebinds WHERE rebind_id = ?", rebind.rebind_id
+    )
+    assert found == [("EXPIRED",)]
     # Cancelling the expired one is refused as expired, and touches nothing.
     cancel = api.CancelRebindRequest(account_id="exp-dead", rebind_id=rebind.rebind_id)
     code, reason, _ = refused(lambda: pb.stub.CancelRebind(cancel))

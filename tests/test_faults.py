@@ -24,6 +24,7 @@ report.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import os
@@ -44,7 +45,8 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import grpc
-import psycopg2
+import peewee
+import psycopg
 import pytest
 from conftest import emptied, start_server
 from google.rpc import error_details_pb2
@@ -71,10 +73,14 @@ from support import (
 from phonebind.v1 import binding_service_pb2 as api
 from phonebind.v1 import resources_pb2 as res
 from phonebind_client import PhonebindClient, PhonebindError
+from phonebind_server.domain.context import CallContext
 from phonebind_server.domain.errors import DomainError, Reason
 from phonebind_server.domain.model import CodeTarget
-from phonebind_server.domain.ports import DeadlinePassed, StoreUnavailable, call_deadline
-from phonebind_server.store.repository import PeeweeStore
+from phonebind_server.domain.ports import DeadlinePassed, StoreUnavailable
+from phonebind_server.store.engine import Answer
+from phonebind_server.store.query import Query
+from phonebind_server.store.store import Store, tx_read
+from phonebind_server.store.unit import value
 
 BIN = Path(sys.executable).parent
 OPEN_STATES = ("PENDING", "AWAITING_REVIEW", "READY")
@@ -252,7 +258,7 @@ def wait_blocked(url: str) -> None:
     if url.startswith("sqlite"):
         time.sleep(0.5)
         return
-    connection = psycopg2.connect(url)
+    connection = psycopg.connect(url)
     connection.autocommit = True
 
     def waiting() -> bool:
@@ -776,16 +782,18 @@ def test_silent_partition_turns_health_not_serving(proxied):
 
 
 @pytest.fixture
-def proxied_two_threads(postgres_db, tmp_path, clock, secrets_seen):
-    """As `proxied`, with two RPC threads: two calls stuck on the database would
-    leave none for the health check."""
-    with server_behind_proxy(postgres_db, tmp_path, clock, secrets_seen, threads=2) as behind:
+def proxied_two_connections(postgres_db, tmp_path, clock, secrets_seen):
+    """As `proxied`, with two pooled connections: two calls stuck on the database
+    hold all of them."""
+    with server_behind_proxy(
+        postgres_db, tmp_path, clock, secrets_seen, store_connections=2
+    ) as behind:
         yield behind
 
 
-def registered_on_every_thread(pb: Api, account_id: str, phone: str) -> None:
-    """Registers the account, then reads it on every RPC thread, so that each
-    holds its pooled connection before the database misbehaves."""
+def registered_on_every_connection(pb: Api, account_id: str, phone: str) -> None:
+    """Registers the account, then reads it many times in parallel, so that
+    every pooled connection is open before the database misbehaves."""
     pb.register(account_id, phone)
     with ThreadPoolExecutor(4) as pool:
         list(pool.map(lambda _: pb.get_account(account_id), range(40)))
@@ -805,18 +813,18 @@ def not_ok_get_accounts(running) -> float:
 
 
 def test_a_silent_database_frees_waiting_calls_and_answers_store_unavailable(
-    proxied_two_threads,
+    proxied_two_connections,
 ):
     """The database stops answering but every connection stays open (a hung
     server, or a proxy that accepts and holds): calls waiting on it are cut one
-    second after their deadline, their RPC threads are free again, and while
-    health says NOT_SERVING new calls answer STORE_UNAVAILABLE at once."""
-    proxy, running = proxied_two_threads
+    second after their deadline and their connections shut, and while health
+    says NOT_SERVING new calls answer STORE_UNAVAILABLE at once."""
+    proxy, running = proxied_two_connections
     pb = running.api
-    registered_on_every_thread(pb, "part-1", "13800138511")
+    registered_on_every_connection(pb, "part-1", "13800138511")
     proxy.freeze()
     started = time.monotonic()
-    with ThreadPoolExecutor(2) as pool:  # as many calls as the server has threads
+    with ThreadPoolExecutor(2) as pool:  # as many calls as the server has connections
         stuck = list(
             pool.map(
                 lambda _: outcome_code(
@@ -828,18 +836,13 @@ def test_a_silent_database_frees_waiting_calls_and_answers_store_unavailable(
             )
         )
     assert stuck == ["DEADLINE_EXCEEDED"] * 2
-    # Health/Check needs an RPC thread: it answers once the cut frees one. The bound:
-    # the deadline, the 1 s grace, and a pooled connection that another thread may
-    # have begun to open (peewee opens them one at a time; connect_timeout is 3 s).
     wait_until(lambda: health(running.channel) == "NOT_SERVING", 8, "health NOT_SERVING")
     freed_in = time.monotonic() - started
     # Both stuck calls ended on the server (their statements cut, not waited out;
     # the health ping's may have been cut too).
     wait_until(lambda: not_ok_get_accounts(running) == 2, 5, "both stuck calls to end")
-    cut = running.app.store.silence.cut
-    assert cut >= 2
     metric = running.app.metrics.registry.get_sample_value
-    assert metric("phonebind_store_connections_cut_total") == cut
+    assert metric("phonebind_store_connections_cut_total") >= 2
     assert metric("phonebind_store_up") == 0
 
     asked = time.monotonic()
@@ -856,20 +859,20 @@ def test_a_silent_database_frees_waiting_calls_and_answers_store_unavailable(
     assert metric("phonebind_store_up") == 1
     assert pb.get_account("part-1").phone_masked == "138****8511"
     print(
-        f"\n[postgresql] silent database: both RPC threads free {freed_in:.2f} s after two"
+        f"\n[postgresql] silent database: both calls ended {freed_in:.2f} s after two"
         f" 1 s calls began; a new call answered STORE_UNAVAILABLE in {answered_in * 1000:.0f} ms"
     )
 
 
-def test_a_database_refusing_only_new_connections_still_serves_calls(proxied_two_threads):
+def test_a_database_refusing_only_new_connections_still_serves_calls(proxied_two_connections):
     """At its connection limit the database refuses new connections but serves the
     open ones: health says NOT_SERVING (its ping needs a new connection here),
     while calls go on through the connections the server already holds."""
-    proxy, running = proxied_two_threads
+    proxy, running = proxied_two_connections
     pb = running.api
-    registered_on_every_thread(pb, "lim-1", "13800138512")
+    registered_on_every_connection(pb, "lim-1", "13800138512")
     proxy.refuse_new()
-    ping_pid = running.app.store._ping_connection.get_backend_pid()
+    ping_pid = running.app.store.engine._ping_connection.info.backend_pid
     terminate(postgres_url_of(running, proxy), ping_pid)  # the ping must connect anew
     wait_until(lambda: health(running.channel) == "NOT_SERVING", 5, "health NOT_SERVING")
     answers = [pb.get_account("lim-1").phone_masked for _ in range(20)]
@@ -881,15 +884,19 @@ def test_a_database_refusing_only_new_connections_still_serves_calls(proxied_two
 def test_a_ping_connection_lost_alone_does_not_count_as_an_outage(postgres_db):
     """An idle-session timeout or a DBA ends the ping's own connection: the ping
     tries a fresh one before it calls the database unreachable."""
-    store = PeeweeStore(postgres_db, statement_timeout=30)
-    try:
-        assert store.ping()
-        first = store._ping_connection.get_backend_pid()
-        terminate(postgres_db, first)
-        assert store.ping()
-        assert store._ping_connection.get_backend_pid() != first
-    finally:
-        store.close()
+
+    async def ping_twice() -> None:
+        store = Store(postgres_db)
+        try:
+            assert await store.ping(2) is Answer.UP
+            first = store.engine._ping_connection.info.backend_pid
+            terminate(postgres_db, first)
+            assert await store.ping(2) is Answer.UP
+            assert store.engine._ping_connection.info.backend_pid != first
+        finally:
+            await store.close()
+
+    asyncio.run(ping_twice())
 
 
 def terminate(url: str, pid: int) -> None:
@@ -906,23 +913,36 @@ def test_a_statement_without_a_deadline_is_cut_at_the_statement_timeout(postgres
     """Background work (the outbox, housekeeping) has no caller's deadline: a
     silent database still gets no longer than the statement timeout and a grace."""
     proxy = TcpProxy(upstream_of(postgres_db))
-    store = PeeweeStore(via_proxy(postgres_db, proxy.port), statement_timeout=0.5)
-    try:
-        assert store.ping()
+    cut: list[int] = []
+
+    def read() -> None:
         with store.transaction(write=False) as tx:
-            assert tx.get_account("nobody") is None  # this thread's connection is open
-        proxy.freeze()
-        started = time.monotonic()
-        with pytest.raises(StoreUnavailable), store.transaction(write=False) as tx:
-            tx.get_account("nobody")
-        waited = time.monotonic() - started
-        assert 1.4 < waited < 3, waited  # 0.5 s + 1 s grace, seen within a 0.25 s tick
-        assert store.silence is not None and store.silence.cut == 1
-        assert not store.ping(timeout=0.2)
+            assert tx.one(tx.accounts.get("nobody")) is None
+
+    async def silent() -> float:
+        await store.open()
+        try:
+            assert await store.ping(2) is Answer.UP
+            await store.run(read)  # the pooled connection is open
+            proxy.freeze()
+            started = time.monotonic()
+            with pytest.raises(StoreUnavailable):
+                await store.run(read)
+            waited = time.monotonic() - started
+            assert await store.ping(0.2) is Answer.SILENT
+            return waited
+        finally:
+            proxy.thaw()
+            await store.close()
+
+    store = Store(via_proxy(postgres_db, proxy.port), statement_timeout=0.5, max_connections=1)
+    store.on_connection_cut = lambda: cut.append(1)
+    try:
+        waited = asyncio.run(silent())
     finally:
-        proxy.thaw()
-        store.close()
         proxy.cut()
+    assert 1.4 < waited < 3, waited  # 0.5 s and the 1 s grace
+    assert cut == [1]
 
 
 def test_housekeeping_blocked_on_a_lock_leaves_health_serving(
@@ -936,7 +956,7 @@ def test_housekeeping_blocked_on_a_lock_leaves_health_serving(
     finally:
         first.stop()
     clock.advance(timedelta(days=2))  # the request_id is past its 24 h
-    holder = psycopg2.connect(postgres_db)
+    holder = psycopg.connect(postgres_db)
     try:
         with holder.cursor() as cursor:
             cursor.execute("SELECT 1 FROM idempotency_keys FOR UPDATE")
@@ -1422,50 +1442,67 @@ def test_a_refusal_is_audited_even_after_its_caller_stopped_waiting(server):
 
 
 def test_options_in_the_database_url_still_reach_postgresql(postgres_db):
-    """The store's timeouts are set per transaction, so a URL's own libpq options
-    (a search_path, an application_name) are not replaced."""
+    """The store's timeouts are startup options added to the URL's own libpq
+    options (a search_path, an application_name), which are kept."""
     joiner = "&" if "?" in postgres_db else "?"
-    store = PeeweeStore(
+    store = Store(
         f"{postgres_db}{joiner}options=-c%20application_name%3Dpb-url-options",
         lock_timeout=2.5,
         statement_timeout=30,
     )
-    try:
-        with store.transaction():
-            setting = store.db.execute_sql(
-                "SELECT current_setting('application_name'), current_setting('lock_timeout'),"
-                " current_setting('statement_timeout')"
-            ).fetchone()
-        assert list(setting) == ["pb-url-options", "2500ms", "30s"]
-    finally:
-        store.close()
+    settings = Query(
+        "test.settings",
+        lambda t: peewee.Select(
+            columns=[
+                peewee.fn.concat_ws(
+                    " ",
+                    peewee.fn.current_setting("application_name"),
+                    peewee.fn.current_setting("lock_timeout"),
+                    peewee.fn.current_setting("statement_timeout"),
+                )
+            ]
+        ).bind(t.database),
+    )
+
+    def read() -> str:
+        with store.transaction() as tx:
+            return tx.one(tx_read(settings, {}, value))
+
+    async def run() -> str:
+        await store.open()
+        try:
+            return await store.run(read)
+        finally:
+            await store.close()
+
+    assert asyncio.run(run()) == "pb-url-options 2500ms 30s"
 
 
 def test_a_lock_wait_ends_at_the_callers_deadline(postgres_db, tmp_path, clock, secrets_seen):
-    """PostgreSQL: the wait on a row lock is cut at the caller's deadline, so a
-    call its client gave up on does not hold an RPC thread for the lock timeout.
-    (SQLite waits on another process's lock for busy_timeout, then rolls back.)"""
-    running = start_server(postgres_db, tmp_path, clock, secrets_seen, threads=2)
+    """PostgreSQL: the wait on a row lock ends at the caller's deadline, so a
+    call its client gave up on does not hold its connection for the lock timeout.
+    (SQLite's wait for the write lock ends there too.)"""
+    running = start_server(postgres_db, tmp_path, clock, secrets_seen, store_connections=2)
     try:
         pb = running.api
         pb.register("dl-3", "13800138803")
         rebind_id = pb.start("dl-3", "13900139803").rebind_id
         with held_lock(postgres_db, rebind_id):
             started = time.monotonic()
-            for _ in range(2):  # as many calls as the server has threads
+            for _ in range(2):  # as many calls as the server has connections
                 with pytest.raises(grpc.RpcError) as expired:
                     pb.stub.SendCode(
                         api.SendCodeRequest(account_id="dl-3", rebind_id=rebind_id, target=NEW),
                         timeout=0.5,
                     )
                 assert expired.value.code() in GAVE_UP
-            # Both threads are free again while the lock is still held.
+            # Both connections are free again while the lock is still held.
             assert pb.get_account("dl-3").phone_masked == "138****8803"
             freed_in = time.monotonic() - started
         assert freed_in < 3, freed_in  # the lock timeout is 10 s
     finally:
         running.stop()
-    print(f"\n[postgresql] two calls behind a held lock, both threads free after {freed_in:.2f} s")
+    print(f"\n[postgresql] two calls behind a held lock, both ended after {freed_in:.2f} s")
 
 
 def test_a_code_checked_after_its_caller_gave_up_counts_for_nothing(server):
@@ -1502,29 +1539,6 @@ def test_a_code_checked_after_its_caller_gave_up_counts_for_nothing(server):
     assert res.REBIND_STEP_OLD_PHONE_CODE in checked.completed_steps
 
 
-@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
-def test_a_wrong_code_checked_after_its_caller_gave_up_still_counts(server):
-    """The other side of the test above: a wrong code is counted whether or not
-    anyone waits for the answer, or a caller who gives up early would guess for
-    free. (SQLite: the server waits out the held write lock, then checks the code;
-    PostgreSQL cuts the lock wait at the deadline, before any check.)"""
-    pb = server.api
-    rebind_id, code = ready_for_old_code(pb, "dl-5", "13800138805", "13900139805")
-    wrong = f"{(int(code) + 1) % 1_000_000:06d}"
-    with held_lock(server.database_url, rebind_id), pytest.raises(grpc.RpcError) as expired:
-        pb.stub.VerifyCode(
-            api.VerifyCodeRequest(account_id="dl-5", rebind_id=rebind_id, target=OLD, code=wrong),
-            timeout=0.5,
-        )
-    assert expired.value.code() in GAVE_UP, expired.value
-    attempts = "SELECT state, attempts FROM challenges WHERE rebind_id = ? AND target = 'OLD_PHONE'"
-    wait_until(lambda: rows(server.database_url, attempts, rebind_id) == [("LIVE", 1)], 15, "count")
-    failures = "SELECT failures FROM rebinds WHERE rebind_id = ?"
-    assert rows(server.database_url, failures, rebind_id) == [(1,)]
-    checked = pb.verify("dl-5", rebind_id, OLD, code)
-    assert res.REBIND_STEP_OLD_PHONE_CODE in checked.completed_steps
-
-
 def test_wrong_answers_commit_past_the_deadline_and_right_ones_do_not(server):
     """The unit of work's rule, on both backends: with the caller's deadline already
     passed when it ends, a counted wrong code or identity answer is kept, and a
@@ -1534,16 +1548,14 @@ def test_wrong_answers_commit_past_the_deadline_and_right_ones_do_not(server):
     pb.register("dl-6b", "13800138816")
     other = pb.start("dl-6b", "13900139816").rebind_id
     wrong = f"{(int(code) + 1) % 1_000_000:06d}"
-    gone = call_deadline.set(time.monotonic() - 1)
-    try:
-        with pytest.raises(DomainError) as mismatch:
-            service.verify_code("dl-6", rebind_id, CodeTarget.OLD_PHONE, wrong)
-        with pytest.raises(DomainError) as no_match:
-            service.verify_identity("dl-6b", other, HOLDER, make_id_number())  # not dl-6b's
-        with pytest.raises(DeadlinePassed):
-            service.verify_code("dl-6", rebind_id, CodeTarget.OLD_PHONE, code)
-    finally:
-        call_deadline.reset(gone)
+    gone = CallContext(caller="test", deadline=time.monotonic() - 1)
+    with pytest.raises(DomainError) as mismatch:
+        server.in_store(service.verify_code, gone, "dl-6", rebind_id, CodeTarget.OLD_PHONE, wrong)
+    with pytest.raises(DomainError) as no_match:
+        # Not dl-6b's ID number.
+        server.in_store(service.verify_identity, gone, "dl-6b", other, HOLDER, make_id_number())
+    with pytest.raises(DeadlinePassed):
+        server.in_store(service.verify_code, gone, "dl-6", rebind_id, CodeTarget.OLD_PHONE, code)
     assert (mismatch.value.reason, no_match.value.reason) == (
         Reason.CODE_MISMATCH,
         Reason.IDENTITY_MISMATCH,

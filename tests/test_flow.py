@@ -5,7 +5,9 @@ from __future__ import annotations
 import itertools
 from datetime import timedelta
 
-from support import ID_NUMBER, NEW, OLD, e164
+import grpc
+import pytest
+from support import ID_NUMBER, NEW, OLD, e164, error_details
 
 from phonebind.v1 import binding_service_pb2 as api
 from phonebind.v1 import resources_pb2 as res
@@ -108,8 +110,16 @@ def test_history_pages_newest_first(server, clock):
     assert second.next_page_token == ""
 
 
-def test_register_is_idempotent_for_same_data(server):
+def test_register_replays_only_by_request_id(server):
     pb = server.api
     first = pb.register("loan-4", "13800138004", request_id="req-1")
-    again = pb.register("loan-4", "+86 138-0013-8004", id_number=ID_NUMBER.lower())
+    # The same request in other spellings, under its request_id: the first answer.
+    again = pb.register(
+        "loan-4", "+86 138-0013-8004", id_number=ID_NUMBER.lower(), request_id="req-1"
+    )
     assert first == again
+    # Without it, even the same data is ACCOUNT_EXISTS: the answer never tells
+    # whether a guessed name or ID number matches the record.
+    with pytest.raises(grpc.RpcError) as same:
+        pb.register("loan-4", "13800138004")
+    assert error_details(same.value)[:2] == (grpc.StatusCode.ALREADY_EXISTS, "ACCOUNT_EXISTS")

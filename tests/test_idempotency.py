@@ -13,7 +13,7 @@ from typing import Any
 
 import grpc
 import pytest
-from support import NEW, OLD, e164, error_details
+from support import NEW, OLD, e164, error_details, rows
 
 from phonebind.v1 import resources_pb2 as res
 
@@ -46,9 +46,7 @@ def parallel(calls: list[Callable[[], Any]]) -> list[tuple[str, Any]]:
 
 def query(server, sql: str, *params: object) -> list[tuple]:
     """Rows straight from the store; `?` is the parameter placeholder on both backends."""
-    store = server.app.store
-    with store.transaction(write=False):
-        return store.db.execute_sql(sql.replace("?", store.db.param), params).fetchall()
+    return rows(server.database_url, sql, *params)
 
 
 def masked(phone: str) -> str:
@@ -304,6 +302,6 @@ def test_request_ids_are_forgotten_after_their_lifetime(server, clock):
     clock.advance(timedelta(hours=23))
     pb.register("idem-ttl-2", "13800138998", request_id="r-new")
     clock.advance(timedelta(hours=1, microseconds=1))
-    assert server.app.housekeep() == 1
-    rows = server.app.store.db.execute_sql("SELECT request_id FROM idempotency_keys").fetchall()
-    assert [r[0] for r in rows] == ["r-new"]
+    assert server.on_loop(server.app.housekeep()) == 1
+    kept = rows(server.database_url, "SELECT request_id FROM idempotency_keys")
+    assert [r[0] for r in kept] == ["r-new"]

@@ -15,11 +15,10 @@ import sys
 import urllib.request
 
 import pytest
-from support import FakeClock
+from conftest import start_server
+from support import FakeClock, Secrets, rows
 
 from phonebind_client import load
-from phonebind_server.app import create_server
-from phonebind_server.config import load as load_settings
 from phonebind_server.domain.identity import normalize_id_number
 from phonebind_server.domain.phone import is_virtual_operator, parse_phone
 from phonebind_server.sms.gateways import GatewayError
@@ -48,8 +47,7 @@ def run_load(target: str, *args: str, timeout: float = 120) -> dict:
 
 
 def count(server, sql: str) -> int:
-    with server.app.store.transaction(write=False):
-        return server.app.store.db.execute_sql(sql).fetchone()[0]
+    return rows(server.database_url, sql)[0][0]
 
 
 def assert_percentiles_ordered(stats: dict) -> None:
@@ -239,29 +237,25 @@ def test_flow_reads_codes_from_its_own_sms_sink(database_url, tmp_path, processe
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         sink_port = sock.getsockname()[1]
-    settings = load_settings(
-        {"listen": "127.0.0.1:0", "database_url": database_url, "dev": True}, env={}
-    )
-    app = create_server(
-        settings,
-        clock=FakeClock(),
+    running = start_server(
+        database_url,
+        tmp_path,
+        FakeClock(),
+        Secrets(),
         gateway=HttpGateway(f"http://127.0.0.1:{sink_port}/sms"),
-        migrate=True,
     )
     try:
         summary = run_load(
-            f"127.0.0.1:{app.port}",
+            running.target,
             *("--scenario", "flow", "--count", "6", "--concurrency", "4"),
             *("--processes", processes, "--sms-sink", f"127.0.0.1:{sink_port}"),
         )
         assert summary["operations"]["completed"] == 6, summary["errors"]
         assert summary["error_count"] == 0
         assert summary["codes_received"] == 12
-        with app.store.transaction(write=False):
-            changes = app.store.db.execute_sql("SELECT count(*) FROM binding_changes")
-            assert changes.fetchone()[0] == 6
+        assert count(running, "SELECT count(*) FROM binding_changes") == 6
     finally:
-        app.stop(grace=0)
+        running.stop()
 
 
 # -- the test data it makes ------------------------------------------------------

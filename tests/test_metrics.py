@@ -56,8 +56,12 @@ def test_metrics_count_calls_failures_codes_and_outbox(measured):
     assert samples['phonebind_sms_delivered_total{purpose="REBIND_CODE"}'] == 1
     assert samples["phonebind_outbox_pending"] == 0
     assert samples["phonebind_outbox_oldest_age_seconds"] == 0
-    count = f'phonebind_rpc_duration_seconds_count{{method="{METHOD}",status="INVALID_ARGUMENT"}}'
-    assert samples[count] == 1
+    # The standard gRPC server metrics, as stock dashboards read them.
+    labels = 'grpc_method="VerifyCode",grpc_service="phonebind.v1.BindingService",grpc_type="unary"'
+    assert samples[f"grpc_server_handling_seconds_count{{{labels}}}"] == 2
+    assert samples[f"grpc_server_started_total{{{labels}}}"] == 2
+    assert samples[f'grpc_server_handled_total{{grpc_code="InvalidArgument",{labels}}}'] == 1
+    assert samples[f'grpc_server_handled_total{{grpc_code="OK",{labels}}}'] == 1
 
 
 def test_outbox_gauges_show_messages_waiting_for_a_provider_that_is_down(
@@ -87,10 +91,15 @@ def test_outbox_gauges_show_messages_waiting_for_a_provider_that_is_down(
 def test_scrapes_do_not_keep_database_connections(database_url, tmp_path, clock, secrets_seen):
     """Each scrape runs on a new thread; a connection it kept would never come back."""
     running = start_server(
-        database_url, tmp_path, clock, secrets_seen, metrics_listen="127.0.0.1:0", threads=2
+        database_url,
+        tmp_path,
+        clock,
+        secrets_seen,
+        metrics_listen="127.0.0.1:0",
+        store_connections=2,
     )
     try:
-        pool_size = running.app.settings.threads + 10
+        pool_size = running.app.settings.store_connections
         for _ in range(pool_size + 5):
             assert "phonebind_outbox_pending" in scrape(running)
         assert running.api.register("m-3", "13800138903").phone_masked == "138****8903"

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 import grpc
-import psycopg2
+import psycopg
 import pytest
 from conftest import Running, start_server
 from support import OLD, FakeClock, Secrets, Serve
@@ -261,7 +261,7 @@ def outbox(database_url: str) -> dict[str, dict[str, object]]:
     if database_url.startswith("sqlite:"):
         connection = sqlite3.connect(database_url[len("sqlite:///") :], timeout=10)
     else:
-        connection = psycopg2.connect(database_url)
+        connection = psycopg.connect(database_url)
     try:
         cursor = connection.cursor()
         cursor.execute(query)
@@ -304,7 +304,7 @@ def run_retry(server: Running, key: str, attempts: int) -> dict[str, object]:
     row = retry_scheduled(server, key, attempts)
     due = row["next_attempt_at"] - to_micros(server.clock.now())
     server.clock.advance(timedelta(microseconds=max(0, due)))
-    server.app.dispatcher.wake_loop()
+    server.wake_outbox()
     return row
 
 
@@ -571,7 +571,7 @@ def test_dead_letter_after_max_attempts_erases_text_and_logs_an_error(
     assert not server.secrets.leaked([line])
     # Nothing more is tried.
     server.clock.advance(timedelta(hours=1))
-    server.app.dispatcher.run_once()
+    server.on_loop(server.app.dispatcher.run_once())
     assert len(provider.requests_for(key)) == 3
     assert key not in provider.sent
 
@@ -585,7 +585,7 @@ def test_a_message_that_cannot_be_unsealed_is_dead_lettered_not_retried(sms_serv
         connection = sqlite3.connect(sms_server.database_url[len("sqlite:///") :], timeout=10)
         damage = "UPDATE sms_outbox SET text = 'v1:k-gone:AAAA' WHERE message_id = ?"
     else:
-        connection = psycopg2.connect(sms_server.database_url)
+        connection = psycopg.connect(sms_server.database_url)
         damage = "UPDATE sms_outbox SET text = 'v1:k-gone:AAAA' WHERE message_id = %s"
     with connection:
         connection.cursor().execute(damage, (key,))
@@ -625,20 +625,16 @@ def test_expired_code_is_never_delivered_and_its_text_erased(sms_server, provide
     retry_scheduled(sms_server, key, 1)
     sms_server.clock.advance(timedelta(minutes=5, seconds=1))  # past the code's not_after
     provider.start()
-    sms_server.app.dispatcher.wake_loop()
+    sms_server.wake_outbox()
     row = wait_row(sms_server.database_url, lambda r: r["state"] == "EXPIRED", key)
     assert row["text"] == ""
-    sms_server.app.dispatcher.run_once()
+    sms_server.on_loop(sms_server.app.dispatcher.run_once())
     assert provider.requests == []
 
 
 def test_two_dispatchers_on_one_database_deliver_each_message_once(sms_server, provider):
-    """A second dispatcher in the same process, sharing the store, races the first.
-
-    (Two servers from start_server in one process would each bind the models to
-    their own Database, and one's transactions would run on the other's
-    connection; the two-process test below is the deployment shape.)
-    """
+    """A second dispatcher in the same process, sharing the store, races the first
+    (the two-process test below is the deployment shape)."""
     provider.stop()  # let 30 messages pile up, then release both dispatchers at once
     app = sms_server.app
     second = OutboxDispatcher(
@@ -653,12 +649,16 @@ def test_two_dispatchers_on_one_database_deliver_each_message_once(sms_server, p
     provider.slow_next(30, 0.1)  # a batch takes longer than the idle dispatcher's poll
     provider.start()
     sms_server.clock.advance(timedelta(seconds=2))
-    second.start()
+
+    async def start() -> None:
+        second.start()
+
+    sms_server.on_loop(start())
     try:
-        app.dispatcher.wake_loop()
+        sms_server.wake_outbox()
         provider.wait_sent(keys)
     finally:
-        second.stop()
+        sms_server.on_loop(second.stop())
     for key in keys:
         wait_row(sms_server.database_url, lambda r: r["state"] == "SENT", key)
         delivered_text(provider, key, sms_server.secrets)

@@ -1,11 +1,10 @@
-"""Wiring: one phonebind server process, its store, dispatcher and health."""
+"""Wiring: one phonebind server process on grpc.aio, its store, dispatcher and health."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import threading
 import time
-from concurrent import futures
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -17,13 +16,10 @@ from grpc_reflection.v1alpha import reflection
 
 from phonebind.v1 import (
     audit_service_pb2,
-    audit_service_pb2_grpc,
     binding_service_pb2,
-    binding_service_pb2_grpc,
     # errors.proto defines no service; loaded, reflection can describe ErrorReason.
     errors_pb2,  # noqa: F401
     review_service_pb2,
-    review_service_pb2_grpc,
 )
 
 from .config import ConfigError, Settings
@@ -37,24 +33,26 @@ from .metrics import Metrics
 from .rpc.audit import AuditServicer
 from .rpc.auth import Credentials
 from .rpc.binding import BindingServicer
-from .rpc.interceptors import ServerInterceptor
+from .rpc.interceptors import Chain
 from .rpc.pagination import PageTokens
 from .rpc.review import ReviewServicer
+from .rpc.services import register
 from .sms.gateways import SmsGateway, gateway_from_spec
 from .sms.outbox import OutboxDispatcher
-from .store.db import describe
-from .store.repository import PeeweeStore
+from .store.engine import Answer
+from .store.store import Store, describe
 
 log = logging.getLogger(__name__)
 
 # How often a process forgets request_ids past their lifetime.
 HOUSEKEEPING_SECONDS = 600.0
 
-SERVICE_NAMES = (
-    binding_service_pb2.DESCRIPTOR.services_by_name["BindingService"].full_name,
-    review_service_pb2.DESCRIPTOR.services_by_name["ReviewService"].full_name,
-    audit_service_pb2.DESCRIPTOR.services_by_name["AuditService"].full_name,
+SERVICES = (
+    binding_service_pb2.DESCRIPTOR.services_by_name["BindingService"],
+    review_service_pb2.DESCRIPTOR.services_by_name["ReviewService"],
+    audit_service_pb2.DESCRIPTOR.services_by_name["AuditService"],
 )
+SERVICE_NAMES = tuple(service.full_name for service in SERVICES)
 
 
 class SystemClock:
@@ -66,43 +64,40 @@ class SystemClock:
 class App:
     """A started server and what it owns; `stop()` drains and closes all of it."""
 
-    server: grpc.Server
+    server: grpc.aio.Server
     port: int
-    store: PeeweeStore
+    store: Store
     dispatcher: OutboxDispatcher
-    health: health.HealthServicer
+    health: health.aio.HealthServicer
     service: RebindService
     settings: Settings
     metrics: Metrics
     clock: Clock
     audit_log: AuditLog
+    chain: Chain
     metrics_port: int = 0
-    _stopped: threading.Event = field(default_factory=threading.Event)
-    _watch: threading.Thread | None = None
+    # False when calls were still running as the drain's grace ran out.
+    drained: bool = True
+    _stopped: asyncio.Event = field(default_factory=asyncio.Event)
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
-    def set_serving(self, serving: bool) -> None:
+    async def set_serving(self, serving: bool) -> None:
         status = (
             health_pb2.HealthCheckResponse.SERVING
             if serving
             else health_pb2.HealthCheckResponse.NOT_SERVING
         )
         for name in ("", *SERVICE_NAMES):
-            self.health.set(name, status)
+            await self.health.set(name, status)
 
-    def housekeep(self) -> int:
+    async def housekeep(self) -> int:
         """Forgets request_ids older than the policy's idempotency_ttl; how many went."""
         cutoff = self.clock.now() - self.settings.policy.idempotency_ttl
-        return self.store.prune_idempotency(cutoff)
+        return await self.store.run(self.store.prune_idempotency, cutoff)
 
-    def _housekeep_quietly(self) -> None:
+    async def _summarise_refusals(self, final: bool = False) -> None:
         try:
-            self.housekeep()
-        except StoreUnavailable:
-            log.warning("housekeeping skipped: store unavailable")
-
-    def _summarise_refusals_quietly(self, final: bool = False) -> None:
-        try:
-            self.audit_log.summarise_refusals(final=final)
+            await self.store.run(self.audit_log.summarise_refusals, final=final)
         except StoreUnavailable:
             if final:  # no later try: the counts go to the log instead
                 for source, refusals in self.audit_log.unsummarised_refusals():
@@ -113,59 +108,70 @@ class App:
             else:
                 log.warning("summary of refused calls not audited yet: store unavailable")
 
-    def _watch_store(self, last: bool) -> None:
-        # Pings run on one thread of their own (and its one connection); one that
-        # hangs past the deadline counts as down, and later pings queue behind it
-        # (on PostgreSQL the silence watch ends it a second later). Chores (pruning
-        # request_ids, summarising refusals) run on another: one slowed by a lock
-        # must not delay a ping and turn a healthy store NOT_SERVING.
-        deadline = max(1.0, 2 * self.settings.health_interval_seconds)
-        pinger = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ping")
-        chores = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="chores")
-        pending: futures.Future[bool] | None = None
-        chore: futures.Future[None] | None = None
-        next_housekeeping = 0.0
-        while not self._stopped.wait(self.settings.health_interval_seconds):
-            if last and (chore is None or chore.done()):
-                housekeeping = time.monotonic() >= next_housekeeping
-                if housekeeping:
-                    next_housekeeping = time.monotonic() + HOUSEKEEPING_SECONDS
-                chore = chores.submit(self._chores, housekeeping)
-            if pending is None or pending.done():
-                pending = pinger.submit(self.store.ping, deadline)
+    async def _watch_store(self, last: bool) -> None:
+        # A ping unanswered by its deadline counts as down; meanwhile calls
+        # answer STORE_UNAVAILABLE at once instead of waiting on the database.
+        interval = self.settings.health_interval_seconds
+        deadline = max(1.0, 2 * interval)
+        while not self._stopped.is_set():
             try:
-                up = pending.result(timeout=deadline)
-            except futures.TimeoutError:
-                up = False
-                self.store.reachable(False)  # silent: calls must not wait on it
-            if up:
-                self.store.reachable(True)
+                await asyncio.wait_for(self._stopped.wait(), interval)
+                return
+            except TimeoutError:
+                pass
+            answer = await self.store.ping(deadline)
+            up = answer is Answer.UP
+            self.store.reachable(answer is not Answer.SILENT)
             if up != last:
                 log.warning("store is %s", "reachable" if up else "unreachable")
                 self.metrics.store_up.set(1 if up else 0)
-                self.set_serving(up)
+                await self.set_serving(up)
+                if up:
+                    await self.store.recovered()
                 last = up
-        pinger.shutdown(wait=False, cancel_futures=True)
-        chores.shutdown(wait=False, cancel_futures=True)
 
-    def _chores(self, housekeeping: bool) -> None:
-        if housekeeping:
-            self._housekeep_quietly()
-        self._summarise_refusals_quietly()
+    async def _chores(self) -> None:
+        # Chores (pruning request_ids, summarising refusals) run beside the
+        # health ping: one slowed by a lock must not delay a ping.
+        next_housekeeping = 0.0
+        while not self._stopped.is_set():
+            try:
+                await asyncio.wait_for(self._stopped.wait(), self.settings.health_interval_seconds)
+                return
+            except TimeoutError:
+                pass
+            if time.monotonic() >= next_housekeeping:
+                next_housekeeping = time.monotonic() + HOUSEKEEPING_SECONDS
+                try:
+                    await self.housekeep()
+                except StoreUnavailable:
+                    log.warning("housekeeping skipped: store unavailable")
+            await self._summarise_refusals()
 
-    def stop(self, grace: float | None = None) -> None:
-        """Stops taking calls (health NOT_SERVING first), lets in-flight ones finish."""
+    async def stop(self, grace: float | None = None) -> bool:
+        """Stops taking calls (health NOT_SERVING first) and lets in-flight ones
+        finish for `grace` seconds (grace_seconds); whether they all did. Calls
+        still running then are cut for their callers; their work is left to
+        the process's exit, which rolls it back."""
         if self._stopped.is_set():
-            return
+            return self.drained
         self._stopped.set()
-        self.health.enter_graceful_shutdown()
-        self.server.stop(self.settings.grace_seconds if grace is None else grace).wait()
-        self._summarise_refusals_quietly(final=True)
-        self.dispatcher.stop()
-        self.store.close()
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(self.settings.grace_seconds if grace is None else grace)
+        stuck = [work for work in self.chain.in_flight if not work.done()]
+        if stuck:  # a call cut at this very moment may still be logging its end
+            await asyncio.wait(stuck, timeout=0.1)
+            self.drained = all(work.done() for work in stuck)
+        for task in self._tasks:
+            task.cancel()
+        await self._summarise_refusals(final=True)
+        await self.dispatcher.stop()
+        if self.drained:
+            await self.store.close()
+        return self.drained
 
-    def wait(self) -> None:
-        self.server.wait_for_termination()
+    async def wait(self) -> None:
+        await self.server.wait_for_termination()
 
 
 def _pem(name: str, path: str) -> bytes:
@@ -176,7 +182,7 @@ def _pem(name: str, path: str) -> bytes:
         raise ConfigError(f"{name}: cannot read {path}: {error.strerror}") from None
 
 
-def _tls_credentials(settings: Settings) -> grpc.ServerCredentials:
+def tls_credentials(settings: Settings) -> grpc.ServerCredentials:
     """TLS; with a client CA, mutual TLS: a client certificate is required.
 
     The PEM files are checked here, so that a malformed one is named, instead of
@@ -206,7 +212,7 @@ def _tls_credentials(settings: Settings) -> grpc.ServerCredentials:
     )
 
 
-def create_server(
+async def create_server(
     settings: Settings,
     *,
     clock: Clock | None = None,
@@ -215,15 +221,14 @@ def create_server(
 ) -> App:
     """Builds and starts a server on settings.listen (port 0 picks a free one)."""
     clock = clock or SystemClock()
-    # One connection per RPC thread, plus the SMS express threads (4), the outbox
-    # loop, the health pinger and spares: a thread never waits for a connection.
-    store = PeeweeStore(
+    store = Store(
         settings.database_url,
-        max_connections=settings.threads + 10,
+        max_connections=settings.store_connections,
         lock_timeout=settings.store_lock_timeout_seconds,
-        # A statement not waiting on a lock has no business running this long;
-        # it is cut off rather than holding an RPC thread.
+        # A statement not waiting on a lock has no business running this long.
         statement_timeout=30.0,
+        prepared_statements=settings.store_prepared_statements,
+        session_settings=settings.store_session_settings,
     )
     if migrate:
         store.migrate()
@@ -232,11 +237,19 @@ def create_server(
         raise RuntimeError(
             f"the database lacks migrations {missing}; run `phonebind-server migrate`"
         )
+    await store.open()
     keys = settings.keys()
     vault = Vault(keys)
     metrics = Metrics()
-    metrics.watch_outbox(lambda: store.outbox_stats(clock.now()))
-    metrics.watch_connections_cut(lambda: store.silence.cut if store.silence else 0)
+    loop = asyncio.get_running_loop()
+
+    def outbox_stats() -> tuple[int, float]:
+        # Scrapes come on the metrics server's own thread; the store lives on the loop.
+        future = asyncio.run_coroutine_threadsafe(store.run(store.outbox_stats, clock.now()), loop)
+        return future.result(timeout=5)
+
+    metrics.watch_outbox(outbox_stats)
+    metrics.watch_store(lambda: (dict(store.statements), dict(store.round_trips)))
     dispatcher = OutboxDispatcher(
         store,
         vault,
@@ -255,6 +268,8 @@ def create_server(
         batch=max(1, min(20, int(30 // settings.sms_http_timeout_seconds))),
         metrics=metrics,
     )
+    store.on_commit = dispatcher.express
+    store.on_connection_cut = metrics.store_connections_cut.inc
     credentials = Credentials.load(settings.credentials_file) if settings.credentials_file else None
     trail = AuditTrail(keys.audit_key)
     audit_log = AuditLog(
@@ -263,40 +278,39 @@ def create_server(
         clock,
         stranger_events_per_minute=settings.unauthenticated_audit_per_minute,
     )
-    service = RebindService(store, vault, settings.policy, clock, outbox=dispatcher, audit=trail)
+    service = RebindService(store, vault, settings.policy, clock, trail)
+    page_tokens = PageTokens(keys.index_key)
 
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=settings.threads, thread_name_prefix="rpc"),
-        interceptors=[
-            ServerInterceptor(credentials, on_refusal=audit_log.refusal, metrics=metrics)
-        ],
+    server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", settings.max_receive_bytes),
             # Several worker processes share one port only when asked to.
             ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
         ],
     )
-    page_tokens = PageTokens(keys.index_key)
-    binding_service_pb2_grpc.add_BindingServiceServicer_to_server(
-        BindingServicer(service, page_tokens), server
-    )
-    review_service_pb2_grpc.add_ReviewServiceServicer_to_server(
-        ReviewServicer(
-            ReviewDesk(store, settings.policy, clock, audit=trail), settings.policy, page_tokens
-        ),
+    chain = Chain(credentials=credentials, audit_log=audit_log, run=store.run, metrics=metrics)
+    binding, review, audit = SERVICES
+    register(server, binding, BindingServicer(service, page_tokens, store.run), chain)
+    register(
         server,
+        review,
+        ReviewServicer(
+            ReviewDesk(store, settings.policy, clock, trail),
+            settings.policy,
+            page_tokens,
+            store.run,
+        ),
+        chain,
     )
-    audit_service_pb2_grpc.add_AuditServiceServicer_to_server(
-        AuditServicer(audit_log, page_tokens), server
-    )
-    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    register(server, audit, AuditServicer(audit_log, page_tokens, store.run), chain)
+    health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if settings.reflection:
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
     if settings.tls_cert:
-        port = server.add_secure_port(settings.listen, _tls_credentials(settings))
+        port = server.add_secure_port(settings.listen, tls_credentials(settings))
     else:
         port = server.add_insecure_port(settings.listen)
     if port == 0:
@@ -312,18 +326,19 @@ def create_server(
         metrics,
         clock,
         audit_log,
+        chain,
     )
     if settings.metrics_listen:
         app.metrics_port = metrics.serve(settings.metrics_listen)
-    store_up = store.ping()
+    store_up = await store.ping(max(1.0, 2 * settings.health_interval_seconds)) is Answer.UP
     metrics.store_up.set(1 if store_up else 0)
-    app.set_serving(store_up)
-    server.start()
+    await app.set_serving(store_up)
+    await server.start()
     dispatcher.start()
-    app._watch = threading.Thread(
-        target=app._watch_store, args=(store_up,), name="health", daemon=True
-    )
-    app._watch.start()
+    app._tasks = [
+        asyncio.create_task(app._watch_store(store_up), name="health"),
+        asyncio.create_task(app._chores(), name="chores"),
+    ]
     log.info(
         "phonebind serving",
         extra={

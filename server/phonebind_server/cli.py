@@ -3,25 +3,26 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import asyncio
 import json
 import logging
-import multiprocessing
-import multiprocessing.connection
 import os
 import signal
-import socket
 import sys
 import threading
-import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, TypeVar
 
 from . import logs
 from .config import ConfigError, Settings, load
 from .domain.ports import StoreUnavailable
 from .rpc.auth import ROLES, CredentialsError, check_caller_name, new_token, token_digest
 
+if TYPE_CHECKING:
+    from .store.store import Store
+
 log = logging.getLogger("phonebind.cli")
+T = TypeVar("T")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -83,7 +84,6 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--sms-gateway", dest="sms_gateway", help="https://… (provider webhook), file:PATH or log"
     )
-    serve.add_argument("--threads", type=int, help="RPC worker threads per process")
     serve.add_argument(
         "--workers", type=int, help="server processes sharing the port (SO_REUSEPORT)"
     )
@@ -156,13 +156,9 @@ def _unreachable(error: StoreUnavailable) -> int:
 
 
 def _migrate(settings: Settings) -> int:
-    from .store.repository import PeeweeStore
+    from .store.store import Store
 
-    store = PeeweeStore(settings.database_url)
-    try:
-        applied = store.migrate()
-    finally:
-        store.close()
+    applied = Store(settings.database_url).migrate()
     print(f"applied migrations: {applied or 'none pending'}")
     return 0
 
@@ -192,42 +188,42 @@ def _token(name: str, roles_text: str) -> int:
 def _rotate_keys(settings: Settings, batch: int) -> int:
     """Runs beside live servers: they read every configured key and write with the active one."""
     from .domain.pii import Vault
-    from .store.repository import PeeweeStore
+    from .store.store import Store
 
     vault = Vault(settings.keys())
-    store = PeeweeStore(settings.database_url)
-    try:
-        for model, column in PeeweeStore.SEALED_COLUMNS:
+    store = Store(settings.database_url)
+
+    def rotate() -> int:
+        for table, column in Store.SEALED_COLUMNS:
             total = 0
+            name = f"{getattr(store.tables, table)._meta.table_name}.{column}"
             try:
-                while done := store.reseal_batch(model, column, vault, batch):
+                while done := store.reseal_batch(table, column, vault, batch):
                     total += done
             except ValueError as error:  # a value under a key the settings lack
                 print(
-                    f"phonebind-server: {model._meta.table_name}.{column}: a value is {error};"
+                    f"phonebind-server: {name}: a value is {error};"
                     f" add that key to seal_keys and run again ({total} re-encrypted so far)",
                     file=sys.stderr,
                 )
                 return 1
-            print(f"{model._meta.table_name}.{column}: {total} re-encrypted")
-    finally:
-        store.close()
-    print(f"every sealed value now uses key {settings.keys().active_seal_key}")
-    return 0
+            print(f"{name}: {total} re-encrypted")
+        print(f"every sealed value now uses key {settings.keys().active_seal_key}")
+        return 0
+
+    return _in_store(store, rotate)
 
 
 def _audit_verify(settings: Settings, account_id: str) -> int:
     from .app import SystemClock
     from .domain.audit import AuditTrail
     from .domain.audit_log import AuditLog
-    from .store.repository import PeeweeStore
+    from .domain.context import INTERNAL
+    from .store.store import Store
 
-    store = PeeweeStore(settings.database_url)
-    try:
-        trail = AuditTrail(settings.keys().audit_key)
-        report = AuditLog(store, trail, SystemClock()).verify(account_id)
-    finally:
-        store.close()
+    store = Store(settings.database_url)
+    trail = AuditTrail(settings.keys().audit_key)
+    report = _in_store(store, AuditLog(store, trail, SystemClock()).verify, INTERNAL, account_id)
     for problem in report.problems:
         print(f"BROKEN {problem}")
     print(
@@ -237,196 +233,78 @@ def _audit_verify(settings: Settings, account_id: str) -> int:
     return 0 if report.ok else 1
 
 
+def _in_store(store: Store, fn: Callable[..., T], *args: object) -> T:
+    """Runs `fn(*args)` as store code on a fresh event loop, then closes the store."""
+
+    async def run() -> T:
+        await store.open()
+        try:
+            return await store.run(fn, *args)
+        finally:
+            await store.close()
+
+    return asyncio.run(run())
+
+
 def _serve(settings: Settings, *, migrate: bool) -> int:
     if settings.workers < 1:
         print("phonebind-server: --workers must be at least 1", file=sys.stderr)
         return 2
     if settings.workers == 1:
-        return _serve_one(settings, migrate=migrate)
-    if settings.listen.rsplit(":", 1)[-1] == "0":
-        print("phonebind-server: several workers need a fixed port", file=sys.stderr)
-        return 2
-    # Workers share the port with SO_REUSEPORT, which would also let them join
-    # listeners already there (another deployment, perhaps on another database).
-    if problem := _port_taken(settings.listen):
-        print(f"phonebind-server: cannot listen on {settings.listen}: {problem}", file=sys.stderr)
-        return 2
-    if migrate:
-        _migrate(settings)
-    return _supervise(settings)
+        return serve_one(settings, migrate=migrate)
+    from .supervisor import supervise
+
+    return supervise(settings, migrate=migrate)
 
 
-def _port_taken(listen: str) -> str:
-    """Why `listen` cannot be bound by this process alone, or "" when it can.
-
-    Every address the host resolves to is probed, as gRPC binds them all. Like
-    gRPC, the probe sets SO_REUSEADDR, so connections of a stopped server still
-    in TIME_WAIT do not count; a socket listening there does.
-    """
-    host, _, port = listen.rpartition(":")
-    # The probe binds where the server itself will.
-    host = host.strip("[]") or "0.0.0.0"  # noqa: S104  # nosec B104
-    try:
-        addresses = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
-        for family, kind, protocol, _, address in addresses:
-            with socket.socket(family, kind, protocol) as probe:
-                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                probe.bind(address)
-    except OSError as error:
-        return error.strerror or str(error)
-    return ""
+def serve_one(settings: Settings, *, migrate: bool) -> int:
+    """One server process until SIGTERM or SIGINT; then it drains and exits."""
+    return asyncio.run(_serve_until_signalled(settings, migrate=migrate))
 
 
-def _serve_one(settings: Settings, *, migrate: bool) -> int:
+async def _serve_until_signalled(settings: Settings, *, migrate: bool) -> int:
     from .app import create_server
 
     try:
-        app = create_server(settings, migrate=migrate)
+        app = await create_server(settings, migrate=migrate)
     except (RuntimeError, ValueError, OSError) as error:
         print(f"phonebind-server: {error}", file=sys.stderr)
         return 2
     except StoreUnavailable as error:
         return _unreachable(error)
 
-    def drain(signum: int, _frame: object) -> None:
-        log.info("draining", extra={"signal": signal.Signals(signum).name})
-        threading.Thread(target=app.stop, name="drain").start()
-        limit = settings.grace_seconds + 5
-        deadline = threading.Timer(limit, _exit_stuck, args=(limit,))
-        deadline.daemon = True
-        deadline.start()
+    loop = asyncio.get_running_loop()
+    signalled = asyncio.Event()
 
-    signal.signal(signal.SIGTERM, drain)
-    signal.signal(signal.SIGINT, drain)
+    def drain(signum: int) -> None:
+        log.info("draining", extra={"signal": signal.Signals(signum).name})
+        signalled.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, drain, signum)
     print(f"phonebind listening on port {app.port}", flush=True)
-    app.wait()
+    await signalled.wait()
+    limit = settings.grace_seconds + 5
+    watchdog = threading.Timer(limit, _exit_stuck, args=(limit,))
+    watchdog.daemon = True
+    watchdog.start()
+    if not await app.stop():
+        _exit_stuck(settings.grace_seconds)
+    watchdog.cancel()
     return 0
 
 
 def _exit_stuck(seconds: float) -> None:
-    """Ends a draining process that is still alive `seconds` after the signal.
+    """Ends a draining process whose calls still run `seconds` after the signal.
 
     grace_seconds bounds a drain: a call still running after it (blocked on a
     lock, or on a database that stopped answering) was already cut for its
-    client, and its thread would keep the process and its transaction alive.
-    Exiting closes the connection, so the database rolls that transaction back.
+    client, and it would keep the process and its transaction alive. Exiting
+    closes the connection, so the database rolls that transaction back. The
+    exit code is 1: the drain was not clean.
     """
     log.error("calls still running %s s after the signal; exiting", seconds)  # flushed at once
     os._exit(1)
-
-
-def _worker(settings: Settings, index: int) -> None:
-    logs.configure(settings.log_level, worker=index, pid=os.getpid())
-    parent = multiprocessing.parent_process()
-    if parent is not None:
-        # A worker outlives a supervisor killed with SIGKILL; it drains and exits.
-        threading.Thread(
-            target=_drain_when_gone, args=(parent.sentinel,), name="parent", daemon=True
-        ).start()
-    sys.exit(_serve_one(settings, migrate=False))
-
-
-def _drain_when_gone(sentinel: int) -> None:
-    multiprocessing.connection.wait([sentinel])
-    log.error("the supervisor is gone; draining")
-    os.kill(os.getpid(), signal.SIGTERM)
-
-
-# A worker that ends within this many seconds of its start failed to start, and
-# waits before its next start: twice as long after each such failure, at most the cap.
-STARTUP_SECONDS = 10.0
-RESTART_DELAY_SECONDS = 0.5
-RESTART_DELAY_CAP_SECONDS = 30.0
-
-
-def _supervise(settings: Settings) -> int:
-    """Runs `workers` server processes on one port; restarts one that dies.
-
-    Each worker is a fresh interpreter (spawn), so no gRPC or database state
-    crosses a fork. SIGTERM is passed on, and the supervisor waits for every
-    worker to drain. A worker that cannot start (exit code 2: its settings, the
-    schema, a port) is not restarted: the supervisor stops the others and exits
-    with that code, so that systemd or Kubernetes see the failure. A worker that
-    dies otherwise is restarted, after a delay that doubles while it keeps
-    failing at start (a database that refuses new connections), and the other
-    workers go on serving meanwhile.
-    """
-    context = multiprocessing.get_context("spawn")
-    stopping = threading.Event()
-    workers: list[multiprocessing.process.BaseProcess] = []
-    started_at = [0.0] * settings.workers
-    failed_starts = [0] * settings.workers
-    restart_at: dict[int, float] = {}
-
-    def spawn(index: int) -> multiprocessing.process.BaseProcess:
-        own = settings
-        if settings.metrics_listen:
-            host, _, port = settings.metrics_listen.rpartition(":")
-            own = dataclasses.replace(settings, metrics_listen=f"{host}:{int(port) + index}")
-        process = context.Process(
-            target=_worker, args=(own, index), name=f"phonebind-worker-{index}"
-        )
-        process.start()
-        started_at[index] = time.monotonic()
-        return process
-
-    draining: list[multiprocessing.process.BaseProcess] = []
-
-    def stop(signum: int, _frame: object) -> None:
-        log.info("draining workers", extra={"signal": signal.Signals(signum).name})
-        stopping.set()
-        for process in workers:
-            if process.is_alive() and process.pid is not None:
-                draining.append(process)
-                os.kill(process.pid, signal.SIGTERM)
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    workers.extend(spawn(index) for index in range(settings.workers))
-    outcome = 0
-    while not stopping.is_set():
-        for index, process in enumerate(workers):
-            if process.is_alive() or stopping.is_set():
-                continue
-            if process.exitcode == 2:
-                log.error("worker cannot start; stopping", extra={"exitcode": 2})
-                outcome = 2
-                stop(signal.SIGTERM, None)
-                break
-            now = time.monotonic()
-            if index not in restart_at:
-                lived = now - started_at[index]
-                failed_starts[index] = failed_starts[index] + 1 if lived < STARTUP_SECONDS else 0
-                delay = min(
-                    RESTART_DELAY_CAP_SECONDS,
-                    RESTART_DELAY_SECONDS * 2 ** max(0, failed_starts[index] - 1),
-                )
-                restart_at[index] = now + (delay if failed_starts[index] else 0.0)
-                log.error(
-                    "worker died, restarting",
-                    extra={
-                        "worker": index,
-                        "pid": process.pid,
-                        "exitcode": process.exitcode,
-                        "failed_starts": failed_starts[index],
-                    },
-                )
-            if now >= restart_at[index]:
-                del restart_at[index]
-                workers[index] = spawn(index)
-        stopping.wait(0.25)
-    for process in workers:
-        process.join(settings.grace_seconds + 5)
-    # A worker told to drain that had to end with calls still running (or did not
-    # end): systemd and Kubernetes should not see a clean stop. A worker that had
-    # died before, and waited for its restart, was not draining.
-    if outcome == 0 and any(process.exitcode != 0 for process in draining):
-        log.error(
-            "a worker did not drain cleanly",
-            extra={"exitcodes": [process.exitcode for process in draining]},
-        )
-        outcome = 1
-    return outcome
 
 
 if __name__ == "__main__":

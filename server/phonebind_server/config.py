@@ -65,7 +65,14 @@ class Settings:
     tls_key: str = ""
     tls_client_ca: str = ""
     log_level: str = "INFO"
-    threads: int = 8
+    # PostgreSQL connections each process may hold (calls wait on the event
+    # loop for one; SQLite needs a single connection).
+    store_connections: int = 10
+    # PostgreSQL: prepared statements (off behind PgBouncer before 1.21 in
+    # transaction pooling), and lock/statement timeouts as startup options
+    # (off behind a transaction-pooling PgBouncer: set them on the role).
+    store_prepared_statements: bool = True
+    store_session_settings: bool = True
     workers: int = 1
     metrics_listen: str = ""
     grace_seconds: float = 10.0
@@ -295,8 +302,8 @@ def _check_addresses(settings: Settings) -> None:
 def check(settings: Settings) -> None:
     """Refuses settings that would be unsafe outside a developer's machine."""
     settings.keys()
-    if settings.threads < 1:
-        raise ConfigError("threads must be at least 1")
+    if settings.store_connections < 1:
+        raise ConfigError("store_connections must be at least 1")
     if settings.store_lock_timeout_seconds <= 0:
         raise ConfigError("store_lock_timeout_seconds must be positive")
     if settings.unauthenticated_audit_per_minute < 1:

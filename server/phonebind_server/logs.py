@@ -2,6 +2,9 @@
 
 Values are passed as `extra=`; control characters are escaped by JSON itself,
 and messages carry no personal data (callers log masked forms only).
+
+Every record written while a call is handled carries the call's request id:
+the rpc layer sets `call_var` (the one context variable of a call) for that.
 """
 
 from __future__ import annotations
@@ -14,9 +17,14 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
-# The caller's language for end-user text (from accept-language metadata).
-language_var: contextvars.ContextVar[str] = contextvars.ContextVar("language", default="zh-CN")
+call_var: contextvars.ContextVar[Any] = contextvars.ContextVar("call", default=None)
+
+# Nothing reads the thread, process or source location of a record: skipping
+# them is the logging module's own documented optimisation.
+logging.logThreads = False
+logging.logProcesses = False
+logging.logMultiprocessing = False
+logging._srcfile = None
 
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
 _HEADER_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:-")
@@ -34,8 +42,9 @@ def _stamp_request_id(
 ) -> Callable[..., logging.LogRecord]:
     def make(*args: Any, **kwargs: Any) -> logging.LogRecord:
         record = factory(*args, **kwargs)
-        if (request_id := request_id_var.get()) and not hasattr(record, "request_id"):
-            record.request_id = request_id
+        call = call_var.get()
+        if call is not None and not hasattr(record, "request_id"):
+            record.request_id = call.request_id
         return record
 
     return make

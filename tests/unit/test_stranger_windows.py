@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from phonebind_server.domain.audit_log import StrangerWindows
-from phonebind_server.rpc.interceptors import _source_address
+from phonebind_server.rpc.interceptors import source_address
 
 T0 = datetime(2026, 3, 1, 9, 0, tzinfo=UTC)
 
@@ -75,4 +75,4 @@ def test_summaries_not_written_wait_for_the_next_try_within_bounds(monkeypatch):
     ],
 )
 def test_the_source_is_the_peer_address_without_its_port(peer, source):
-    assert _source_address(peer) == source
+    assert source_address(peer) == source

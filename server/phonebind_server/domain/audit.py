@@ -12,31 +12,18 @@ is caught as well.
 
 from __future__ import annotations
 
-import contextvars
 import hashlib
 import hmac
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from datetime import datetime
-from typing import Protocol
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .ports import Tx
 
 REFUSAL_SHARDS = 16
-
-
-@dataclass(frozen=True)
-class CallContext:
-    """Who called and how; set by the rpc layer for each call."""
-
-    caller: str = "internal"
-    rpc: str = ""
-    request_id: str = ""
-
-
-current_call: contextvars.ContextVar[CallContext] = contextvars.ContextVar(
-    "current_call",
-    default=CallContext(),  # noqa: B039 - frozen, never mutated
-)
 
 
 @dataclass(frozen=True)
@@ -158,28 +145,25 @@ def verify_chain(
         )
 
 
-class AuditTx(Protocol):
-    def lock_audit_head(self, chain_id: str) -> tuple[int, str]: ...
-    def insert_audit(self, event: StoredEvent, head_mac: str) -> None: ...
-
-
 class AuditTrail:
     """Appends events inside the caller's transaction, and verifies chains."""
 
     def __init__(self, key: bytes) -> None:
         self._key = key
 
-    def append(self, tx: AuditTx, event: AuditEvent, at: datetime, chain_id: str = "") -> None:
-        call = current_call.get()
+    def append(self, tx: Tx, event: AuditEvent, at: datetime, chain_id: str = "") -> None:
+        """Appends `event`, by the unit of work's caller, to its account's chain
+        (or to `chain_id`), in that unit of work."""
+        call = tx.call
         chain = chain_id or account_chain(event.account_id)
-        last_seq, last_mac = tx.lock_audit_head(chain)
+        last_seq, last_mac = tx.one(tx.audit.head(chain))
         stored = StoredEvent(
             seq=0,
             chain_id=chain,
             chain_seq=last_seq + 1,
             at=at,
             caller=call.caller,
-            rpc=call.rpc,
+            rpc=call.method,
             request_id=call.request_id,
             action=event.action,
             outcome=event.outcome,
@@ -190,7 +174,7 @@ class AuditTrail:
             mac="",
         )
         stored = replace(stored, mac=event_mac(self._key, stored))
-        tx.insert_audit(stored, head_mac(self._key, chain, stored.chain_seq, stored.mac))
+        tx.audit.append(stored, head_mac(self._key, chain, stored.chain_seq, stored.mac))
 
     def verify(
         self,

@@ -3,18 +3,11 @@
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
-from .audit import (
-    AuditEvent,
-    AuditTrail,
-    CallContext,
-    ChainReport,
-    StoredEvent,
-    current_call,
-    refusal_chain,
-)
+from .audit import AuditEvent, AuditTrail, ChainReport, StoredEvent, refusal_chain
+from .context import INTERNAL, CallContext
 from .errors import Reason, invalid
 from .ports import Clock, Store
 from .rebind import check_account_id
@@ -117,16 +110,17 @@ class AuditLog:
         self._strangers = StrangerWindows(stranger_events_per_minute)
 
     def refusal(
-        self, reason: str, account_id: str, rebind_id: str, caller: str, stranger: str = ""
+        self, call: CallContext, reason: str, account_id: str, rebind_id: str, stranger: str = ""
     ) -> None:
-        """Records a refused call in a shared chain, in its own transaction.
-        `stranger`: where an unauthenticated call came from (its IP address)."""
+        """Records a refused call in a shared chain, in its own transaction, whatever
+        the caller's deadline. `stranger`: where an unauthenticated call came from
+        (its IP address)."""
         now = self._clock.now()
         if stranger and not self._strangers.admit(stranger, now):
             return
         event = AuditEvent("CALL_REFUSED", reason, account_id, rebind_id)
-        with self._store.transaction() as tx:
-            self._trail.append(tx, event, now, refusal_chain(caller + account_id))
+        with self._store.transaction(replace(call, deadline=None)) as tx:
+            self._trail.append(tx, event, now, refusal_chain(call.caller + account_id))
 
     def summarise_refusals(self, *, final: bool = False) -> int:
         """Records one CALLS_REFUSED event for each source and minute whose
@@ -134,7 +128,7 @@ class AuditLog:
         `final` (the server stops): the minutes still running too."""
         now = self._clock.now()
         windows = self._strangers.closed(now, every=final)
-        context = current_call.set(CallContext(caller="unauthenticated"))
+        call = replace(INTERNAL, caller="unauthenticated")
         written = 0
         try:
             for source, window in windows:
@@ -147,11 +141,10 @@ class AuditLog:
                         "since": window.started.isoformat(),
                     },
                 )
-                with self._store.transaction() as tx:
+                with self._store.transaction(call) as tx:
                     self._trail.append(tx, event, now, refusal_chain(source))
                 written += 1
         finally:
-            current_call.reset(context)
             # Kept for the next try (the store down); with `final` there is none.
             self._strangers.unsummarised(windows[written:])
         return written
@@ -163,6 +156,7 @@ class AuditLog:
 
     def events(
         self,
+        call: CallContext,
         *,
         account_id: str,
         rebind_id: str,
@@ -196,7 +190,7 @@ class AuditLog:
         rows = rows[:size]
         return rows, rows[-1].seq if more and rows else None
 
-    def verify(self, account_id: str = "") -> ChainReport:
+    def verify(self, call: CallContext, account_id: str = "") -> ChainReport:
         if account_id:
             check_account_id(account_id)
         chains, account_ids = self._store.audit_snapshot(account_id or None)

@@ -202,13 +202,15 @@ def pick_language(accept_language: str) -> str:
     return best
 
 
+@functools.lru_cache(maxsize=64)
 def rebind_notices(
-    *, is_open: bool, needs_review: bool, hold_hours: int, language: str
-) -> list[tuple[str, str]]:
+    *, is_open: bool, needs_review: bool, hold: timedelta, language: str
+) -> tuple[tuple[str, str], ...]:
     """(code, text) of what the user must read before confirming an open rebind."""
     if not is_open:
-        return []
+        return ()
     codes = ["COOL_OFF_HOLD", "OLD_NUMBER_NOTIFIED"]
     if needs_review:
         codes.insert(0, "REVIEW_IN_PROGRESS")
-    return [(code, notice_text(code, language, hours=hold_hours)) for code in codes]
+    hours = int(hold.total_seconds() // 3600)
+    return tuple((code, notice_text(code, language, hours=hours)) for code in codes)

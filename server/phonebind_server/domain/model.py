@@ -72,6 +72,16 @@ class SealedPhone:
     masked: str
 
 
+class Standing(enum.Enum):
+    """How an account stands for lending services at a given moment."""
+
+    ACTIVE = "ACTIVE"
+    # Inside the cool-off hold after a number change.
+    COOL_OFF = "COOL_OFF"
+    # Rebinding locked after repeated identity failures (the binding works).
+    REBIND_LOCKED = "REBIND_LOCKED"
+
+
 @dataclass(frozen=True)
 class Account:
     account_id: str
@@ -89,6 +99,21 @@ class Account:
 
     def with_changes(self, **changes: object) -> Account:
         return replace(self, **changes)
+
+    def hold_at(self, now: datetime) -> datetime | None:
+        """The end of the cool-off hold while it lasts, else None: the one field
+        lending services read, set also while a rebind lock takes the standing."""
+        return self.hold_until if self.hold_until is not None and self.hold_until > now else None
+
+    def rebind_locked_at(self, now: datetime) -> bool:
+        return self.rebind_locked_until is not None and now < self.rebind_locked_until
+
+    def standing_at(self, now: datetime) -> Standing:
+        if self.rebind_locked_at(now):
+            return Standing.REBIND_LOCKED
+        if self.hold_at(now) is not None:
+            return Standing.COOL_OFF
+        return Standing.ACTIVE
 
 
 @dataclass(frozen=True)
@@ -113,6 +138,18 @@ class Rebind:
     @property
     def outstanding(self) -> tuple[Step, ...]:
         return tuple(s for s in self.required if s not in self.completed)
+
+    @property
+    def needs_review(self) -> bool:
+        """A reviewer's approval is required and not given yet."""
+        return Step.REVIEW in self.required and Step.REVIEW not in self.completed
+
+    def attempts_left(self, max_failures: int) -> int:
+        """Wrong codes and identity answers left before the rebind locks."""
+        return max(0, max_failures - self.failures)
+
+    def locked(self, max_failures: int) -> bool:
+        return self.failures >= max_failures
 
     def with_changes(self, **changes: object) -> Rebind:
         return replace(self, **changes)

@@ -48,6 +48,10 @@ class Policy:
     # Idempotency records are kept this long.
     idempotency_ttl: timedelta = timedelta(hours=24)
 
+    def hold_for(self, old_phone_lost: bool) -> timedelta:
+        """The cool-off hold a completed change starts."""
+        return self.hold_old_phone_lost if old_phone_lost else self.hold
+
     def __post_init__(self) -> None:
         if not 6 <= self.code_length <= 10:
             raise ValueError("code_length must be 6 to 10 digits")

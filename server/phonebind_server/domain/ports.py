@@ -1,18 +1,25 @@
 """What the domain needs from the outside world, as interfaces.
 
-The store and the clock are injected; adapters live in phonebind_server.store
-and are tested against these protocols on SQLite and PostgreSQL alike.
+The store is a unit of work (`Store.transaction`) whose transaction (`Tx`)
+holds one repository per aggregate. Repository reads return a `Read`: a
+statement not yet run. `Tx.read(a, b, c)` runs several in one round trip to
+the database, in order, and returns their results; writes (`add`, `save`, …)
+run in order with the next read or the commit. A use case therefore shows
+its round trips: one per `read` call, and one to commit.
+
+Adapters live in phonebind_server.store and run on SQLite and PostgreSQL
+alike; tests/fake_store.py is an in-memory one for the service-level tests.
 """
 
 from __future__ import annotations
 
-import contextvars
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from datetime import datetime
-from typing import Protocol
+from typing import Any, Generic, Protocol, TypeVar, overload
 
 from .audit import StoredEvent
+from .context import CallContext
 from .model import (
     Account,
     BindingChange,
@@ -22,6 +29,12 @@ from .model import (
     OutboundSms,
     Rebind,
 )
+
+T = TypeVar("T")
+A = TypeVar("A")
+B = TypeVar("B")
+C = TypeVar("C")
+D = TypeVar("D")
 
 
 class Clock(Protocol):
@@ -34,7 +47,8 @@ class Conflict(Exception):
     """A uniqueness rule of the store refused a write (a concurrent writer won).
 
     `constraint` names the rule: "account_id", "phone", "open_rebind",
-    "idempotency". The transaction that raised it is rolled back.
+    "idempotency", "binding_change", "message". The transaction that raised it
+    is rolled back.
     """
 
     def __init__(self, constraint: str) -> None:
@@ -43,7 +57,8 @@ class Conflict(Exception):
 
 
 class StoreUnavailable(Exception):
-    """The store cannot be reached; nothing was written."""
+    """The store cannot be reached, or a lock could not be had in time;
+    nothing was written."""
 
 
 class DeadlinePassed(StoreUnavailable):
@@ -51,40 +66,36 @@ class DeadlinePassed(StoreUnavailable):
     could commit (or while it waited on a lock)."""
 
 
-# When the caller stops waiting (time.monotonic()), set by the rpc layer for each
-# call that has a deadline. A unit of work not committed by then is rolled back:
-# the caller cannot learn its outcome, so it must have none (a retry with the
-# same request_id then does the work once). The exception: see
-# Tx.commit_even_if_caller_gone.
-call_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar(
-    "call_deadline", default=None
-)
+class Read(Generic[T]):
+    """A read not yet run; `Tx.read` runs it. Opaque to the domain."""
+
+    __slots__ = ()
 
 
-class Tx(Protocol):
-    """One unit of work: every call inside one database transaction.
-
-    Row locks (`lock=True`) are taken in one order by every use case: the
-    account, then its rebinds, then the audit chain's head. Another order
-    deadlocks against StartRebind on PostgreSQL.
-    """
-
-    def commit_even_if_caller_gone(self) -> None:
-        """This unit of work commits although its caller stopped waiting (see
-        call_deadline): a counted wrong answer must stick, or a caller who gives
-        up before the answer would guess for free."""
+class AccountRepository(Protocol):
+    def get(self, account_id: str, *, lock: bool = False) -> Read[Account | None]: ...
+    def owner_of(self, phone_index: str) -> Read[str | None]:
+        """The account the number is bound to."""
         ...
 
-    def get_account(self, account_id: str, *, lock: bool = False) -> Account | None: ...
-    def account_id_for_phone(self, phone_index: str) -> str | None: ...
-    def insert_account(self, account: Account) -> None: ...
-    def update_account(self, account: Account) -> None: ...
+    def of_rebind(self, rebind_id: str, *, lock: bool = False) -> Read[Account | None]:
+        """The account a rebind belongs to (to lock it first when only the
+        rebind is named)."""
+        ...
 
-    def get_rebind(self, rebind_id: str, *, lock: bool = False) -> Rebind | None: ...
-    def open_rebinds(self, account_id: str) -> list[Rebind]: ...
-    def insert_rebind(self, rebind: Rebind) -> None: ...
-    def update_rebind(self, rebind: Rebind) -> None: ...
-    def list_reviews(
+    def add(self, account: Account) -> None: ...
+    def save(self, account: Account) -> None: ...
+
+
+class RebindRepository(Protocol):
+    def get(self, rebind_id: str) -> Read[Rebind | None]: ...
+    def open_of(self, account_id: str) -> Read[list[Rebind]]:
+        """The account's rebinds in an open state (at most one, by a unique rule)."""
+        ...
+
+    def add(self, rebind: Rebind) -> None: ...
+    def save(self, rebind: Rebind) -> None: ...
+    def reviews(
         self,
         state: str,
         *,
@@ -92,57 +103,136 @@ class Tx(Protocol):
         max_failures: int,
         after: tuple[datetime, str] | None,
         limit: int,
-    ) -> list[Rebind]:
+    ) -> Read[list[Rebind]]:
         """Rebinds needing review in `state` (PENDING, APPROVED, REJECTED), oldest first.
 
         PENDING leaves out what no reviewer can act on: expired rebinds, and
         those locked by `max_failures` wrong answers."""
         ...
 
-    def get_challenge(self, rebind_id: str, target: CodeTarget) -> Challenge | None: ...
-    def save_challenge(self, challenge: Challenge) -> None: ...
 
-    def insert_change(self, change: BindingChange) -> None: ...
-    def list_changes(
+class CodeRepository(Protocol):
+    """The one live code of each rebind and target (only its MAC is kept)."""
+
+    def get(self, rebind_id: str, target: CodeTarget) -> Read[Challenge | None]: ...
+    def save(self, challenge: Challenge) -> None: ...
+
+
+class OutboxRepository(Protocol):
+    def enqueue(self, message: OutboundSms) -> None:
+        """Queued with the unit of work; delivered once it commits."""
+        ...
+
+    def sent_times(
+        self, phone_index: str, purpose: str, *, since: datetime
+    ) -> Read[list[datetime]]:
+        """When messages of `purpose` to the number were queued after `since`, oldest first."""
+        ...
+
+
+class HistoryRepository(Protocol):
+    """Completed number changes."""
+
+    def add(self, change: BindingChange) -> None: ...
+    def page(
         self, account_id: str, *, before_seq: int | None, limit: int
-    ) -> list[tuple[int, BindingChange]]: ...
-    def count_changes(self, account_id: str, *, since: Sequence[datetime]) -> tuple[int, ...]: ...
-    def phone_released_by_other(
+    ) -> Read[list[tuple[int, BindingChange]]]: ...
+    def counts(self, account_id: str, *, since: Sequence[datetime]) -> Read[tuple[int, ...]]:
+        """The account's changes completed at or after each of `since`, in one statement."""
+        ...
+
+    def released_by_other(
         self, phone_index: str, *, account_id: str, since: datetime
-    ) -> bool: ...
+    ) -> Read[bool]: ...
 
-    def enqueue_sms(self, message: OutboundSms) -> None: ...
-    def sms_sent_times(self, phone_index: str, purpose: str, *, since: datetime) -> list[datetime]:
-        """When messages of `purpose` to the number were queued since `since`, oldest first."""
+
+class LimitRepository(Protocol):
+    """Counted events of the abuse limits."""
+
+    def start_times(self, account_id: str, *, since: datetime) -> Read[list[datetime]]:
+        """When the account's rebinds were started, or starts refused, after `since`."""
         ...
 
-    def start_times(self, account_id: str, *, since: datetime) -> list[datetime]:
-        """When the account's rebinds were started, or refused as PHONE_IN_USE, since `since`."""
-        ...
-
-    def record_refused_start(self, account_id: str, at: datetime) -> None: ...
-    def record_identity_failure(self, account_id: str, rebind_id: str, at: datetime) -> None: ...
-    def identity_failure_times(self, account_id: str, *, since: datetime) -> list[datetime]: ...
-
-    def lock_audit_head(self, chain_id: str) -> tuple[int, str]:
-        """(last chain_seq, last MAC) of a chain, locked until the transaction ends."""
-        ...
-
-    def insert_audit(self, event: StoredEvent, head_mac: str) -> None: ...
-
+    def refused_start(self, account_id: str, at: datetime) -> None: ...
+    def identity_failure(self, account_id: str, rebind_id: str, at: datetime) -> None: ...
+    def identity_failure_times(
+        self, account_id: str, *, since: datetime
+    ) -> Read[list[datetime]]: ...
     def serialize(self, key: str) -> None:
-        """Holds a lock on `key` until the transaction ends, across processes and hosts."""
+        """Holds a lock on `key` until the transaction ends, across processes and
+        hosts; reads after it see what earlier holders committed."""
         ...
 
-    def get_idempotency(
+
+class AuditRepository(Protocol):
+    def head(self, chain_id: str) -> Read[tuple[int, str]]:
+        """(last chain_seq, last MAC) of a chain, locked until the transaction
+        ends; a new chain is (0, "")."""
+        ...
+
+    def append(self, event: StoredEvent, head_mac: str) -> None:
+        """Adds the event and moves its chain's head to it."""
+        ...
+
+
+class RequestRepository(Protocol):
+    """Idempotency records of calls that carried a request_id (AIP-155)."""
+
+    def get(
         self, operation: str, account_id: str, request_id: str
-    ) -> IdempotencyRecord | None: ...
-    def put_idempotency(self, record: IdempotencyRecord) -> None: ...
+    ) -> Read[IdempotencyRecord | None]: ...
+    def put(self, record: IdempotencyRecord) -> None: ...
+
+
+class Tx(Protocol):
+    """One unit of work: everything inside one database transaction.
+
+    Row locks are taken in one order by every use case: the account first
+    (every unit of work that writes anything of an account locks its row
+    before anything else), then the audit chain's head. Another order can
+    deadlock two use cases on one account on PostgreSQL.
+    """
+
+    call: CallContext
+    accounts: AccountRepository
+    rebinds: RebindRepository
+    codes: CodeRepository
+    outbox: OutboxRepository
+    history: HistoryRepository
+    limits: LimitRepository
+    audit: AuditRepository
+    requests: RequestRepository
+
+    @overload
+    def read(self, a: Read[A], /) -> tuple[A]: ...
+    @overload
+    def read(self, a: Read[A], b: Read[B], /) -> tuple[A, B]: ...
+    @overload
+    def read(self, a: Read[A], b: Read[B], c: Read[C], /) -> tuple[A, B, C]: ...
+    @overload
+    def read(self, a: Read[A], b: Read[B], c: Read[C], d: Read[D], /) -> tuple[A, B, C, D]: ...
+    def read(self, *reads: Read[Any]) -> tuple[Any, ...]:
+        """Runs the reads (and the writes queued before them) in one round trip."""
+        ...
+
+    def one(self, read: Read[T], /) -> T:
+        """`read(r)[0]`."""
+        ...
+
+    def commit_even_if_caller_gone(self) -> None:
+        """This unit of work commits although its caller stopped waiting: a
+        counted wrong answer must stick, or a caller who gives up before the
+        answer would guess for free. Without it, a unit of work whose caller's
+        deadline passed before it could commit is rolled back (its caller
+        cannot learn the outcome, so there must be none; a retry with the same
+        request_id then does the work once)."""
+        ...
 
 
 class Store(Protocol):
-    def transaction(self, *, write: bool = True) -> AbstractContextManager[Tx]:
-        """A unit of work; commits on normal exit, rolls back on an exception."""
+    def transaction(self, call: CallContext, *, write: bool = True) -> AbstractContextManager[Tx]:
+        """A unit of work: commits on normal exit, rolls back on an exception.
+        A read-only one (`write=False`) sees committed data statement by statement."""
         ...
 
     def audit_events(

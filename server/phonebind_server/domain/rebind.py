@@ -1,9 +1,12 @@
 """The rebind flow: every use case of BindingService, and the rules it enforces.
 
 Read this file to know the whole policy. It talks to the outside only through
-injected ports (store, clock, outbox, random source) and never imports grpc or
-SQL. Each use case is one unit of work in the store; a verification failure is
-committed (the attempt counts) before it is raised.
+injected ports (store, clock, random source) and never imports grpc or SQL.
+Each use case is one unit of work in the store (`_unit`), which also replays
+calls that carry a known request_id and remembers new ones. Every unit of
+work that changes an account locks the account's row first. A wrong answer
+or a counted refusal is committed before it is raised, whether or not the
+caller still waits: that is how the attempt counts.
 """
 
 from __future__ import annotations
@@ -12,12 +15,14 @@ import hashlib
 import json
 import secrets
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any, TypeVar
 
 from . import identity, messages, otp
 from .audit import AuditEvent, AuditTrail
+from .context import CallContext
 from .errors import DomainError, QuotaViolation, Reason, invalid
 from .model import (
     Account,
@@ -36,7 +41,7 @@ from .model import (
 from .phone import PhoneNumber, is_virtual_operator, parse_phone, province_code
 from .pii import Vault
 from .policy import Policy
-from .ports import Clock, Conflict, Outbox, Store, Tx
+from .ports import Clock, Conflict, Read, Store, Tx
 from .risk import RiskSignals, assess
 
 _ID_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:-")
@@ -44,6 +49,11 @@ _TOKEN_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz01
 _REBIND_PREFIX = "rb_"
 MAX_PAGE_SIZE = 100
 DEFAULT_PAGE_SIZE = 20
+# A unit of work that lost a race on a uniqueness rule runs again, this often
+# at most; each run sees what the winner committed.
+CONFLICT_RUNS = 3
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -63,6 +73,33 @@ class Completion:
 class HistoryPage:
     changes: list[BindingChange]
     next_cursor: int | None
+
+
+@dataclass(frozen=True)
+class Idempotency:
+    """A call's request_id, and what the call asked (AIP-155): a repeat with the
+    same request_id answers as the first did; with other parameters it is refused."""
+
+    operation: str
+    account_id: str
+    request_id: str
+    fingerprint: str
+
+    @classmethod
+    def of(cls, operation: str, account_id: str, request_id: str, *parts: object) -> Idempotency:
+        digest = hashlib.sha256(
+            json.dumps([operation, account_id, *parts], ensure_ascii=True).encode()
+        ).hexdigest()
+        return cls(operation, account_id, request_id, digest)
+
+
+class CommitThenRaise(Exception):
+    """Raised by a unit of work whose refusal must be committed (a counted wrong
+    answer, a counted start): the unit commits, then `error` reaches the caller."""
+
+    def __init__(self, error: DomainError) -> None:
+        super().__init__(error.reason.value)
+        self.error = error
 
 
 def check_account_id(value: str, field: str = "account_id") -> str:
@@ -116,7 +153,7 @@ def still_open(
             f"the rebind is {rebind.state.value.lower()}",
             metadata={"state": rebind.state.value},
         )
-    if not allow_locked and rebind.failures >= max_failures:
+    if not allow_locked and rebind.locked(max_failures):
         raise DomainError(Reason.REBIND_LOCKED, "too many wrong answers; start a new rebind")
     return rebind
 
@@ -130,10 +167,6 @@ def state_for(required: tuple[Step, ...], completed: tuple[Step, ...]) -> Rebind
     return RebindState.PENDING
 
 
-def _fingerprint(*parts: object) -> str:
-    return hashlib.sha256(json.dumps(parts, ensure_ascii=True).encode()).hexdigest()
-
-
 class RebindService:
     def __init__(
         self,
@@ -141,16 +174,14 @@ class RebindService:
         vault: Vault,
         policy: Policy,
         clock: Clock,
-        outbox: Outbox | None = None,
+        audit: AuditTrail,
         randbelow: Callable[[int], int] = secrets.randbelow,
-        audit: AuditTrail | None = None,
     ) -> None:
         self._store = store
         self._audit = audit
         self._vault = vault
         self._policy = policy
         self._clock = clock
-        self._outbox = outbox
         self._randbelow = randbelow
 
     @property
@@ -160,10 +191,84 @@ class RebindService:
     def now(self) -> datetime:
         return self._clock.now()
 
+    # -- the unit of work every use case runs in ------------------------------------
+
+    def _unit(
+        self,
+        call: CallContext,
+        work: Callable[..., tuple[T, Mapping[str, str]]],
+        *,
+        reads: Callable[[Tx], tuple[Read[Any], ...]] = lambda tx: (),
+        key: Idempotency | None = None,
+        replay: Callable[..., T] | None = None,
+        conflicts: Mapping[str, Callable[[], DomainError]] | None = None,
+    ) -> T:
+        """Runs `work(tx, *results of reads(tx))` in one transaction.
+
+        With a `key` (a call that carried a request_id), its idempotency record
+        is read in the same round trip as `reads`: a known request_id answers
+        `replay(tx, record, *results)` instead (refused if it came with other
+        parameters), and a new one is remembered with what `work` returns
+        beside its answer. A uniqueness conflict named in `conflicts` becomes
+        that error; any other runs the unit again, up to CONFLICT_RUNS times.
+        """
+        for _ in range(CONFLICT_RUNS):
+            refusal: DomainError | None = None
+            try:
+                with self._store.transaction(call) as tx:
+                    try:
+                        if key is None:
+                            return work(tx, *tx.read(*reads(tx)))[0]
+                        record, *loaded = tx.read(
+                            tx.requests.get(key.operation, key.account_id, key.request_id),
+                            *reads(tx),
+                        )
+                        if record is not None:
+                            if record.fingerprint != key.fingerprint:
+                                raise invalid(
+                                    Reason.REQUEST_ID_REUSED,
+                                    "request_id",
+                                    "request_id was already used for a different request",
+                                )
+                            if replay is None:
+                                raise TypeError("a unit of work with a key needs its replay")
+                            return replay(tx, record, *loaded)
+                        answer, remembered = work(tx, *loaded)
+                        tx.requests.put(
+                            IdempotencyRecord(
+                                key.operation,
+                                key.account_id,
+                                key.request_id,
+                                key.fingerprint,
+                                dict(remembered),
+                                self._clock.now(),
+                            )
+                        )
+                        return answer
+                    except CommitThenRaise as committed:
+                        refusal = committed.error
+            except Conflict as conflict:
+                if conflicts and (error := conflicts.get(conflict.constraint)):
+                    raise error() from None
+                continue
+            if refusal is not None:
+                raise refusal
+        raise DomainError(
+            Reason.STORE_UNAVAILABLE,
+            "concurrent changes to this account kept conflicting; retry",
+            retry_after=timedelta(milliseconds=100),
+        )
+
     # -- accounts ---------------------------------------------------------------
 
     def register_account(
-        self, account_id: str, holder_name: str, id_number: str, phone: str, request_id: str = ""
+        self,
+        call: CallContext,
+        account_id: str,
+        holder_name: str,
+        id_number: str,
+        phone: str,
+        request_id: str = "",
     ) -> Account:
         now = self._clock.now()
         check_account_id(account_id)
@@ -174,218 +279,219 @@ class RebindService:
         name_hash = self._vault.name_hash(name)
         id_hash = self._vault.id_number_hash(id_norm)
         phone_index = self._vault.phone_index(number.e164)
-        fingerprint = _fingerprint("register", account_id, name_hash, id_hash, phone_index)
-        try:
-            with self._store.transaction() as tx:
-                if replay := self._replay(
-                    tx, "RegisterAccount", account_id, request_id, fingerprint
-                ):
-                    return self._account(tx, replay.account_id)
-                existing = tx.get_account(account_id)
-                if existing is not None:
-                    same = (
-                        self._vault.same(existing.holder_name_hash, name_hash)
-                        and self._vault.same(existing.id_number_hash, id_hash)
-                        and self._vault.same(existing.phone.index, phone_index)
-                    )
-                    if not same:
-                        raise DomainError(
-                            Reason.ACCOUNT_EXISTS, "the account is registered with other data"
-                        )
-                    return existing
-                # This account's own row may have committed since get_account (READ COMMITTED).
-                if tx.account_id_for_phone(phone_index) not in (None, account_id):
-                    raise _phone_in_use()
-                account = Account(
-                    account_id=account_id,
-                    phone=self._vault.seal_phone(number),
-                    holder_name_hash=name_hash,
-                    holder_name_masked=identity.mask_name(name),
-                    id_number_hash=id_hash,
-                    id_number_masked=identity.mask_id_number(id_norm),
-                    id_province=identity.id_province(id_norm),
-                    bound_at=now,
-                    created_at=now,
-                )
-                tx.insert_account(account)
-                self._record(
-                    tx,
-                    now,
-                    "ACCOUNT_REGISTERED",
-                    account_id,
-                    phone=account.phone.masked,
-                    holder_name=account.holder_name_masked,
-                    id_number=account.id_number_masked,
-                )
-                self._remember(tx, "RegisterAccount", account_id, request_id, fingerprint, {}, now)
-                return account
-        except Conflict:
-            # A concurrent registration won (PostgreSQL may name the phone index
-            # even when it was this same account): answer as the retry would.
-            return self.register_account(account_id, holder_name, id_number, phone, request_id)
+        key = Idempotency.of(
+            "RegisterAccount", account_id, request_id, name_hash, id_hash, phone_index
+        )
 
-    def get_account(self, account_id: str) -> Account:
+        def work(
+            tx: Tx, existing: Account | None, owner: str | None
+        ) -> tuple[Account, dict[str, str]]:
+            # Whatever the fields, so that the answer never tells whether a
+            # guessed name or ID number matches the record.
+            if existing is not None:
+                raise DomainError(Reason.ACCOUNT_EXISTS, "the account is already registered")
+            if owner is not None:
+                raise _phone_in_use()
+            account = Account(
+                account_id=account_id,
+                phone=self._vault.seal_phone(number),
+                holder_name_hash=name_hash,
+                holder_name_masked=identity.mask_name(name),
+                id_number_hash=id_hash,
+                id_number_masked=identity.mask_id_number(id_norm),
+                id_province=identity.id_province(id_norm),
+                bound_at=now,
+                created_at=now,
+            )
+            tx.accounts.add(account)
+            self._record(
+                tx,
+                now,
+                "ACCOUNT_REGISTERED",
+                account_id,
+                phone=account.phone.masked,
+                holder_name=account.holder_name_masked,
+                id_number=account.id_number_masked,
+            )
+            return account, {}
+
+        def replay(
+            tx: Tx, record: IdempotencyRecord, existing: Account | None, _: object
+        ) -> Account:
+            return _found(existing)
+
+        return self._unit(
+            call,
+            work,
+            reads=lambda tx: (tx.accounts.get(account_id), tx.accounts.owner_of(phone_index)),
+            key=key if request_id else None,
+            replay=replay,
+        )
+
+    def get_account(self, call: CallContext, account_id: str) -> Account:
         check_account_id(account_id)
-        with self._store.transaction(write=False) as tx:
-            return self._account(tx, account_id)
+        with self._store.transaction(call, write=False) as tx:
+            return _found(tx.one(tx.accounts.get(account_id)))
 
     # -- starting ---------------------------------------------------------------
 
     def start_rebind(
-        self, account_id: str, new_phone: str, old_phone_lost: bool = False, request_id: str = ""
+        self,
+        call: CallContext,
+        account_id: str,
+        new_phone: str,
+        old_phone_lost: bool = False,
+        request_id: str = "",
     ) -> Rebind:
         now = self._clock.now()
         check_account_id(account_id)
         check_request_id(request_id)
         number = self._parse(new_phone, "new_phone")
         new_index = self._vault.phone_index(number.e164)
-        fingerprint = _fingerprint("start", account_id, new_index, old_phone_lost)
+        key = Idempotency.of("StartRebind", account_id, request_id, new_index, old_phone_lost)
         p = self._policy
-        try:
-            with self._store.transaction() as tx:
-                if replay := self._replay(tx, "StartRebind", account_id, request_id, fingerprint):
-                    return self._owned_rebind(tx, account_id, replay.result["rebind_id"], now)
-                account = tx.get_account(account_id, lock=True)
-                if account is None:
-                    raise _account_not_found()
-                _check_not_locked(account, now)
-                _check_rate(
-                    tx.start_times(account_id, since=now - _DAY),
-                    p.starts_per_account_day,
-                    _DAY,
-                    now,
-                    subject=f"account:{account_id}",
-                    description=f"{p.starts_per_account_day} rebind starts per account per day",
-                )
-                if self._vault.same(account.phone.index, new_index):
-                    raise DomainError(Reason.SAME_PHONE, "the new number is the bound number")
-                if tx.account_id_for_phone(new_index) is None:
-                    return self._begin_rebind(
-                        tx, account, number, new_index, old_phone_lost, request_id, fingerprint, now
-                    )
-                # Kept, unlike other refusals: a refused start counts towards the
-                # daily cap on starts, so an account cannot probe numbers unchecked.
-                tx.record_refused_start(account_id, now)
-                refused = _phone_in_use()
-        except Conflict as conflict:
-            if conflict.constraint == "idempotency":
-                return self.start_rebind(account_id, new_phone, old_phone_lost, request_id)
-            raise DomainError(
-                Reason.STORE_UNAVAILABLE,
-                "another rebind of this account started at the same moment; retry",
-                retry_after=timedelta(milliseconds=100),
-            ) from None
-        raise refused
 
-    def _begin_rebind(
-        self,
-        tx: Tx,
-        account: Account,
-        number: PhoneNumber,
-        new_index: str,
-        old_phone_lost: bool,
-        request_id: str,
-        fingerprint: str,
-        now: datetime,
-    ) -> Rebind:
-        """Assesses the change's risk and opens the rebind, closing any open one."""
-        p = self._policy
-        account_id = account.account_id
-        in_review_window, in_deny_window = tx.count_changes(
-            account_id, since=(now - p.review_change_window, now - p.deny_change_window)
-        )
-        signals = RiskSignals(
-            changes_in_review_window=in_review_window,
-            changes_in_deny_window=in_deny_window,
-            number_recently_released=tx.phone_released_by_other(
-                new_index, account_id=account_id, since=now - p.recycled_number_window
-            ),
-            virtual_operator=is_virtual_operator(number, p.virtual_operator_prefixes),
-            old_phone_lost=old_phone_lost,
-            in_cool_off=account.hold_until is not None and account.hold_until > now,
-            province_mismatch=_province_mismatch(number, account.id_province),
-        )
-        risk = assess(signals, p)
-        if risk.decision is RiskDecision.DENY:
-            raise DomainError(
-                Reason.RISK_DENIED,
-                "the change is refused by risk policy",
-                metadata={"reasons": ",".join(risk.reasons)},
+        def reads(tx: Tx) -> tuple[Read[Any], ...]:
+            return (
+                tx.accounts.get(account_id, lock=True),
+                tx.limits.start_times(account_id, since=now - _DAY),
+                tx.rebinds.open_of(account_id),
+                tx.history.counts(
+                    account_id, since=(now - p.review_change_window, now - p.deny_change_window)
+                ),
+                tx.history.released_by_other(
+                    new_index, account_id=account_id, since=now - p.recycled_number_window
+                ),
             )
 
-        for previous in tx.open_rebinds(account_id):
-            closed = effective(previous, now).state
-            if closed is not RebindState.EXPIRED:
-                closed = RebindState.CANCELLED
-            tx.update_rebind(previous.with_changes(state=closed, updated_at=now))
+        def work(
+            tx: Tx,
+            account: Account | None,
+            starts: list[datetime],
+            open_rebinds: list[Rebind],
+            counts: tuple[int, int],
+            released: bool,
+        ) -> tuple[Rebind, dict[str, str]]:
+            account = _found(account)
+            _check_rate(
+                starts,
+                p.starts_per_account_day,
+                _DAY,
+                now,
+                subject=f"account:{account_id}",
+                description=f"{p.starts_per_account_day} rebind starts per account per day",
+            )
+            # From here every start counts towards the daily cap, refused or
+            # not, so that no account can probe numbers or rules without limit.
+            # Whether the number is bound elsewhere is told only once its code
+            # proved possession (VerifyCode).
+            refusal: DomainError | None = None
+            if account.rebind_locked_at(now):
+                refusal = _locked_error(account, now)
+            elif self._vault.same(account.phone.index, new_index):
+                refusal = DomainError(Reason.SAME_PHONE, "the new number is the bound number")
+            if refusal is None:
+                in_review_window, in_deny_window = counts
+                risk = assess(
+                    RiskSignals(
+                        changes_in_review_window=in_review_window,
+                        changes_in_deny_window=in_deny_window,
+                        number_recently_released=released,
+                        virtual_operator=is_virtual_operator(number, p.virtual_operator_prefixes),
+                        old_phone_lost=old_phone_lost,
+                        in_cool_off=account.hold_at(now) is not None,
+                        province_mismatch=_province_mismatch(number, account.id_province),
+                    ),
+                    p,
+                )
+                if risk.decision is RiskDecision.DENY:
+                    refusal = DomainError(
+                        Reason.RISK_DENIED,
+                        "the change is refused by risk policy",
+                        metadata={"reasons": ",".join(risk.reasons)},
+                    )
+            if refusal is not None:
+                tx.limits.refused_start(account_id, now)
+                tx.commit_even_if_caller_gone()
+                raise CommitThenRaise(refusal)
+
+            for previous in open_rebinds:
+                closed = effective(previous, now).state
+                if closed is not RebindState.EXPIRED:
+                    closed = RebindState.CANCELLED
+                tx.rebinds.save(previous.with_changes(state=closed, updated_at=now))
+                self._record(
+                    tx,
+                    now,
+                    f"REBIND_{closed.value}",
+                    account_id,
+                    previous.rebind_id,
+                    why="a new rebind started",
+                )
+
+            required = [Step.IDENTITY]
+            if not old_phone_lost:
+                required.append(Step.OLD_PHONE_CODE)
+            required.append(Step.NEW_PHONE_CODE)
+            if risk.decision is RiskDecision.REVIEW:
+                required.append(Step.REVIEW)
+            rebind = Rebind(
+                rebind_id=_REBIND_PREFIX + secrets.token_urlsafe(16),
+                account_id=account_id,
+                state=RebindState.PENDING,
+                new_phone=self._vault.seal_phone(number),
+                old_phone_lost=old_phone_lost,
+                required=tuple(required),
+                completed=(),
+                risk=risk,
+                failures=0,
+                created_at=now,
+                expires_at=now + p.rebind_ttl,
+                updated_at=now,
+            )
+            tx.rebinds.add(rebind)
             self._record(
                 tx,
                 now,
-                f"REBIND_{closed.value}",
+                "REBIND_STARTED",
                 account_id,
-                previous.rebind_id,
-                why="a new rebind started",
+                rebind.rebind_id,
+                new_phone=rebind.new_phone.masked,
+                old_phone_lost=str(old_phone_lost).lower(),
+                risk=f"{risk.decision.value}:{risk.score}:{','.join(risk.reasons)}",
+                required=",".join(s.value for s in rebind.required),
             )
+            return rebind, {"rebind_id": rebind.rebind_id}
 
-        required = [Step.IDENTITY]
-        if not old_phone_lost:
-            required.append(Step.OLD_PHONE_CODE)
-        required.append(Step.NEW_PHONE_CODE)
-        if risk.decision is RiskDecision.REVIEW:
-            required.append(Step.REVIEW)
-        rebind = Rebind(
-            rebind_id=_REBIND_PREFIX + secrets.token_urlsafe(16),
-            account_id=account_id,
-            state=RebindState.PENDING,
-            new_phone=self._vault.seal_phone(number),
-            old_phone_lost=old_phone_lost,
-            required=tuple(required),
-            completed=(),
-            risk=risk,
-            failures=0,
-            created_at=now,
-            expires_at=now + p.rebind_ttl,
-            updated_at=now,
+        def replay(tx: Tx, record: IdempotencyRecord, *_: object) -> Rebind:
+            return self._owned(tx.one(tx.rebinds.get(record.result["rebind_id"])), account_id, now)
+
+        return self._unit(
+            call,
+            work,
+            reads=reads,
+            key=key if request_id else None,
+            replay=replay,
+            conflicts={"open_rebind": _concurrent_start},
         )
-        tx.insert_rebind(rebind)
-        self._record(
-            tx,
-            now,
-            "REBIND_STARTED",
-            account_id,
-            rebind.rebind_id,
-            new_phone=rebind.new_phone.masked,
-            old_phone_lost=str(old_phone_lost).lower(),
-            risk=f"{risk.decision.value}:{risk.score}:{','.join(risk.reasons)}",
-            required=",".join(s.value for s in rebind.required),
-        )
-        self._remember(
-            tx,
-            "StartRebind",
-            account_id,
-            request_id,
-            fingerprint,
-            {"rebind_id": rebind.rebind_id},
-            now,
-        )
-        return rebind
 
     # -- proving ----------------------------------------------------------------
 
     def verify_identity(
-        self, account_id: str, rebind_id: str, holder_name: str, id_number: str
+        self, call: CallContext, account_id: str, rebind_id: str, holder_name: str, id_number: str
     ) -> Rebind:
         now = self._clock.now()
         self._check_ids(account_id, rebind_id)
         name = identity.normalize_name(holder_name)
         id_norm = identity.normalize_id_number(id_number, today=now.date())
-        failure: DomainError | None = None
-        with self._store.transaction() as tx:
-            # The account first, then the rebind: the order every use case locks them in.
-            locked_account = tx.get_account(account_id, lock=True)
-            rebind = self._open_rebind(tx, account_id, rebind_id, now)
+        p = self._policy
+
+        def work(
+            tx: Tx, account: Account | None, row: Rebind | None
+        ) -> tuple[Rebind, dict[str, str]]:
+            rebind = self._open(row, account_id, now)
             self._require_step(rebind, Step.IDENTITY)
-            account = _found(locked_account)
+            account = _found(account)
             # Both hashes are compared every time, so timing does not tell which failed.
             matches = self._vault.same(
                 account.holder_name_hash, self._vault.name_hash(name)
@@ -393,40 +499,39 @@ class RebindService:
             if matches:
                 rebind = self._complete_step(tx, rebind, Step.IDENTITY, now)
                 self._record(tx, now, "IDENTITY_VERIFIED", account_id, rebind_id)
-            else:
-                # The account's daily cap may run out before the rebind's: the
-                # caller is told the smaller of the two.
-                failures_today = len(tx.identity_failure_times(account_id, since=now - _DAY)) + 1
-                rebind, failure = self._count_failure(
-                    tx,
-                    rebind,
-                    now,
-                    Reason.IDENTITY_MISMATCH,
-                    "holder name or ID number mismatch",
-                    other_attempts_left=self._policy.identity_failures_per_account_day
-                    - failures_today,
-                )
-                failure = (
-                    self._count_identity_failure(tx, account, rebind, now, failures_today)
-                    or failure
-                )
-        if failure:
-            raise failure
-        return rebind
+                return rebind, {}
+            # The account's daily cap may run out before the rebind's: the
+            # caller is told the smaller of the two.
+            failures_today = (
+                len(tx.one(tx.limits.identity_failure_times(account_id, since=now - _DAY))) + 1
+            )
+            rebind, failure = self._count_failure(
+                tx,
+                rebind,
+                now,
+                Reason.IDENTITY_MISMATCH,
+                "holder name or ID number mismatch",
+                other_attempts_left=p.identity_failures_per_account_day - failures_today,
+            )
+            tx.limits.identity_failure(account_id, rebind_id, now)
+            if failures_today >= p.identity_failures_per_account_day:
+                failure = self._lock_rebinding(tx, account, rebind, now)
+            raise CommitThenRaise(failure)
 
-    def _count_identity_failure(
-        self, tx: Tx, account: Account, rebind: Rebind, now: datetime, failures_today: int
-    ) -> DomainError | None:
-        """Too many identity failures in a day lock the account's rebinding (not its binding).
+        return self._unit(
+            call,
+            work,
+            reads=lambda tx: (tx.accounts.get(account_id, lock=True), tx.rebinds.get(rebind_id)),
+        )
 
-        `failures_today` counts this failure and the others of the last day."""
+    def _lock_rebinding(
+        self, tx: Tx, account: Account, rebind: Rebind, now: datetime
+    ) -> DomainError:
+        """Too many identity failures in a day lock the account's rebinding (not its binding)."""
         p = self._policy
-        tx.record_identity_failure(account.account_id, rebind.rebind_id, now)
-        if failures_today < p.identity_failures_per_account_day:
-            return None
         locked = account.with_changes(rebind_locked_until=now + p.identity_lockout)
-        tx.update_account(locked)
-        tx.update_rebind(rebind.with_changes(failures=p.rebind_max_failures, updated_at=now))
+        tx.accounts.save(locked)
+        tx.rebinds.save(rebind.with_changes(failures=p.rebind_max_failures, updated_at=now))
         error = _locked_error(locked, now)
         self._record(
             tx,
@@ -440,100 +545,120 @@ class RebindService:
         return error
 
     def send_code(
-        self, account_id: str, rebind_id: str, target: CodeTarget, request_id: str = ""
+        self,
+        call: CallContext,
+        account_id: str,
+        rebind_id: str,
+        target: CodeTarget,
+        request_id: str = "",
     ) -> CodeSent:
         now = self._clock.now()
         self._check_ids(account_id, rebind_id)
         check_request_id(request_id)
         p = self._policy
-        fingerprint = _fingerprint("send", account_id, rebind_id, target.value)
-        try:
-            with self._store.transaction() as tx:
-                # Locked before the replay check: a retry racing the first waits, then replays.
-                row = tx.get_rebind(rebind_id, lock=True)
-                if replay := self._replay(tx, "SendCode", account_id, request_id, fingerprint):
-                    return CodeSent(
-                        expires_at=datetime.fromisoformat(replay.result["expires_at"]),
-                        resend_at=datetime.fromisoformat(replay.result["resend_at"]),
-                        attempts_left=int(replay.result["attempts_left"]),
-                    )
-                rebind = self._require_open(row, account_id, now)
-                self._require_step(rebind, target.step)
-                current = tx.get_challenge(rebind_id, target)
-                if current is not None and now < current.resend_at:
-                    wait = current.resend_at - now
-                    raise DomainError(
-                        Reason.RESEND_TOO_SOON,
-                        "a code was sent to this number moments ago",
-                        metadata={"retry_after_seconds": str(_ceil_seconds(wait))},
-                        retry_after=wait,
-                    )
-                if target is CodeTarget.OLD_PHONE:
-                    to = self._account(tx, account_id).phone
-                else:
-                    to = rebind.new_phone
-                # Per-number caps hold across processes and hosts: count under a lock on the number.
-                tx.serialize("sms-to:" + to.index)
-                sent_today = tx.sms_sent_times(
-                    to.index, messages.PURPOSE_REBIND_CODE, since=now - _DAY
-                )
-                for limit, window, per in (
-                    (p.sends_per_number_hour, _HOUR, "hour"),
-                    (p.sends_per_number_day, _DAY, "day"),
-                ):
-                    _check_rate(
-                        [t for t in sent_today if t > now - window],
-                        limit,
-                        window,
-                        now,
-                        subject=f"phone:{to.masked}",
-                        description=f"{limit} codes per number per {per}",
-                    )
-                code = otp.new_code(p.code_length, self._randbelow)
-                challenge = Challenge(
-                    rebind_id=rebind_id,
-                    target=target,
-                    code_mac=self._vault.code_mac(rebind_id, target.value, code),
-                    state=ChallengeState.LIVE,
-                    attempts=0,
-                    created_at=now,
-                    expires_at=now + p.code_ttl,
-                    resend_at=now + p.resend_cooldown,
-                )
-                tx.save_challenge(challenge)
-                text = messages.code_text(
-                    code, p.code_ttl, language=p.sms_language, signature=p.sms_signature
-                )
-                self._queue_sms(tx, to, messages.PURPOSE_REBIND_CODE, text, now, rebind)
-                self._record(
-                    tx, now, "CODE_SENT", account_id, rebind_id, target=target.value, to=to.masked
-                )
-                sent = CodeSent(
-                    expires_at=challenge.expires_at,
-                    resend_at=challenge.resend_at,
-                    attempts_left=min(p.code_max_attempts, p.rebind_max_failures - rebind.failures),
-                )
-                result = {
-                    "expires_at": sent.expires_at.isoformat(),
-                    "resend_at": sent.resend_at.isoformat(),
-                    "attempts_left": str(sent.attempts_left),
-                }
-                self._remember(tx, "SendCode", account_id, request_id, fingerprint, result, now)
-        except Conflict:
-            return self.send_code(account_id, rebind_id, target, request_id)
-        self._wake_outbox()
-        return sent
+        key = Idempotency.of("SendCode", account_id, request_id, rebind_id, target.value)
 
-    def verify_code(self, account_id: str, rebind_id: str, target: CodeTarget, code: str) -> Rebind:
+        def work(
+            tx: Tx, account: Account | None, row: Rebind | None, current: Challenge | None
+        ) -> tuple[CodeSent, dict[str, str]]:
+            rebind = self._open(row, account_id, now)
+            self._require_step(rebind, target.step)
+            if current is not None and now < current.resend_at:
+                wait = current.resend_at - now
+                raise DomainError(
+                    Reason.RESEND_TOO_SOON,
+                    "a code was sent to this number moments ago",
+                    metadata={"retry_after_seconds": str(_ceil_seconds(wait))},
+                    retry_after=wait,
+                )
+            to = _found(account).phone if target is CodeTarget.OLD_PHONE else rebind.new_phone
+            # Per-number caps hold across accounts, processes and hosts: counted
+            # under a lock on the number.
+            tx.limits.serialize("sms-to:" + to.index)
+            sent_today = tx.one(
+                tx.outbox.sent_times(to.index, messages.PURPOSE_REBIND_CODE, since=now - _DAY)
+            )
+            for limit, window, per in (
+                (p.sends_per_number_hour, _HOUR, "hour"),
+                (p.sends_per_number_day, _DAY, "day"),
+            ):
+                _check_rate(
+                    [t for t in sent_today if t > now - window],
+                    limit,
+                    window,
+                    now,
+                    subject=f"phone:{to.masked}",
+                    description=f"{limit} codes per number per {per}",
+                )
+            code = otp.new_code(p.code_length, self._randbelow)
+            challenge = Challenge(
+                rebind_id=rebind_id,
+                target=target,
+                code_mac=self._vault.code_mac(rebind_id, target.value, code),
+                state=ChallengeState.LIVE,
+                attempts=0,
+                created_at=now,
+                expires_at=now + p.code_ttl,
+                resend_at=now + p.resend_cooldown,
+            )
+            tx.codes.save(challenge)
+            text = messages.code_text(
+                code, p.code_ttl, language=p.sms_language, signature=p.sms_signature
+            )
+            self._queue_sms(tx, to, messages.PURPOSE_REBIND_CODE, text, now, rebind)
+            self._record(
+                tx, now, "CODE_SENT", account_id, rebind_id, target=target.value, to=to.masked
+            )
+            sent = CodeSent(
+                expires_at=challenge.expires_at,
+                resend_at=challenge.resend_at,
+                attempts_left=min(p.code_max_attempts, rebind.attempts_left(p.rebind_max_failures)),
+            )
+            return sent, {
+                "expires_at": sent.expires_at.isoformat(),
+                "resend_at": sent.resend_at.isoformat(),
+                "attempts_left": str(sent.attempts_left),
+            }
+
+        def replay(tx: Tx, record: IdempotencyRecord, *_: object) -> CodeSent:
+            return CodeSent(
+                expires_at=datetime.fromisoformat(record.result["expires_at"]),
+                resend_at=datetime.fromisoformat(record.result["resend_at"]),
+                attempts_left=int(record.result["attempts_left"]),
+            )
+
+        return self._unit(
+            call,
+            work,
+            reads=lambda tx: (
+                tx.accounts.get(account_id, lock=True),
+                tx.rebinds.get(rebind_id),
+                tx.codes.get(rebind_id, target),
+            ),
+            key=key if request_id else None,
+            replay=replay,
+        )
+
+    def verify_code(
+        self, call: CallContext, account_id: str, rebind_id: str, target: CodeTarget, code: str
+    ) -> Rebind:
         now = self._clock.now()
         self._check_ids(account_id, rebind_id)
         p = self._policy
         otp.check_code_format(code, p.code_length)
-        failure: DomainError | None = None
-        with self._store.transaction() as tx:
-            rebind = self._open_rebind(tx, account_id, rebind_id, now)
+
+        def reads(tx: Tx) -> tuple[Read[Any], ...]:
+            return (
+                tx.accounts.get(account_id, lock=True),
+                tx.rebinds.get(rebind_id),
+                tx.codes.get(rebind_id, target),
+            )
+
+        def work(
+            tx: Tx, _account: Account | None, row: Rebind | None, challenge: Challenge | None
+        ) -> tuple[Rebind, dict[str, str]]:
+            rebind = self._open(row, account_id, now)
             self._require_step(rebind, target.step)
-            challenge = tx.get_challenge(rebind_id, target)
             if challenge is None or challenge.state is ChallengeState.USED:
                 raise DomainError(Reason.NO_ACTIVE_CODE, "no code is waiting; send one first")
             if challenge.state is ChallengeState.BURNT or challenge.attempts >= p.code_max_attempts:
@@ -543,25 +668,19 @@ class RebindService:
                 )
             if now >= challenge.expires_at:
                 raise DomainError(Reason.CODE_EXPIRED, "the code has expired; send a new one")
-            # Count the attempt before comparing, under the rebind's row lock, so
-            # parallel guesses can never exceed the cap.
+            # The attempt is counted before comparing, under the account's row
+            # lock, so parallel guesses can never exceed the cap.
             attempts = challenge.attempts + 1
             expected = self._vault.code_mac(rebind_id, target.value, code)
-            if self._vault.same(challenge.code_mac, expected):
-                tx.save_challenge(
-                    challenge.with_changes(attempts=attempts, state=ChallengeState.USED)
-                )
-                rebind = self._complete_step(tx, rebind, target.step, now)
-                self._record(tx, now, "CODE_VERIFIED", account_id, rebind_id, target=target.value)
-            else:
+            if not self._vault.same(challenge.code_mac, expected):
                 burnt = attempts >= p.code_max_attempts
-                tx.save_challenge(
+                tx.codes.save(
                     challenge.with_changes(
                         attempts=attempts,
                         state=ChallengeState.BURNT if burnt else ChallengeState.LIVE,
                     )
                 )
-                rebind, failure = self._count_failure(
+                _, failure = self._count_failure(
                     tx,
                     rebind,
                     now,
@@ -569,115 +688,146 @@ class RebindService:
                     "the code does not match",
                     other_attempts_left=p.code_max_attempts - attempts,
                 )
-        if failure:
-            raise failure
-        return rebind
+                raise CommitThenRaise(failure)
+            if target is CodeTarget.NEW_PHONE:
+                # Possession is proven: only now may the caller learn that the
+                # number is bound to another account. The code stays live (its
+                # try counted), so a code is used exactly when its step is done.
+                owner = tx.one(tx.accounts.owner_of(rebind.new_phone.index))
+                if owner is not None and owner != account_id:
+                    tx.codes.save(challenge.with_changes(attempts=attempts))
+                    self._record(
+                        tx, now, "CODE_VERIFIED", account_id, rebind_id,
+                        outcome=Reason.PHONE_IN_USE.value, target=target.value,
+                    )  # fmt: skip
+                    error = _phone_in_use()
+                    error.audited = True
+                    raise CommitThenRaise(error)
+            tx.codes.save(challenge.with_changes(attempts=attempts, state=ChallengeState.USED))
+            rebind = self._complete_step(tx, rebind, target.step, now)
+            self._record(tx, now, "CODE_VERIFIED", account_id, rebind_id, target=target.value)
+            return rebind, {}
+
+        return self._unit(call, work, reads=reads)
 
     # -- finishing --------------------------------------------------------------
 
-    def complete_rebind(self, account_id: str, rebind_id: str, request_id: str = "") -> Completion:
+    def complete_rebind(
+        self, call: CallContext, account_id: str, rebind_id: str, request_id: str = ""
+    ) -> Completion:
         now = self._clock.now()
         self._check_ids(account_id, rebind_id)
         check_request_id(request_id)
         p = self._policy
-        fingerprint = _fingerprint("complete", account_id, rebind_id)
-        try:
-            with self._store.transaction() as tx:
-                # Locked before the replay check, so a retry racing the first waits, then
-                # replays; the account before the rebind, as every use case locks them.
-                locked_account = tx.get_account(account_id, lock=True)
-                row = tx.get_rebind(rebind_id, lock=True)
-                if self._replay(tx, "CompleteRebind", account_id, request_id, fingerprint):
-                    return Completion(
-                        rebind=self._owned_rebind(tx, account_id, rebind_id, now),
-                        account=self._account(tx, account_id),
-                    )
-                rebind = self._require_open(row, account_id, now)
-                if rebind.state is RebindState.AWAITING_REVIEW:
-                    raise DomainError(Reason.REVIEW_PENDING, "the change waits for a reviewer")
-                if rebind.state is not RebindState.READY:
-                    missing = ",".join(s.value for s in rebind.outstanding)
-                    raise DomainError(
-                        Reason.STEP_REQUIRED,
-                        f"steps outstanding: {missing}",
-                        metadata={"missing_steps": missing},
-                    )
-                account = _found(locked_account)
-                if self._vault.same(account.phone.index, rebind.new_phone.index):
-                    raise DomainError(Reason.SAME_PHONE, "the new number is the bound number")
-                if tx.account_id_for_phone(rebind.new_phone.index) is not None:
-                    raise _phone_in_use()
-                hold = p.hold_old_phone_lost if rebind.old_phone_lost else p.hold
-                # A hold still running (72 h after a lost phone) is never shortened
-                # by a later, ordinary change: its end is the later of the two.
-                hold_until = max(now + hold, account.hold_until or now)
-                moved = account.with_changes(
-                    phone=rebind.new_phone, bound_at=now, hold_until=hold_until
-                )
-                tx.update_account(moved)
-                done = rebind.with_changes(
-                    state=RebindState.COMPLETED, completed_at=now, updated_at=now
-                )
-                tx.update_rebind(done)
-                tx.insert_change(
-                    BindingChange(
-                        rebind_id=rebind_id,
-                        account_id=account_id,
-                        old_phone=account.phone,
-                        new_phone=rebind.new_phone,
-                        old_phone_lost=rebind.old_phone_lost,
-                        completed_at=now,
-                    )
-                )
-                notice = messages.change_notice_text(
-                    rebind.new_phone.masked, language=p.sms_language, signature=p.sms_signature
-                )
-                self._queue_sms(
-                    tx, account.phone, messages.PURPOSE_CHANGE_NOTICE, notice, now, rebind
-                )
-                self._record(
-                    tx,
-                    now,
-                    "REBIND_COMPLETED",
-                    account_id,
-                    rebind_id,
-                    old_phone=account.phone.masked,
-                    new_phone=rebind.new_phone.masked,
-                    hold_until=moved.hold_until.isoformat() if moved.hold_until else "",
-                )
-                self._remember(tx, "CompleteRebind", account_id, request_id, fingerprint, {}, now)
-        except Conflict as conflict:
-            if conflict.constraint == "phone":
-                raise _phone_in_use() from None
-            return self.complete_rebind(account_id, rebind_id, request_id)
-        self._wake_outbox()
-        return Completion(rebind=done, account=moved)
+        key = Idempotency.of("CompleteRebind", account_id, request_id, rebind_id)
 
-    def cancel_rebind(self, account_id: str, rebind_id: str) -> Rebind:
+        def work(
+            tx: Tx, account: Account | None, row: Rebind | None
+        ) -> tuple[Completion, dict[str, str]]:
+            rebind = self._open(row, account_id, now)
+            if rebind.state is RebindState.AWAITING_REVIEW:
+                raise DomainError(Reason.REVIEW_PENDING, "the change waits for a reviewer")
+            if rebind.state is not RebindState.READY:
+                missing = ",".join(s.value for s in rebind.outstanding)
+                raise DomainError(
+                    Reason.STEP_REQUIRED,
+                    f"steps outstanding: {missing}",
+                    metadata={"missing_steps": missing},
+                )
+            account = _found(account)
+            if self._vault.same(account.phone.index, rebind.new_phone.index):
+                raise DomainError(Reason.SAME_PHONE, "the new number is the bound number")
+            # A hold still running (72 h after a lost phone) is never shortened
+            # by a later, ordinary change: its end is the later of the two. The
+            # unique rule on numbers decides whether the number is still free.
+            hold_until = max(now + p.hold_for(rebind.old_phone_lost), account.hold_until or now)
+            moved = account.with_changes(
+                phone=rebind.new_phone, bound_at=now, hold_until=hold_until
+            )
+            tx.accounts.save(moved)
+            done = rebind.with_changes(
+                state=RebindState.COMPLETED, completed_at=now, updated_at=now
+            )
+            tx.rebinds.save(done)
+            tx.history.add(
+                BindingChange(
+                    rebind_id=rebind_id,
+                    account_id=account_id,
+                    old_phone=account.phone,
+                    new_phone=rebind.new_phone,
+                    old_phone_lost=rebind.old_phone_lost,
+                    completed_at=now,
+                )
+            )
+            notice = messages.change_notice_text(
+                rebind.new_phone.masked, language=p.sms_language, signature=p.sms_signature
+            )
+            self._queue_sms(tx, account.phone, messages.PURPOSE_CHANGE_NOTICE, notice, now, rebind)
+            self._record(
+                tx,
+                now,
+                "REBIND_COMPLETED",
+                account_id,
+                rebind_id,
+                old_phone=account.phone.masked,
+                new_phone=rebind.new_phone.masked,
+                hold_until=hold_until.isoformat(),
+            )
+            return Completion(rebind=done, account=moved), {}
+
+        def replay(
+            tx: Tx, record: IdempotencyRecord, account: Account | None, row: Rebind | None
+        ) -> Completion:
+            return Completion(rebind=self._owned(row, account_id, now), account=_found(account))
+
+        return self._unit(
+            call,
+            work,
+            reads=lambda tx: (tx.accounts.get(account_id, lock=True), tx.rebinds.get(rebind_id)),
+            key=key if request_id else None,
+            replay=replay,
+            conflicts={"phone": _phone_in_use},
+        )
+
+    def cancel_rebind(self, call: CallContext, account_id: str, rebind_id: str) -> Rebind:
         now = self._clock.now()
         self._check_ids(account_id, rebind_id)
-        with self._store.transaction() as tx:
+
+        def work(
+            tx: Tx, _account: Account | None, row: Rebind | None
+        ) -> tuple[Rebind, dict[str, str]]:
             # A locked rebind can still be cancelled: giving up is always allowed.
-            rebind = self._open_rebind(tx, account_id, rebind_id, now, allow_locked=True)
+            rebind = self._open(row, account_id, now, allow_locked=True)
             cancelled = rebind.with_changes(state=RebindState.CANCELLED, updated_at=now)
-            tx.update_rebind(cancelled)
+            tx.rebinds.save(cancelled)
             self._record(tx, now, "REBIND_CANCELLED", account_id, rebind_id, why="caller")
-            return cancelled
+            return cancelled, {}
 
-    def get_rebind(self, account_id: str, rebind_id: str) -> Rebind:
+        return self._unit(
+            call,
+            work,
+            reads=lambda tx: (tx.accounts.get(account_id, lock=True), tx.rebinds.get(rebind_id)),
+        )
+
+    def get_rebind(self, call: CallContext, account_id: str, rebind_id: str) -> Rebind:
         now = self._clock.now()
         self._check_ids(account_id, rebind_id)
-        with self._store.transaction(write=False) as tx:
-            return self._owned_rebind(tx, account_id, rebind_id, now)
+        with self._store.transaction(call, write=False) as tx:
+            return self._owned(tx.one(tx.rebinds.get(rebind_id)), account_id, now)
 
-    def list_history(self, account_id: str, page_size: int, cursor: int | None) -> HistoryPage:
+    def list_history(
+        self, call: CallContext, account_id: str, page_size: int, cursor: int | None
+    ) -> HistoryPage:
         check_account_id(account_id)
         if page_size < 0:
             raise invalid(Reason.INVALID_ARGUMENT, "page_size", "page_size must not be negative")
         size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-        with self._store.transaction(write=False) as tx:
-            self._account(tx, account_id)
-            rows = tx.list_changes(account_id, before_seq=cursor, limit=size + 1)
+        with self._store.transaction(call, write=False) as tx:
+            account, rows = tx.read(
+                tx.accounts.get(account_id),
+                tx.history.page(account_id, before_seq=cursor, limit=size + 1),
+            )
+        _found(account)
         more = len(rows) > size
         rows = rows[:size]
         return HistoryPage(
@@ -694,27 +844,17 @@ class RebindService:
         check_account_id(account_id)
         check_rebind_id(rebind_id)
 
-    def _account(self, tx: Tx, account_id: str, *, lock: bool = False) -> Account:
-        return _found(tx.get_account(account_id, lock=lock))
-
-    def _owned_rebind(self, tx: Tx, account_id: str, rebind_id: str, now: datetime) -> Rebind:
-        rebind = tx.get_rebind(rebind_id)
+    @staticmethod
+    def _owned(rebind: Rebind | None, account_id: str, now: datetime) -> Rebind:
         # Another account's rebind answers exactly like a missing one.
         if rebind is None or rebind.account_id != account_id:
             raise DomainError(Reason.REBIND_NOT_FOUND, "no such rebind for this account")
         return effective(rebind, now)
 
-    def _open_rebind(
-        self, tx: Tx, account_id: str, rebind_id: str, now: datetime, *, allow_locked: bool = False
-    ) -> Rebind:
-        """The caller's rebind, locked for this unit of work, and still open."""
-        return self._require_open(
-            tx.get_rebind(rebind_id, lock=True), account_id, now, allow_locked=allow_locked
-        )
-
-    def _require_open(
+    def _open(
         self, rebind: Rebind | None, account_id: str, now: datetime, *, allow_locked: bool = False
     ) -> Rebind:
+        """The caller's rebind, if it can still move on."""
         if rebind is None or rebind.account_id != account_id:
             raise DomainError(Reason.REBIND_NOT_FOUND, "no such rebind for this account")
         return still_open(rebind, now, self._policy.rebind_max_failures, allow_locked=allow_locked)
@@ -739,7 +879,7 @@ class RebindService:
         updated = rebind.with_changes(
             completed=completed, state=state_for(rebind.required, completed), updated_at=now
         )
-        tx.update_rebind(updated)
+        tx.rebinds.save(updated)
         return updated
 
     def _count_failure(
@@ -751,13 +891,13 @@ class RebindService:
         message: str,
         other_attempts_left: int | None = None,
     ) -> tuple[Rebind, DomainError]:
-        """Counts a wrong answer against the rebind. `other_attempts_left`: what a
-        second limit (the code's, the account's) still allows, when it may be less."""
-        failures = rebind.failures + 1
-        updated = rebind.with_changes(failures=failures, updated_at=now)
-        tx.update_rebind(updated)
+        """Counts a wrong answer against the rebind, committed whatever the
+        caller's deadline. `other_attempts_left`: what a second limit (the
+        code's, the account's) still allows, when it may be less."""
+        updated = rebind.with_changes(failures=rebind.failures + 1, updated_at=now)
+        tx.rebinds.save(updated)
         tx.commit_even_if_caller_gone()
-        rebind_left = max(0, self._policy.rebind_max_failures - failures)
+        rebind_left = updated.attempts_left(self._policy.rebind_max_failures)
         if rebind_left == 0:
             error = DomainError(Reason.REBIND_LOCKED, "too many wrong answers; start a new rebind")
         else:
@@ -774,7 +914,7 @@ class RebindService:
             rebind.account_id,
             rebind.rebind_id,
             outcome=error.reason.value,
-            failures=str(failures),
+            failures=str(updated.failures),
         )
         error.audited = True
         return updated, error
@@ -790,15 +930,13 @@ class RebindService:
         **details: str,
     ) -> None:
         """Appends an audit event to the account's chain, in this unit of work."""
-        if self._audit is not None:
-            event = AuditEvent(action, outcome, account_id, rebind_id, details)
-            self._audit.append(tx, event, now)
+        self._audit.append(tx, AuditEvent(action, outcome, account_id, rebind_id, details), now)
 
     def _queue_sms(
         self, tx: Tx, to: SealedPhone, purpose: str, text: str, now: datetime, rebind: Rebind
     ) -> None:
         not_after = now + self._policy.code_ttl if purpose == messages.PURPOSE_REBIND_CODE else None
-        tx.enqueue_sms(
+        tx.outbox.enqueue(
             OutboundSms(
                 message_id=str(uuid.uuid4()),
                 to=to,
@@ -810,40 +948,6 @@ class RebindService:
                 rebind_id=rebind.rebind_id,
             )
         )
-
-    def _wake_outbox(self) -> None:
-        if self._outbox is not None:
-            self._outbox.wake()
-
-    @staticmethod
-    def _replay(
-        tx: Tx, operation: str, account_id: str, request_id: str, fingerprint: str
-    ) -> IdempotencyRecord | None:
-        if not request_id:
-            return None
-        record = tx.get_idempotency(operation, account_id, request_id)
-        if record is not None and record.fingerprint != fingerprint:
-            raise invalid(
-                Reason.REQUEST_ID_REUSED,
-                "request_id",
-                "request_id was already used for a different request",
-            )
-        return record
-
-    @staticmethod
-    def _remember(
-        tx: Tx,
-        operation: str,
-        account_id: str,
-        request_id: str,
-        fingerprint: str,
-        result: dict[str, str],
-        now: datetime,
-    ) -> None:
-        if request_id:
-            tx.put_idempotency(
-                IdempotencyRecord(operation, account_id, request_id, fingerprint, result, now)
-            )
 
 
 _HOUR = timedelta(hours=1)
@@ -875,14 +979,9 @@ def _check_rate(
     )
 
 
-def _check_not_locked(account: Account, now: datetime) -> None:
-    if account.rebind_locked_until is not None and now < account.rebind_locked_until:
-        raise _locked_error(account, now)
-
-
 def _found(account: Account | None) -> Account:
     if account is None:
-        raise _account_not_found()
+        raise DomainError(Reason.ACCOUNT_NOT_FOUND, "no such account")
     return account
 
 
@@ -910,5 +1009,9 @@ def _phone_in_use() -> DomainError:
     return DomainError(Reason.PHONE_IN_USE, "the number is bound to another account")
 
 
-def _account_not_found() -> DomainError:
-    return DomainError(Reason.ACCOUNT_NOT_FOUND, "no such account")
+def _concurrent_start() -> DomainError:
+    return DomainError(
+        Reason.STORE_UNAVAILABLE,
+        "another rebind of this account started at the same moment; retry",
+        retry_after=timedelta(milliseconds=100),
+    )

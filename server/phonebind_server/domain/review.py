@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from .audit import AuditEvent, AuditTrail
+from .context import CallContext
 from .errors import DomainError, Reason, invalid
 from .model import Rebind, RebindState, Step
 from .policy import Policy
@@ -70,48 +71,58 @@ def review_state(rebind: Rebind, max_failures: int) -> ReviewFilter | None:
 
 
 class ReviewDesk:
-    def __init__(
-        self, store: Store, policy: Policy, clock: Clock, audit: AuditTrail | None = None
-    ) -> None:
+    def __init__(self, store: Store, policy: Policy, clock: Clock, audit: AuditTrail) -> None:
         self._store = store
         self._policy = policy
         self._clock = clock
         self._audit = audit
 
     def _record(self, tx: Tx, rebind: Rebind, action: str, now: datetime) -> None:
-        if self._audit is not None:
-            event = AuditEvent(
-                action, "OK", rebind.account_id, rebind.rebind_id, {"reviewer": rebind.reviewer}
-            )
-            self._audit.append(tx, event, now)
+        event = AuditEvent(
+            action, "OK", rebind.account_id, rebind.rebind_id, {"reviewer": rebind.reviewer}
+        )
+        self._audit.append(tx, event, now)
 
     def list(
-        self, state: ReviewFilter, page_size: int, cursor: tuple[datetime, str] | None
+        self,
+        call: CallContext,
+        state: ReviewFilter,
+        page_size: int,
+        cursor: tuple[datetime, str] | None,
     ) -> ReviewPage:
         if page_size < 0:
             raise invalid(Reason.INVALID_ARGUMENT, "page_size", "page_size must not be negative")
         size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
         now = self._clock.now()
-        with self._store.transaction(write=False) as tx:
-            rows = tx.list_reviews(
-                state.value,
-                now=now,
-                max_failures=self._policy.rebind_max_failures,
-                after=cursor,
-                limit=size + 1,
+        with self._store.transaction(call, write=False) as tx:
+            rows = tx.one(
+                tx.rebinds.reviews(
+                    state.value,
+                    now=now,
+                    max_failures=self._policy.rebind_max_failures,
+                    after=cursor,
+                    limit=size + 1,
+                )
             )
         more = len(rows) > size
         rows = [effective(r, now) for r in rows[:size]]
         last = rows[-1] if more and rows else None
         return ReviewPage(rows, None if last is None else (last.created_at, last.rebind_id))
 
-    def approve(self, rebind_id: str, reviewer: str, note: str) -> Rebind:
+    def _locked(self, tx: Tx, rebind_id: str, now: datetime) -> Rebind:
+        """The rebind, reviewable, with its account locked first (the lock order)."""
+        _account, rebind = tx.read(
+            tx.accounts.of_rebind(rebind_id, lock=True), tx.rebinds.get(rebind_id)
+        )
+        return self._reviewable(rebind, now)
+
+    def approve(self, call: CallContext, rebind_id: str, reviewer: str, note: str) -> Rebind:
         check_rebind_id(rebind_id)
         reviewer = _check_text(reviewer, "reviewer", required=True, limit=64)
         note = _check_text(note, "note", required=False, limit=500)
         now = self._clock.now()
-        with self._store.transaction() as tx:
-            rebind = self._reviewable(tx.get_rebind(rebind_id, lock=True), now)
+        with self._store.transaction(call) as tx:
+            rebind = self._locked(tx, rebind_id, now)
             if Step.IDENTITY not in rebind.completed:
                 raise DomainError(
                     Reason.STEP_REQUIRED,
@@ -129,17 +140,17 @@ class ReviewDesk:
                 reviewed_at=now,
                 updated_at=now,
             )
-            tx.update_rebind(approved)
+            tx.rebinds.save(approved)
             self._record(tx, approved, "REVIEW_APPROVED", now)
             return approved
 
-    def reject(self, rebind_id: str, reviewer: str, reason: str) -> Rebind:
+    def reject(self, call: CallContext, rebind_id: str, reviewer: str, reason: str) -> Rebind:
         check_rebind_id(rebind_id)
         reviewer = _check_text(reviewer, "reviewer", required=True, limit=64)
         reason = _check_text(reason, "reason", required=True, limit=500)
         now = self._clock.now()
-        with self._store.transaction() as tx:
-            rebind = self._reviewable(tx.get_rebind(rebind_id, lock=True), now)
+        with self._store.transaction(call) as tx:
+            rebind = self._locked(tx, rebind_id, now)
             rejected = rebind.with_changes(
                 state=RebindState.REJECTED,
                 reviewer=reviewer,
@@ -147,7 +158,7 @@ class ReviewDesk:
                 reviewed_at=now,
                 updated_at=now,
             )
-            tx.update_rebind(rejected)
+            tx.rebinds.save(rejected)
             self._record(tx, rejected, "REVIEW_REJECTED", now)
             return rejected
 

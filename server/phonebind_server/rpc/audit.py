@@ -4,16 +4,16 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-import grpc
 from google.protobuf import timestamp_pb2
 
 from phonebind.v1 import audit_service_pb2 as api
-from phonebind.v1 import audit_service_pb2_grpc as api_grpc
 
 from ..domain.audit_log import AuditLog
+from ..domain.context import CallContext
 from ..domain.errors import Reason, invalid
 from . import convert
 from .pagination import PageTokens
+from .services import RunInStore
 
 
 def _time(request: api.ListAuditEventsRequest, name: str) -> datetime | None:
@@ -27,12 +27,13 @@ def _time(request: api.ListAuditEventsRequest, name: str) -> datetime | None:
         raise invalid(Reason.INVALID_ARGUMENT, name, f"{name} is not a valid time") from None
 
 
-class AuditServicer(api_grpc.AuditServiceServicer):
-    def __init__(self, log: AuditLog, page_tokens: PageTokens) -> None:
+class AuditServicer:
+    def __init__(self, log: AuditLog, page_tokens: PageTokens, run: RunInStore) -> None:
         self._log = log
         self._tokens = page_tokens
+        self._run = run
 
-    def ListAuditEvents(self, request: api.ListAuditEventsRequest, context: grpc.ServicerContext):
+    async def ListAuditEvents(self, request: api.ListAuditEventsRequest, call: CallContext):
         since, until = _time(request, "start_time"), _time(request, "end_time")
         filters = (
             request.account_id,
@@ -43,7 +44,9 @@ class AuditServicer(api_grpc.AuditServiceServicer):
         )
         scope = "audit:" + "\x1f".join(filters)
         cursor = self._tokens.decode(scope, request.page_token)
-        events, next_seq = self._log.events(
+        events, next_seq = await self._run(
+            self._log.events,
+            call,
             account_id=request.account_id,
             rebind_id=request.rebind_id,
             action=request.action,
@@ -74,8 +77,8 @@ class AuditServicer(api_grpc.AuditServiceServicer):
             next_page_token="" if next_seq is None else self._tokens.encode(scope, str(next_seq)),
         )
 
-    def VerifyAuditChain(self, request: api.VerifyAuditChainRequest, context: grpc.ServicerContext):
-        report = self._log.verify(request.account_id)
+    async def VerifyAuditChain(self, request: api.VerifyAuditChainRequest, call: CallContext):
+        report = await self._run(self._log.verify, call, request.account_id)
         return api.VerifyAuditChainResponse(
             ok=report.ok,
             chains_checked=report.chains,

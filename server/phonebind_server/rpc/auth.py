@@ -26,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 import tomllib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 ROLES = frozenset({"kyc", "flow", "reader", "reviewer", "auditor"})
@@ -163,9 +163,8 @@ def _normal_subject(subject: str) -> str:
     return ",".join(part.strip() for part in subject.split(",") if part.strip())
 
 
-def bearer_token(metadata: Mapping[str, str]) -> str | None:
-    """The token of an `authorization: Bearer <token>` header, if there is one."""
-    value = metadata.get("authorization", "")
+def bearer_token(value: str) -> str | None:
+    """The token of an `authorization: Bearer <token>` header's value."""
     scheme, _, token = value.partition(" ")
     if scheme.lower() != "bearer" or not token.strip() or len(token) > 512:
         return None
@@ -182,7 +181,7 @@ class AuthError(Exception):
 
 def authenticate(
     method: str,
-    metadata: Mapping[str, str],
+    metadata: Sequence[tuple[str, str | bytes]],
     cert_subject: str,
     credentials: Credentials | None,
 ) -> Caller | None:
@@ -194,9 +193,14 @@ def authenticate(
         return None
     if credentials is None:
         return DEV_CALLER
+    authorization = [value for key, value in metadata if key == "authorization"]
+    if len(authorization) > 1:
+        # A proxy that checks the first one would disagree with the service.
+        raise AuthError(False, "more than one authorization header")
     caller = None
-    if "authorization" in metadata:
-        token = bearer_token(metadata)
+    if authorization:
+        value = authorization[0]
+        token = bearer_token(value) if isinstance(value, str) else None
         caller = credentials.by_token(token) if token else None
         if caller is None:
             raise AuthError(False, "the bearer token is not valid")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 
 from google.protobuf import timestamp_pb2
 
@@ -10,38 +10,38 @@ from phonebind.v1 import resources_pb2 as pb
 
 from ..domain import messages
 from ..domain.errors import Reason, invalid
-from ..domain.model import Account, BindingChange, CodeTarget, Rebind, RebindState, Step
+from ..domain.model import Account, BindingChange, CodeTarget, Rebind, RebindState, Standing, Step
 from ..domain.policy import Policy
 from ..domain.review import ReviewFilter, review_state
-from ..logs import language_var
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
     if value is None:
         return None
-    ts = timestamp_pb2.Timestamp()
-    ts.FromDatetime(value)
-    return ts
+    delta = value - _EPOCH
+    return timestamp_pb2.Timestamp(
+        seconds=delta.days * 86_400 + delta.seconds, nanos=delta.microseconds * 1000
+    )
+
+
+_STANDING = {
+    Standing.ACTIVE: pb.ACCOUNT_STATE_ACTIVE,
+    Standing.COOL_OFF: pb.ACCOUNT_STATE_COOL_OFF,
+    Standing.REBIND_LOCKED: pb.ACCOUNT_STATE_REBIND_LOCKED,
+}
 
 
 def account(entity: Account, now: datetime) -> pb.Account:
-    # hold_until is set exactly while the hold lasts, even when a rebind lock
-    # takes the state: it is the one field lending services need to read.
-    hold_until = entity.hold_until if entity.hold_until and entity.hold_until > now else None
-    if entity.rebind_locked_until is not None and entity.rebind_locked_until > now:
-        state = pb.ACCOUNT_STATE_REBIND_LOCKED
-    elif hold_until is not None:
-        state = pb.ACCOUNT_STATE_COOL_OFF
-    else:
-        state = pb.ACCOUNT_STATE_ACTIVE
     return pb.Account(
         account_id=entity.account_id,
         phone_masked=entity.phone.masked,
         holder_name_masked=entity.holder_name_masked,
         id_number_masked=entity.id_number_masked,
-        state=state,
+        state=_STANDING[entity.standing_at(now)],
         bound_time=timestamp(entity.bound_at),
-        hold_until=timestamp(hold_until),
+        hold_until=timestamp(entity.hold_at(now)),
         create_time=timestamp(entity.created_at),
     )
 
@@ -54,7 +54,7 @@ _TARGET = {
 }
 
 
-def rebind(entity: Rebind, policy: Policy) -> pb.Rebind:
+def rebind(entity: Rebind, policy: Policy, language: str) -> pb.Rebind:
     return pb.Rebind(
         rebind_id=entity.rebind_id,
         account_id=entity.account_id,
@@ -71,20 +71,18 @@ def rebind(entity: Rebind, policy: Policy) -> pb.Rebind:
         expire_time=timestamp(entity.expires_at),
         complete_time=timestamp(entity.completed_at),
         old_phone_lost=entity.old_phone_lost,
-        attempts_left=max(0, policy.rebind_max_failures - entity.failures),
+        attempts_left=entity.attempts_left(policy.rebind_max_failures),
         review=_review(entity, policy.rebind_max_failures),
         update_time=timestamp(entity.updated_at),
-        notices=[pb.Notice(code=code, text=text) for code, text in _notices(entity, policy)],
-    )
-
-
-def _notices(entity: Rebind, policy: Policy) -> list[tuple[str, str]]:
-    hold = policy.hold_old_phone_lost if entity.old_phone_lost else policy.hold
-    return messages.rebind_notices(
-        is_open=entity.state.is_open,
-        needs_review=Step.REVIEW in entity.required and Step.REVIEW not in entity.completed,
-        hold_hours=int(hold.total_seconds() // 3600),
-        language=language_var.get(),
+        notices=[
+            pb.Notice(code=code, text=text)
+            for code, text in messages.rebind_notices(
+                is_open=entity.state.is_open,
+                needs_review=entity.needs_review,
+                hold=policy.hold_for(entity.old_phone_lost),
+                language=language,
+            )
+        ],
     )
 
 

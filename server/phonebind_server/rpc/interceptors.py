@@ -1,61 +1,317 @@
-"""Cross-cutting concerns of every RPC: request ids, access logs, error mapping."""
+"""The interceptors every RPC of phonebind's services passes through, one job each.
+
+They are composed once per method when the server starts (`chain`), outermost
+first:
+
+1. `CallContextInterceptor` reads the metadata once: request id (the caller's,
+   or a new one, returned in the trailers), language, deadline, peer;
+2. `AccessLog` times the call, writes its log line and records its metrics;
+3. `ErrorStatus` turns every failure into a gRPC status with ErrorInfo (sent
+   by the first, once the others are done);
+4. `RefusalAudit` records refused calls in the audit trail;
+5. `Authentication` resolves the caller and checks the role table, before any
+   lookup;
+
+and the servicer method then receives the request and one explicit
+`CallContext`. Health and reflection are not wrapped: they are public, and
+probes should cost nothing.
+
+Composing plain functions once, rather than grpc.aio's interceptor API, costs
+no coroutine per interceptor per call, and the chain holds no state between
+calls but the Exchange each call carries down.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 import os
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import timedelta
+from itertools import count
 from typing import Any
 from urllib.parse import unquote
 
 import grpc
 from google.protobuf.message import DecodeError
 
-from ..domain.audit import CallContext, current_call
+from ..domain.audit_log import AuditLog
+from ..domain.context import CallContext
 from ..domain.errors import DomainError, Reason
 from ..domain.messages import pick_language
-from ..domain.ports import DeadlinePassed, StoreUnavailable, call_deadline
-from ..logs import language_var, request_id_var, safe_header
+from ..domain.ports import DeadlinePassed, StoreUnavailable
+from ..logs import call_var, safe_header
 from ..metrics import Metrics
-from .auth import PUBLIC_PREFIXES, AuthError, Credentials, authenticate
+from .auth import AuthError, Credentials, authenticate
 from .errors import STATUS_FOR_REASON, plain_status, to_status
 
 log = logging.getLogger("phonebind.rpc")
 
 
-# (reason, account_id, rebind_id, caller, stranger): `stranger` is the source
-# address of an unauthenticated call, empty for a known caller.
-RefusalHook = Callable[[str, str, str, str, str], None]
+class Exchange:
+    """One call as the chain sees it, filled in on the way down."""
 
-
-@dataclass(frozen=True)
-class _Status(grpc.Status):
-    code: grpc.StatusCode
-    details: str
-    trailing_metadata: tuple[tuple[str, str | bytes], ...]
-
-
-def _tagged(status: grpc.Status, request_id: str) -> grpc.Status:
-    """The status with the request id in its trailers: an abort replaces the
-    trailers set earlier, and a failed call is the one whose id matters most."""
-    return _Status(
-        status.code,
-        status.details,
-        (*status.trailing_metadata, ("x-request-id", request_id)),
+    __slots__ = (
+        "caller",
+        "context",
+        "deadline",
+        "failure",
+        "language",
+        "metadata",
+        "method",
+        "outcome",
+        "request_id",
+        "status",
     )
 
+    def __init__(self, method: str, context: grpc.aio.ServicerContext) -> None:
+        self.method = method
+        self.context = context
+        self.caller = "unauthenticated"
+        self.outcome = "OK"
+        self.status = "OK"
+        self.request_id = ""
+        self.language = "zh-CN"
+        self.deadline: float | None = None
+        self.metadata: Sequence[tuple[str, str | bytes]] = ()
+        # The status a failed call answers, sent once every interceptor is done.
+        self.failure: grpc.Status | None = None
 
-# What a request that cannot be parsed becomes: the handler wrapper answers it
-# after authentication, so a stranger's garbage gets UNAUTHENTICATED, and a
-# caller's gets INVALID_ARGUMENT with ErrorInfo rather than INTERNAL.
-_UNREADABLE = object()
+    def call(self) -> CallContext:
+        return CallContext(
+            caller=self.caller,
+            method=self.method,
+            request_id=self.request_id,
+            deadline=self.deadline,
+            language=self.language,
+        )
 
 
-def _source_address(peer: str) -> str:
+Handler = Callable[[Any, Exchange], Awaitable[Any]]
+Servicer = Callable[[Any, CallContext], Awaitable[Any]]
+
+
+# What a request that cannot be parsed becomes: answered after authentication,
+# so a stranger's garbage gets UNAUTHENTICATED, and a caller's INVALID_ARGUMENT
+# with ErrorInfo rather than INTERNAL.
+UNREADABLE = object()
+
+
+def lenient(deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def read(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except DecodeError:
+            return UNREADABLE
+
+    return read
+
+
+# -- 1. the call context ------------------------------------------------------------
+
+
+class RequestIds:
+    """Request ids for calls that bring none: unique per process and cheap
+    (a random prefix and a counter; the id is a label, not a secret)."""
+
+    def __init__(self) -> None:
+        self._prefix = os.urandom(8).hex()
+        self._next = count(1)
+
+    def __call__(self) -> str:
+        return f"{self._prefix}{next(self._next):016x}"
+
+
+async def _in_call(inner: Handler, request: Any, exchange: Exchange) -> Any:
+    # The one context variable: log lines written during the call carry its ids.
+    call_var.set(exchange)
+    return await inner(request, exchange)
+
+
+class CallContextInterceptor:
+    def __init__(self) -> None:
+        self._ids = RequestIds()
+        # The calls' work under way (see handle): a drain waits for it.
+        self.in_flight: set[asyncio.Future[Any]] = set()
+
+    def wrap(
+        self, method: str, inner: Handler
+    ) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
+        new_id = self._ids
+        self_ = self
+
+        async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            exchange = Exchange(method, context)
+            metadata = context.invocation_metadata() or ()
+            exchange.metadata = metadata
+            request_id = language = ""
+            for key, value in metadata:
+                if key == "x-request-id" and isinstance(value, str):
+                    request_id = value
+                elif key == "accept-language" and isinstance(value, str):
+                    language = value
+            exchange.request_id = safe_header(request_id) or new_id()
+            if language:
+                exchange.language = pick_language(language)
+            remaining = context.time_remaining()
+            if remaining is not None:
+                exchange.deadline = time.monotonic() + remaining
+            context.set_trailing_metadata((("x-request-id", exchange.request_id),))
+            # gRPC cancels the call's task when the caller goes (its deadline, a
+            # cancel, the server's drain ending): the work goes on to its end all
+            # the same, so that a unit of work is never cut between its statements
+            # and what it did is logged and counted. The store ends waits on locks
+            # at the caller's deadline, and rolls back work its caller can no
+            # longer learn the outcome of.
+            work = asyncio.ensure_future(_in_call(inner, request, exchange))
+            self_.in_flight.add(work)
+            work.add_done_callback(self_.in_flight.discard)
+            response = await asyncio.shield(work)
+            failure = exchange.failure
+            if failure is not None:
+                # An abort replaces the trailers set earlier, and a failed call is
+                # the one whose request id matters most. Sent last, so that the
+                # call's log line and metrics are written before the caller knows.
+                await context.abort(
+                    failure.code,
+                    failure.details,
+                    (*failure.trailing_metadata, ("x-request-id", exchange.request_id)),
+                )
+            return response
+
+        return handle
+
+
+# -- 2. access log and metrics ------------------------------------------------------
+
+
+class AccessLog:
+    def __init__(self, metrics: Metrics | None) -> None:
+        self._metrics = metrics
+
+    def wrap(self, method: str, inner: Handler) -> Handler:
+        metrics = self._metrics
+        observe = metrics.rpc_observer(method) if metrics is not None else None
+
+        async def handle(request: Any, exchange: Exchange) -> Any:
+            started = time.perf_counter()
+            try:
+                return await inner(request, exchange)
+            finally:
+                elapsed = time.perf_counter() - started
+                if observe is not None:
+                    observe(exchange.outcome, exchange.status, elapsed)
+                level = logging.INFO if exchange.outcome == "OK" else logging.WARNING
+                if log.isEnabledFor(level):
+                    log.log(
+                        level,
+                        "rpc",
+                        extra={
+                            "method": method,
+                            "caller": exchange.caller,
+                            "outcome": exchange.outcome,
+                            "duration_ms": round(elapsed * 1000, 3),
+                        },
+                    )
+
+        return handle
+
+
+# -- 3. errors as statuses ----------------------------------------------------------
+
+
+class ErrorStatus:
+    def wrap(self, method: str, inner: Handler) -> Handler:
+        async def handle(request: Any, exchange: Exchange) -> Any:
+            try:
+                return await inner(request, exchange)
+            except AuthError as error:
+                outcome = "PERMISSION_DENIED" if error.permission else "UNAUTHENTICATED"
+                exchange.outcome = exchange.status = outcome
+                status = plain_status(getattr(grpc.StatusCode, outcome), error.message, outcome)
+            except DomainError as error:
+                exchange.outcome = error.reason.value
+                exchange.status = STATUS_FOR_REASON[error.reason].name
+                status = to_status(error, exchange.language)
+            except StoreUnavailable as error:
+                # A caller who stopped waiting is not a store fault: its own
+                # label, so that alerts on STORE_UNAVAILABLE see only the store.
+                gone = isinstance(error, DeadlinePassed)
+                exchange.outcome = "DEADLINE_EXCEEDED" if gone else Reason.STORE_UNAVAILABLE.value
+                exchange.status = "DEADLINE_EXCEEDED" if gone else "UNAVAILABLE"
+                status = to_status(
+                    DomainError(
+                        Reason.STORE_UNAVAILABLE,
+                        "the store is unavailable; retry shortly",
+                        retry_after=timedelta(seconds=1),
+                    ),
+                    exchange.language,
+                )
+            except Exception:
+                exchange.outcome = exchange.status = "INTERNAL"
+                log.exception("unhandled error", extra={"method": method})
+                status = plain_status(grpc.StatusCode.INTERNAL, "internal error", "INTERNAL")
+            exchange.failure = status
+            return None
+
+        return handle
+
+
+# -- 4. refused calls in the audit trail --------------------------------------------
+
+RunInStore = Callable[..., Awaitable[Any]]
+
+
+class RefusalAudit:
+    """A refused call (an authentication or role refusal, or a domain refusal
+    whose effects were rolled back) is recorded in the audit trail, whatever
+    the caller's deadline; a failure to record it never changes the answer."""
+
+    def __init__(self, audit_log: AuditLog, run: RunInStore) -> None:
+        self._audit_log = audit_log
+        self._run = run
+
+    def wrap(self, method: str, inner: Handler) -> Handler:
+        async def handle(request: Any, exchange: Exchange) -> Any:
+            try:
+                return await inner(request, exchange)
+            except AuthError as error:
+                reason = "PERMISSION_DENIED" if error.permission else "UNAUTHENTICATED"
+                exchange.caller = error.caller
+                stranger = "" if error.permission else source_address(exchange.context.peer())
+                await self._record(reason, request, exchange, stranger)
+                raise
+            except DomainError as error:
+                if not error.audited and error.reason is not Reason.STORE_UNAVAILABLE:
+                    await self._record(error.reason.value, request, exchange, "")
+                raise
+
+        return handle
+
+    async def _record(self, reason: str, request: Any, exchange: Exchange, stranger: str) -> None:
+        try:
+            await self._run(
+                self._audit_log.refusal,
+                exchange.call(),
+                reason,
+                _plain_id(getattr(request, "account_id", "")),
+                _plain_id(getattr(request, "rebind_id", "")),
+                stranger,
+            )
+        except StoreUnavailable:
+            log.warning("refusal not audited: store unavailable")
+        except Exception as error:  # noqa: BLE001 - the refusal is answered all the same
+            log.error("refusal not audited", extra={"error": type(error).__name__})
+
+
+def _plain_id(value: object) -> str:
+    """An id from the request worth recording: short and plain, else nothing."""
+    return value if isinstance(value, str) and safe_header(value) == value else ""
+
+
+def source_address(peer: str) -> str:
     """Where an unauthenticated call came from, as one counted source: the IPv4
     address of gRPC's peer string (`ipv4:10.0.0.7:5123`), or the /64 network of
     an IPv6 one (`ipv6:%5B2001:db8::7%5D:5123`, percent-encoded by gRPC), as a
@@ -77,184 +333,72 @@ def _source_address(peer: str) -> str:
     return kind or "unknown"
 
 
-def _lenient(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
-    if deserializer is None:
-        return None
-
-    def read(data: bytes) -> Any:
-        try:
-            return deserializer(data)
-        except DecodeError:
-            return _UNREADABLE
-
-    return read
+# -- 5. authentication --------------------------------------------------------------
 
 
-def _plain_id(value: object) -> str:
-    """An id from the request worth recording: short and plain, else nothing."""
-    return value if isinstance(value, str) and safe_header(value) == value else ""
+class Authentication:
+    """Callers are authenticated and checked against the role table before
+    the servicer runs, so a refused caller never reaches a lookup."""
+
+    def __init__(self, credentials: Credentials | None) -> None:
+        self._credentials = credentials
+        # Only a server that knows callers reads the peer's certificate subject.
+        self._read_subject = credentials is not None
+
+    def wrap(self, method: str, inner: Handler) -> Handler:
+        credentials = self._credentials
+        read_subject = self._read_subject
+
+        async def handle(request: Any, exchange: Exchange) -> Any:
+            subject = ""
+            if read_subject:
+                subject = exchange.context.auth_context().get("x509_subject", [b""])[0].decode()
+            who = authenticate(method, exchange.metadata, subject, credentials)
+            exchange.caller = who.name if who is not None else "public"
+            return await inner(request, exchange)
+
+        return handle
 
 
-class ServerInterceptor(grpc.ServerInterceptor):
-    """Wraps each unary handler: who is calling, request id, errors as rich statuses, a log line.
+# -- the servicer at the end of the chain ------------------------------------------
 
-    Callers are authenticated and checked against the role table before the
-    handler runs, so a refused caller never reaches a lookup. A refused call
-    (a domain error whose effects were rolled back, or an auth refusal) is
-    recorded in the audit trail through `on_refusal(reason, account_id,
-    rebind_id, caller)`. Public methods (health, reflection) pass untouched.
-    """
+
+def servicer_call(method: str, servicer: Servicer) -> Handler:
+    name = method.rsplit("/", 1)[-1]
+
+    async def handle(request: Any, exchange: Exchange) -> Any:
+        if request is UNREADABLE:
+            raise DomainError(Reason.INVALID_ARGUMENT, f"the request is not a valid {name} message")
+        return await servicer(request, exchange.call())
+
+    return handle
+
+
+class Chain:
+    """The interceptors, in order; `handler` puts one servicer method behind them."""
 
     def __init__(
         self,
-        credentials: Credentials | None = None,
-        on_refusal: RefusalHook | None = None,
-        metrics: Metrics | None = None,
+        *,
+        credentials: Credentials | None,
+        audit_log: AuditLog,
+        run: RunInStore,
+        metrics: Metrics | None,
     ) -> None:
-        self._credentials = credentials
-        self._on_refusal = on_refusal
-        self._metrics = metrics
-        self._wrapped: dict[str, tuple[Any, grpc.RpcMethodHandler]] = {}
-        # Only a server that asks for client certificates needs the peer's subject.
-        self._read_subject = credentials is not None
-
-    def _record_refusal(self, reason: str, request: Any, caller: str, stranger: str = "") -> None:
-        if self._on_refusal is None:
-            return
-        # The refusal is answered whatever the deadline, so its record must not
-        # be rolled back for a caller who stopped waiting.
-        unbounded = call_deadline.set(None)
-        try:
-            self._on_refusal(
-                reason,
-                _plain_id(getattr(request, "account_id", "")),
-                _plain_id(getattr(request, "rebind_id", "")),
-                caller,
-                stranger,
-            )
-        except StoreUnavailable:
-            log.warning("refusal not audited: store unavailable")
-        except Exception as error:  # noqa: BLE001 - the refusal is answered all the same
-            log.error("refusal not audited", extra={"error": type(error).__name__})
-        finally:
-            call_deadline.reset(unbounded)
-
-    def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
-        handler = continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or handler.unary_unary is None or method.startswith(PUBLIC_PREFIXES):
-            return handler
-        # One wrapped handler per method, made on its first call: building
-        # handler objects on every call showed up in the profile.
-        wrapped = self._wrapped.get(method)
-        if wrapped is None or wrapped[0] is not handler.unary_unary:
-            wrapped = (handler.unary_unary, self._wrap(method, handler))
-            self._wrapped[method] = wrapped
-        return wrapped[1]
-
-    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-        behaviour = handler.unary_unary
-
-        def wrapped(request: Any, context: grpc.ServicerContext) -> Any:
-            incoming = dict(context.invocation_metadata())
-            request_id = safe_header(incoming.get("x-request-id", "")) or os.urandom(16).hex()
-            language = pick_language(incoming.get("accept-language", ""))
-            context.set_trailing_metadata((("x-request-id", request_id),))
-            started = time.perf_counter()
-            tokens = (request_id_var.set(request_id), language_var.set(language))
-            caller = "unauthenticated"
-            outcome = status = "OK"
-            call_token = current_call.set(CallContext(caller, method, request_id))
-            remaining = context.time_remaining()
-            deadline_token = call_deadline.set(
-                None if remaining is None else time.monotonic() + remaining
-            )
-            try:
-                subject = ""
-                if self._read_subject and "authorization" not in incoming:
-                    subject = context.auth_context().get("x509_subject", [b""])[0].decode()
-                who = authenticate(method, incoming, subject, self._credentials)
-                caller = who.name if who is not None else "public"
-                current_call.set(CallContext(caller, method, request_id))
-                if request is _UNREADABLE:
-                    raise DomainError(
-                        Reason.INVALID_ARGUMENT,
-                        f"the request is not a valid {method.rsplit('/', 1)[-1]} message",
-                    )
-                return behaviour(request, context)
-            except AuthError as error:
-                outcome = status = "PERMISSION_DENIED" if error.permission else "UNAUTHENTICATED"
-                caller = error.caller
-                current_call.set(CallContext(caller, method, request_id))
-                stranger = "" if error.permission else _source_address(context.peer())
-                self._record_refusal(outcome, request, caller, stranger)
-                code = getattr(grpc.StatusCode, outcome)
-                context.abort_with_status(
-                    _tagged(plain_status(code, error.message, outcome), request_id)
-                )
-            except DomainError as error:
-                outcome = error.reason.value
-                status = STATUS_FOR_REASON[error.reason].name
-                if not error.audited and error.reason is not Reason.STORE_UNAVAILABLE:
-                    self._record_refusal(outcome, request, caller)
-                context.abort_with_status(_tagged(to_status(error, language), request_id))
-            except StoreUnavailable as error:
-                # A caller who stopped waiting is not a store fault: its own label,
-                # so that alerts on STORE_UNAVAILABLE see only the store.
-                gone = isinstance(error, DeadlinePassed)
-                outcome = "DEADLINE_EXCEEDED" if gone else Reason.STORE_UNAVAILABLE.value
-                status = "DEADLINE_EXCEEDED" if gone else "UNAVAILABLE"
-                context.abort_with_status(
-                    _tagged(
-                        to_status(
-                            DomainError(
-                                Reason.STORE_UNAVAILABLE,
-                                "the store is unavailable; retry shortly",
-                                retry_after=timedelta(seconds=1),
-                            ),
-                            language,
-                        ),
-                        request_id,
-                    )
-                )
-            except Exception:
-                if context.code() is not None:  # aborted by a handler on purpose
-                    raise
-                outcome = status = "INTERNAL"
-                log.exception("unhandled error", extra={"method": method})
-                context.abort_with_status(
-                    _tagged(
-                        plain_status(grpc.StatusCode.INTERNAL, "internal error", "INTERNAL"),
-                        request_id,
-                    )
-                )
-            finally:
-                elapsed = time.perf_counter() - started
-                if self._metrics is not None:
-                    self._metrics.observe_rpc(method, outcome, status, elapsed)
-                level = logging.INFO if outcome == "OK" else logging.WARNING
-                if log.isEnabledFor(level):
-                    log.log(
-                        level,
-                        "rpc",
-                        extra={
-                            "method": method,
-                            "caller": caller,
-                            "outcome": outcome,
-                            "duration_ms": round(elapsed * 1000, 3),
-                        },
-                    )
-                request_id_var.reset(tokens[0])
-                language_var.reset(tokens[1])
-                current_call.reset(call_token)
-                call_deadline.reset(deadline_token)
-
-        return grpc.unary_unary_rpc_method_handler(
-            wrapped,
-            request_deserializer=_lenient(handler.request_deserializer),
-            response_serializer=handler.response_serializer,
+        self._context = CallContextInterceptor()
+        # Innermost first.
+        self.in_flight = self._context.in_flight
+        self._inner = (
+            Authentication(credentials),
+            RefusalAudit(audit_log, run),
+            ErrorStatus(),
+            AccessLog(metrics),
         )
+
+    def handler(
+        self, method: str, servicer: Servicer
+    ) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
+        handler = servicer_call(method, servicer)
+        for interceptor in self._inner:
+            handler = interceptor.wrap(method, handler)
+        return self._context.wrap(method, handler)

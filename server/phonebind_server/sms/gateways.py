@@ -27,6 +27,9 @@ class PermanentGatewayError(GatewayError):
 
 class SmsGateway(Protocol):
     name: str
+    # False for a gateway whose delivery never waits on the network (a file,
+    # the log): the dispatcher then calls it on the event loop itself.
+    blocking: bool
 
     def deliver(self, *, message_id: str, to: str, text: str, purpose: str) -> None: ...
 
@@ -39,6 +42,7 @@ class FileGateway:
     """
 
     name = "file"
+    blocking = False
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -66,6 +70,7 @@ class LogGateway:
     """
 
     name = "log"
+    blocking = False
 
     def __init__(self) -> None:
         self._log = logging.getLogger("phonebind.sms.dev")

@@ -74,6 +74,7 @@ def encode_body(*, message_id: str, to: str, text: str, purpose: str) -> bytes:
 
 class HttpGateway:
     name = "http"
+    blocking = True
 
     def __init__(self, url: str, *, secret: bytes, timeout: float) -> None:
         parts = urlsplit(url)

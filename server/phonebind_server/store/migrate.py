@@ -15,8 +15,8 @@ from datetime import UTC, datetime
 import peewee
 
 from . import migrations
-from .db import is_postgres
 from .fields import to_micros
+from .models import is_postgres
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,13 @@
-"""Peewee models of the tables that migrations create (store/migrations)."""
+"""Peewee models of the tables that migrations create (store/migrations).
+
+The models here are bound to no database. Each store binds its own copies
+(`bind`), so two stores in one process (a server and a tool, two test servers)
+never share or swap a binding.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import peewee
 
@@ -9,7 +16,7 @@ from .fields import UtcTimestampField
 
 class BaseModel(peewee.Model):
     class Meta:
-        database = None  # bound by PeeweeStore when it opens the database
+        database = None
 
 
 class AccountRow(BaseModel):
@@ -26,6 +33,11 @@ class AccountRow(BaseModel):
     hold_until = UtcTimestampField(null=True)
     created_at = UtcTimestampField()
     rebind_locked_until = UtcTimestampField(null=True)
+    # The head of the account's audit chain: every unit of work that writes to
+    # the chain holds this row's lock already.
+    audit_seq = peewee.BigIntegerField(default=0)
+    audit_mac = peewee.CharField(max_length=64, default="")
+    audit_head_mac = peewee.CharField(max_length=64, default="")
 
     class Meta:
         table_name = "accounts"
@@ -174,6 +186,45 @@ class AuditHeadRow(BaseModel):
         table_name = "audit_heads"
 
 
+@dataclass(frozen=True)
+class Tables:
+    """One store's models, bound to its database."""
+
+    database: peewee.Database
+    accounts: type[AccountRow]
+    rebinds: type[RebindRow]
+    challenges: type[ChallengeRow]
+    changes: type[BindingChangeRow]
+    outbox: type[SmsOutboxRow]
+    requests: type[IdempotencyRow]
+    identity_failures: type[IdentityFailureRow]
+    refused_starts: type[RefusedStartRow]
+    audit_events: type[AuditEventRow]
+    audit_heads: type[AuditHeadRow]
+
+
+def bind(database: peewee.Database) -> Tables:
+    """Copies of the models bound to `database` (peewee model inheritance)."""
+
+    def bound(model: type[BaseModel]) -> type[BaseModel]:
+        meta = type("Meta", (), {"database": database, "table_name": model._meta.table_name})
+        return type(model.__name__, (model,), {"Meta": meta, "__module__": __name__})
+
+    return Tables(
+        database=database,
+        accounts=bound(AccountRow),
+        rebinds=bound(RebindRow),
+        challenges=bound(ChallengeRow),
+        changes=bound(BindingChangeRow),
+        outbox=bound(SmsOutboxRow),
+        requests=bound(IdempotencyRow),
+        identity_failures=bound(IdentityFailureRow),
+        refused_starts=bound(RefusedStartRow),
+        audit_events=bound(AuditEventRow),
+        audit_heads=bound(AuditHeadRow),
+    )
+
+
 ALL_MODELS: list[type[BaseModel]] = [
     AccountRow,
     RebindRow,
@@ -186,3 +237,7 @@ ALL_MODELS: list[type[BaseModel]] = [
     AuditEventRow,
     AuditHeadRow,
 ]
+
+
+def is_postgres(db: peewee.Database) -> bool:
+    return isinstance(db, peewee.PostgresqlDatabase)

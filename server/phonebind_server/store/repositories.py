@@ -1,0 +1,898 @@
+"""One repository per aggregate: the statements of each, and its rows as entities.
+
+Every statement is a peewee query over the store's bound tables (`t`), with
+`Param` for each value (query.py); each is compiled once per store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any, ClassVar
+
+import peewee
+
+from ..domain.audit import StoredEvent, account_chain, canonical_details
+from ..domain.model import (
+    Account,
+    BindingChange,
+    Challenge,
+    ChallengeState,
+    CodeTarget,
+    IdempotencyRecord,
+    OutboundSms,
+    Rebind,
+    RebindState,
+    RiskAssessment,
+    RiskDecision,
+    SealedPhone,
+    Step,
+)
+from ..domain.ports import Read
+from .query import Param, Query, values
+from .unit import Known, SqlTx, StatementRead, every, exists, first, value
+
+_OPEN = tuple(s.value for s in RebindState if s.is_open)
+_ACCOUNT_CHAIN = account_chain("")
+# How long a message queued by a call stays leased to the process that queued
+# it, which delivers it at once; if that process dies first, any dispatcher
+# takes it when the lease runs out.
+EXPRESS_LEASE_SECONDS = 30
+
+
+def attach(tx: SqlTx) -> None:
+    tx.accounts = AccountRows(tx)
+    tx.rebinds = RebindRows(tx)
+    tx.codes = ChallengeRows(tx)
+    tx.outbox = OutboxRows(tx)
+    tx.history = ChangeRows(tx)
+    tx.limits = LimitRows(tx)
+    tx.audit = AuditRows(tx)
+    tx.requests = RequestRows(tx)
+
+
+def _steps(text: str) -> tuple[Step, ...]:
+    return tuple(Step(s) for s in text.split(",") if s)
+
+
+# -- accounts -----------------------------------------------------------------------
+
+_ACCOUNT_COLUMNS = (
+    "account_id",
+    "phone_index",
+    "phone_sealed",
+    "phone_masked",
+    "holder_name_hash",
+    "holder_name_masked",
+    "id_number_hash",
+    "id_number_masked",
+    "id_province",
+    "bound_at",
+    "hold_until",
+    "created_at",
+    "rebind_locked_until",
+)
+_ACCOUNT_AND_HEAD = (*_ACCOUNT_COLUMNS, "audit_seq", "audit_mac")
+
+
+def _account_select(t: Any) -> peewee.ModelSelect:
+    a = t.accounts
+    return a.select(*(getattr(a, name) for name in _ACCOUNT_AND_HEAD))
+
+
+def _account(row: tuple) -> Account:
+    return Account(
+        account_id=row[0],
+        phone=SealedPhone(row[1], row[2], row[3]),
+        holder_name_hash=row[4],
+        holder_name_masked=row[5],
+        id_number_hash=row[6],
+        id_number_masked=row[7],
+        id_province=row[8],
+        bound_at=row[9],
+        hold_until=row[10],
+        created_at=row[11],
+        rebind_locked_until=row[12],
+    )
+
+
+def _account_values(account: Account) -> dict[str, Any]:
+    return {
+        "account_id": account.account_id,
+        "phone_index": account.phone.index,
+        "phone_sealed": account.phone.sealed,
+        "phone_masked": account.phone.masked,
+        "holder_name_hash": account.holder_name_hash,
+        "holder_name_masked": account.holder_name_masked,
+        "id_number_hash": account.id_number_hash,
+        "id_number_masked": account.id_number_masked,
+        "id_province": account.id_province,
+        "bound_at": account.bound_at,
+        "hold_until": account.hold_until,
+        "created_at": account.created_at,
+        "rebind_locked_until": account.rebind_locked_until,
+    }
+
+
+class AccountRows:
+    GET = Query(
+        "accounts.get",
+        lambda t: _account_select(t).where(t.accounts.account_id == Param("account_id")),
+    )
+    LOCK = Query(
+        "accounts.lock",
+        lambda t: _account_select(t).where(t.accounts.account_id == Param("account_id")),
+        locks=True,
+    )
+    OF_REBIND = Query(
+        "accounts.of_rebind",
+        lambda t: _account_select(t).where(
+            t.accounts.account_id
+            == t.rebinds.select(t.rebinds.account_id).where(
+                t.rebinds.rebind_id == Param("rebind_id")
+            )
+        ),
+    )
+    LOCK_OF_REBIND = Query(
+        "accounts.lock_of_rebind",
+        lambda t: _account_select(t).where(
+            t.accounts.account_id
+            == t.rebinds.select(t.rebinds.account_id).where(
+                t.rebinds.rebind_id == Param("rebind_id")
+            )
+        ),
+        locks=True,
+    )
+    OWNER = Query(
+        "accounts.owner",
+        lambda t: t.accounts.select(t.accounts.account_id).where(
+            t.accounts.phone_index == Param("phone_index")
+        ),
+    )
+    ADD = Query(
+        "accounts.add",
+        lambda t: t.accounts.insert(values(t.accounts, _ACCOUNT_COLUMNS)),
+    )
+    SAVE = Query(
+        "accounts.save",
+        lambda t: t.accounts.update(values(t.accounts, _ACCOUNT_COLUMNS[1:])).where(
+            t.accounts.account_id == Param("account_id")
+        ),
+    )
+
+    def __init__(self, tx: SqlTx) -> None:
+        self._tx = tx
+
+    def _mapper(self, lock: bool) -> Any:
+        if not lock:
+            return first(_account)
+        heads = self._tx.heads
+
+        def locked(row: tuple) -> Account:
+            # The account's audit chain head lives on its row, locked with it.
+            heads[_ACCOUNT_CHAIN + row[0]] = (row[13], row[14])
+            return _account(row)
+
+        return first(locked)
+
+    def get(self, account_id: str, *, lock: bool = False) -> Read[Account | None]:
+        return StatementRead(
+            self.LOCK if lock else self.GET, {"account_id": account_id}, self._mapper(lock)
+        )
+
+    def of_rebind(self, rebind_id: str, *, lock: bool = False) -> Read[Account | None]:
+        return StatementRead(
+            self.LOCK_OF_REBIND if lock else self.OF_REBIND,
+            {"rebind_id": rebind_id},
+            self._mapper(lock),
+        )
+
+    def owner_of(self, phone_index: str) -> Read[str | None]:
+        return StatementRead(self.OWNER, {"phone_index": phone_index}, value)
+
+    def add(self, account: Account) -> None:
+        self._tx.write(self.ADD, _account_values(account))
+        # A new account's chain starts here (its row holds the head).
+        self._tx.heads[account_chain(account.account_id)] = (0, "")
+
+    def save(self, account: Account) -> None:
+        self._tx.write(self.SAVE, _account_values(account))
+
+
+# -- rebinds ------------------------------------------------------------------------
+
+_REBIND_COLUMNS = (
+    "rebind_id",
+    "account_id",
+    "state",
+    "new_phone_index",
+    "new_phone_sealed",
+    "new_phone_masked",
+    "old_phone_lost",
+    "required_steps",
+    "completed_steps",
+    "risk_decision",
+    "risk_score",
+    "risk_reasons",
+    "failures",
+    "created_at",
+    "expires_at",
+    "updated_at",
+    "completed_at",
+    "reviewer",
+    "review_note",
+    "reviewed_at",
+)
+
+
+def _rebind_select(t: Any) -> peewee.ModelSelect:
+    r = t.rebinds
+    return r.select(*(getattr(r, name) for name in _REBIND_COLUMNS))
+
+
+def _rebind(row: tuple) -> Rebind:
+    return Rebind(
+        rebind_id=row[0],
+        account_id=row[1],
+        state=RebindState(row[2]),
+        new_phone=SealedPhone(row[3], row[4], row[5]),
+        old_phone_lost=bool(row[6]),
+        required=_steps(row[7]),
+        completed=_steps(row[8]),
+        risk=RiskAssessment(
+            decision=RiskDecision(row[9]),
+            score=row[10],
+            reasons=tuple(r for r in row[11].split(",") if r),
+        ),
+        failures=row[12],
+        created_at=row[13],
+        expires_at=row[14],
+        updated_at=row[15],
+        completed_at=row[16],
+        reviewer=row[17],
+        review_note=row[18],
+        reviewed_at=row[19],
+    )
+
+
+def _rebind_values(rebind: Rebind) -> dict[str, Any]:
+    return {
+        "rebind_id": rebind.rebind_id,
+        "account_id": rebind.account_id,
+        "state": rebind.state.value,
+        "new_phone_index": rebind.new_phone.index,
+        "new_phone_sealed": rebind.new_phone.sealed,
+        "new_phone_masked": rebind.new_phone.masked,
+        "old_phone_lost": rebind.old_phone_lost,
+        "required_steps": ",".join(s.value for s in rebind.required),
+        "completed_steps": ",".join(s.value for s in rebind.completed),
+        "risk_decision": rebind.risk.decision.value,
+        "risk_score": rebind.risk.score,
+        "risk_reasons": ",".join(rebind.risk.reasons),
+        "failures": rebind.failures,
+        "created_at": rebind.created_at,
+        "expires_at": rebind.expires_at,
+        "updated_at": rebind.updated_at,
+        "completed_at": rebind.completed_at,
+        "reviewer": rebind.reviewer,
+        "review_note": rebind.review_note,
+        "reviewed_at": rebind.reviewed_at,
+    }
+
+
+def _reviews_query(state: str, paged: bool) -> Query:
+    def build(t: Any) -> peewee.Query:
+        r = t.rebinds
+        needs_review = r.required_steps.contains(Step.REVIEW.value)
+        reviewed = r.completed_steps.contains(Step.REVIEW.value)
+        if state == "PENDING":
+            where = (
+                needs_review
+                & ~reviewed
+                & r.state.in_(_OPEN)
+                & (r.expires_at > Param("now"))
+                & (r.failures < Param("max_failures"))
+            )
+        elif state == "APPROVED":
+            where = needs_review & reviewed
+        else:
+            where = needs_review & (r.state == RebindState.REJECTED.value)
+        if paged:
+            created = Param("after_created")
+            where &= (r.created_at > created) | (
+                (r.created_at == created) & (r.rebind_id > Param("after_id"))
+            )
+        return (
+            _rebind_select(t).where(where).order_by(r.created_at, r.rebind_id).limit(Param("limit"))
+        )
+
+    return Query(f"rebinds.reviews.{state}.{paged}", build)
+
+
+_REVIEWS = {
+    (state, paged): _reviews_query(state, paged)
+    for state in ("PENDING", "APPROVED", "REJECTED")
+    for paged in (False, True)
+}
+
+
+class RebindRows:
+    GET = Query(
+        "rebinds.get",
+        lambda t: _rebind_select(t).where(t.rebinds.rebind_id == Param("rebind_id")),
+    )
+    OPEN_OF = Query(
+        "rebinds.open_of",
+        lambda t: _rebind_select(t).where(
+            (t.rebinds.account_id == Param("account_id")) & t.rebinds.state.in_(_OPEN)
+        ),
+    )
+    ADD = Query("rebinds.add", lambda t: t.rebinds.insert(values(t.rebinds, _REBIND_COLUMNS)))
+    SAVE = Query(
+        "rebinds.save",
+        lambda t: t.rebinds.update(values(t.rebinds, _REBIND_COLUMNS[1:])).where(
+            t.rebinds.rebind_id == Param("rebind_id")
+        ),
+    )
+
+    def __init__(self, tx: SqlTx) -> None:
+        self._tx = tx
+
+    def get(self, rebind_id: str) -> Read[Rebind | None]:
+        return StatementRead(self.GET, {"rebind_id": rebind_id}, first(_rebind))
+
+    def open_of(self, account_id: str) -> Read[list[Rebind]]:
+        return StatementRead(self.OPEN_OF, {"account_id": account_id}, every(_rebind))
+
+    def add(self, rebind: Rebind) -> None:
+        self._tx.write(self.ADD, _rebind_values(rebind))
+
+    def save(self, rebind: Rebind) -> None:
+        self._tx.write(self.SAVE, _rebind_values(rebind))
+
+    def reviews(
+        self,
+        state: str,
+        *,
+        now: datetime,
+        max_failures: int,
+        after: tuple[datetime, str] | None,
+        limit: int,
+    ) -> Read[list[Rebind]]:
+        params: dict[str, Any] = {"now": now, "max_failures": max_failures, "limit": limit}
+        if after is not None:
+            params["after_created"], params["after_id"] = after
+        query = _REVIEWS[(state, after is not None)]
+        return StatementRead(query, params, every(_rebind))
+
+
+# -- challenges ---------------------------------------------------------------------
+
+_CHALLENGE_COLUMNS = (
+    "rebind_id",
+    "target",
+    "code_mac",
+    "state",
+    "attempts",
+    "created_at",
+    "expires_at",
+    "resend_at",
+)
+
+
+def _challenge(row: tuple) -> Challenge:
+    return Challenge(
+        rebind_id=row[0],
+        target=CodeTarget(row[1]),
+        code_mac=row[2],
+        state=ChallengeState(row[3]),
+        attempts=row[4],
+        created_at=row[5],
+        expires_at=row[6],
+        resend_at=row[7],
+    )
+
+
+class ChallengeRows:
+    GET = Query(
+        "challenges.get",
+        lambda t: t.challenges.select(
+            *(getattr(t.challenges, name) for name in _CHALLENGE_COLUMNS)
+        ).where(
+            (t.challenges.rebind_id == Param("rebind_id"))
+            & (t.challenges.target == Param("target"))
+        ),
+    )
+    SAVE = Query(
+        "challenges.save",
+        lambda t: t.challenges.insert(values(t.challenges, _CHALLENGE_COLUMNS)).on_conflict(
+            conflict_target=[t.challenges.rebind_id, t.challenges.target],
+            preserve=[getattr(t.challenges, name) for name in _CHALLENGE_COLUMNS[2:]],
+        ),
+    )
+
+    def __init__(self, tx: SqlTx) -> None:
+        self._tx = tx
+
+    def get(self, rebind_id: str, target: CodeTarget) -> Read[Challenge | None]:
+        return StatementRead(
+            self.GET, {"rebind_id": rebind_id, "target": target.value}, first(_challenge)
+        )
+
+    def save(self, challenge: Challenge) -> None:
+        self._tx.write(
+            self.SAVE,
+            {
+                "rebind_id": challenge.rebind_id,
+                "target": challenge.target.value,
+                "code_mac": challenge.code_mac,
+                "state": challenge.state.value,
+                "attempts": challenge.attempts,
+                "created_at": challenge.created_at,
+                "expires_at": challenge.expires_at,
+                "resend_at": challenge.resend_at,
+            },
+        )
+
+
+# -- outbox -------------------------------------------------------------------------
+
+_OUTBOX_COLUMNS = (
+    "message_id",
+    "to_index",
+    "to_sealed",
+    "to_masked",
+    "purpose",
+    "text",
+    "state",
+    "attempts",
+    "created_at",
+    "next_attempt_at",
+    "not_after",
+    "last_error",
+    "account_id",
+    "rebind_id",
+)
+
+
+class OutboxRows:
+    ENQUEUE = Query("outbox.enqueue", lambda t: t.outbox.insert(values(t.outbox, _OUTBOX_COLUMNS)))
+    SENT_TIMES = Query(
+        "outbox.sent_times",
+        lambda t: (
+            t.outbox.select(t.outbox.created_at)
+            .where(
+                (t.outbox.to_index == Param("to_index"))
+                & (t.outbox.purpose == Param("purpose"))
+                & (t.outbox.created_at > Param("since"))
+            )
+            .order_by(t.outbox.created_at)
+        ),
+    )
+
+    def __init__(self, tx: SqlTx) -> None:
+        self._tx = tx
+
+    def enqueue(self, message: OutboundSms) -> None:
+        from datetime import timedelta
+
+        self._tx.write(
+            self.ENQUEUE,
+            {
+                "message_id": message.message_id,
+                "to_index": message.to.index,
+                "to_sealed": message.to.sealed,
+                "to_masked": message.to.masked,
+                "purpose": message.purpose,
+                "text": message.sealed_text,
+                "state": "PENDING",
+                # Leased at birth to this process, which delivers it once the
+                # unit of work commits (one attempt).
+                "attempts": 1,
+                "created_at": message.created_at,
+                "next_attempt_at": message.created_at + timedelta(seconds=EXPRESS_LEASE_SECONDS),
+                "not_after": message.not_after,
+                "last_error": "",
+                "account_id": message.account_id,
+                "rebind_id": message.rebind_id,
+            },
+        )
+        self._tx.messages.append(message)
+
+    def sent_times(
+        self, phone_index: str, purpose: str, *, since: datetime
+    ) -> Read[list[datetime]]:
+        return StatementRead(
+            self.SENT_TIMES,
+            {"to_index": phone_index, "purpose": purpose, "since": since},
+            every(lambda row: row[0]),
+        )
+
+
+# -- binding history ----------------------------------------------------------------
+
+_CHANGE_COLUMNS = (
+    "rebind_id",
+    "account_id",
+    "old_phone_index",
+    "old_phone_sealed",
+    "old_phone_masked",
+    "new_phone_index",
+    "new_phone_sealed",
+    "new_phone_masked",
+    "old_phone_lost",
+    "completed_at",
+)
+
+
+def _change(row: tuple) -> tuple[int, BindingChange]:
+    return row[0], BindingChange(
+        rebind_id=row[1],
+        account_id=row[2],
+        old_phone=SealedPhone(row[3], row[4], row[5]),
+        new_phone=SealedPhone(row[6], row[7], row[8]),
+        old_phone_lost=bool(row[9]),
+        completed_at=row[10],
+    )
+
+
+def _page_query(paged: bool) -> Query:
+    def build(t: Any) -> peewee.Query:
+        c = t.changes
+        where = c.account_id == Param("account_id")
+        if paged:
+            where &= c.seq < Param("before_seq")
+        return (
+            c.select(c.seq, *(getattr(c, name) for name in _CHANGE_COLUMNS))
+            .where(where)
+            .order_by(c.seq.desc())
+            .limit(Param("limit"))
+        )
+
+    return Query(f"changes.page.{paged}", build)
+
+
+def _counts_query(windows: int) -> Query:
+    def build(t: Any) -> peewee.Query:
+        c = t.changes
+        counts = [
+            peewee.fn.COALESCE(
+                peewee.fn.SUM(peewee.Case(None, [(c.completed_at >= Param(f"since{i}"), 1)], 0)),
+                0,
+            )
+            for i in range(windows)
+        ]
+        return c.select(*counts).where(
+            (c.account_id == Param("account_id")) & (c.completed_at >= Param("earliest"))
+        )
+
+    return Query(f"changes.counts.{windows}", build)
+
+
+class ChangeRows:
+    ADD = Query("changes.add", lambda t: t.changes.insert(values(t.changes, _CHANGE_COLUMNS)))
+    PAGE: ClassVar[dict[bool, Query]] = {paged: _page_query(paged) for paged in (False, True)}
+    RELEASED = Query(
+        "changes.released_by_other",
+        lambda t: (
+            t.changes.select(peewee.SQL("1"))
+            .where(
+                (t.changes.old_phone_index == Param("phone_index"))
+                & (t.changes.account_id != Param("account_id"))
+                & (t.changes.completed_at >= Param("since"))
+            )
+            .limit(1)
+        ),
+    )
+
+    def __init__(self, tx: SqlTx) -> None:
+        self._tx = tx
+
+    def add(self, change: BindingChange) -> None:
+        self._tx.write(
+            self.ADD,
+            {
+                "rebind_id": change.rebind_id,
+                "account_id": change.account_id,
+                "old_phone_index": change.old_phone.index,
+                "old_phone_sealed": change.old_phone.sealed,
+                "old_phone_masked": change.old_phone.masked,
+                "new_phone_index": change.new_phone.index,
+                "new_phone_sealed": change.new_phone.sealed,
+                "new_phone_masked": change.new_phone.masked,
+                "old_phone_lost": change.old_phone_lost,
+                "completed_at": change.completed_at,
+            },
+        )
+
+    def page(
+        self, account_id: str, *, before_seq: int | None, limit: int
+    ) -> Read[list[tuple[int, BindingChange]]]:
+        params: dict[str, Any] = {"account_id": account_id, "limit": limit}
+        if before_seq is not None:
+            params["before_seq"] = before_seq
+        return StatementRead(self.PAGE[before_seq is not None], params, every(_change))
+
+    def counts(self, account_id: str, *, since: Sequence[datetime]) -> Read[tuple[int, ...]]:
+        params: dict[str, Any] = {f"since{i}": start for i, start in enumerate(since)}
+        params["account_id"] = account_id
+        params["earliest"] = min(since)
+
+        def shape(compiled: Any, rows: list[tuple]) -> tuple[int, ...]:
+            return tuple(int(count) for count in rows[0])
+
+        return StatementRead(_COUNTS[len(since)], params, shape)
+
+    def released_by_other(
+        self, phone_index: str, *, account_id: str, since: datetime
+    ) -> Read[bool]:
+        return StatementRead(
+            self.RELEASED,
+            {"phone_index": phone_index, "account_id": account_id, "since": since},
+            exists,
+        )
+
+
+_COUNTS = {windows: _counts_query(windows) for windows in (1, 2, 3)}
+
+
+# -- limits -------------------------------------------------------------------------
+
+
+class LimitRows:
+    START_TIMES = Query(
+        "limits.start_times",
+        lambda t: (
+            t.rebinds.select(t.rebinds.created_at.alias("at"))
+            .where(
+                (t.rebinds.account_id == Param("account_id"))
+                & (t.rebinds.created_at > Param("since"))
+            )
+            .union_all(
+                t.refused_starts.select(t.refused_starts.refused_at).where(
+                    (t.refused_starts.account_id == Param("account_id"))
+                    & (t.refused_starts.refused_at > Param("since"))
+                )
+            )
+            .order_by(peewee.SQL("at"))
+        ),
+    )
+    REFUSED_START = Query(
+        "limits.refused_start",
+        lambda t: t.refused_starts.insert(values(t.refused_starts, ("account_id", "refused_at"))),
+    )
+    IDENTITY_FAILURE = Query(
+        "limits.identity_failure",
+        lambda t: t.identity_failures.insert(
+            values(t.identity_failures, ("account_id", "rebind_id", "failed_at"))
+        ),
+    )
+    IDENTITY_FAILURE_TIMES = Query(
+        "limits.identity_failure_times",
+        lambda t: (
+            t.identity_failures.select(t.identity_failures.failed_at)
+            .where(
+                (t.identity_failures.account_id == Param("account_id"))
+                & (t.identity_failures.failed_at > Param("since"))
+            )
+            .order_by(t.identity_failures.failed_at)
+        ),
+    )
+    SERIALIZE = Query(
+        "limits.serialize",
+        lambda t: peewee.Select(columns=[peewee.fn.pg_advisory_xact_lock(Param("key"))]).bind(
+            t.database
+        ),
+    )
+
+    def __init__(self, tx: SqlTx) -> None:
+        self._tx = tx
+
+    def start_times(self, account_id: str, *, since: datetime) -> Read[list[datetime]]:
+        from .fields import from_micros
+
+        # A union's column takes no field conversion: the microseconds come back as they are.
+        return StatementRead(
+            self.START_TIMES,
+            {"account_id": account_id, "since": since},
+            every(lambda row: from_micros(row[0])),
+        )
+
+    def refused_start(self, account_id: str, at: datetime) -> None:
+        self._tx.write(self.REFUSED_START, {"account_id": account_id, "refused_at": at})
+
+    def identity_failure(self, account_id: str, rebind_id: str, at: datetime) -> None:
+        self._tx.write(
+            self.IDENTITY_FAILURE,
+            {"account_id": account_id, "rebind_id": rebind_id, "failed_at": at},
+        )
+
+    def identity_failure_times(self, account_id: str, *, since: datetime) -> Read[list[datetime]]:
+        return StatementRead(
+            self.IDENTITY_FAILURE_TIMES,
+            {"account_id": account_id, "since": since},
+            every(lambda row: row[0]),
+        )
+
+    def serialize(self, key: str) -> None:
+        # SQLite write transactions are serial already (BEGIN IMMEDIATE).
+        if self._tx.row_locks:
+            digest = hashlib.sha256(key.encode()).digest()
+            self._tx.write(self.SERIALIZE, {"key": int.from_bytes(digest[:8], "big", signed=True)})
+
+
+# -- audit --------------------------------------------------------------------------
+
+_EVENT_COLUMNS = (
+    "chain_id",
+    "chain_seq",
+    "at",
+    "caller",
+    "rpc",
+    "request_id",
+    "action",
+    "outcome",
+    "account_id",
+    "rebind_id",
+    "details",
+    "prev_mac",
+    "mac",
+)
+
+
+class AuditRows:
+    ACCOUNT_HEAD = Query(
+        "audit.account_head",
+        lambda t: t.accounts.select(t.accounts.audit_seq, t.accounts.audit_mac).where(
+            t.accounts.account_id == Param("account_id")
+        ),
+        locks=True,
+    )
+    # Creates a shared chain's head the first time, and locks and reads it.
+    SHARED_HEAD = Query(
+        "audit.shared_head",
+        lambda t: (
+            t.audit_heads.insert(
+                {
+                    t.audit_heads.chain_id: Param("chain_id", t.audit_heads.chain_id),
+                    t.audit_heads.chain_seq: Param("zero", t.audit_heads.chain_seq),
+                    t.audit_heads.last_mac: Param("empty", t.audit_heads.last_mac),
+                    t.audit_heads.mac: Param("empty_mac", t.audit_heads.mac),
+                }
+            )
+            .on_conflict(
+                conflict_target=[t.audit_heads.chain_id],
+                update={t.audit_heads.chain_id: peewee.EXCLUDED.chain_id},
+            )
+            .returning(t.audit_heads.chain_seq, t.audit_heads.last_mac)
+        ),
+    )
+    INSERT = Query(
+        "audit.insert", lambda t: t.audit_events.insert(values(t.audit_events, _EVENT_COLUMNS))
+    )
+    MOVE_ACCOUNT_HEAD = Query(
+        "audit.move_account_head",
+        lambda t: t.accounts.update(
+            values(t.accounts, ("audit_seq", "audit_mac", "audit_head_mac"))
+        ).where(t.accounts.account_id == Param("account_id")),
+    )
+    MOVE_SHARED_HEAD = Query(
+        "audit.move_shared_head",
+        lambda t: t.audit_heads.update(
+            {
+                t.audit_heads.chain_seq: Param("audit_seq", t.audit_heads.chain_seq),
+                t.audit_heads.last_mac: Param("audit_mac", t.audit_heads.last_mac),
+                t.audit_heads.mac: Param("audit_head_mac", t.audit_heads.mac),
+            }
+        ).where(t.audit_heads.chain_id == Param("chain_id")),
+    )
+
+    def __init__(self, tx: SqlTx) -> None:
+        self._tx = tx
+
+    def head(self, chain_id: str) -> Read[tuple[int, str]]:
+        known = self._tx.heads.get(chain_id)
+        if known is not None:
+            return Known(known)
+        heads = self._tx.heads
+
+        def remember(compiled: Any, rows: list[tuple]) -> tuple[int, str]:
+            head = (int(rows[0][0]), rows[0][1]) if rows else (0, "")
+            heads[chain_id] = head
+            return head
+
+        if chain_id.startswith(_ACCOUNT_CHAIN):
+            return StatementRead(
+                self.ACCOUNT_HEAD, {"account_id": chain_id[len(_ACCOUNT_CHAIN) :]}, remember
+            )
+        return StatementRead(
+            self.SHARED_HEAD,
+            {"chain_id": chain_id, "zero": 0, "empty": "", "empty_mac": ""},
+            remember,
+        )
+
+    def append(self, event: StoredEvent, head_mac: str) -> None:
+        tx = self._tx
+        tx.write(
+            self.INSERT,
+            {
+                "chain_id": event.chain_id,
+                "chain_seq": event.chain_seq,
+                "at": event.at,
+                "caller": event.caller,
+                "rpc": event.rpc,
+                "request_id": event.request_id,
+                "action": event.action,
+                "outcome": event.outcome,
+                "account_id": event.account_id,
+                "rebind_id": event.rebind_id,
+                "details": canonical_details(event.details),
+                "prev_mac": event.prev_mac,
+                "mac": event.mac,
+            },
+        )
+        head = {"audit_seq": event.chain_seq, "audit_mac": event.mac, "audit_head_mac": head_mac}
+        if event.chain_id.startswith(_ACCOUNT_CHAIN):
+            head["account_id"] = event.chain_id[len(_ACCOUNT_CHAIN) :]
+            tx.write(self.MOVE_ACCOUNT_HEAD, head)
+        else:
+            head["chain_id"] = event.chain_id
+            tx.write(self.MOVE_SHARED_HEAD, head)
+        tx.heads[event.chain_id] = (event.chain_seq, event.mac)
+
+
+# -- idempotency --------------------------------------------------------------------
+
+
+class RequestRows:
+    GET = Query(
+        "requests.get",
+        lambda t: t.requests.select(
+            t.requests.fingerprint, t.requests.result, t.requests.created_at
+        ).where(
+            (t.requests.operation == Param("operation"))
+            & (t.requests.account_id == Param("account_id"))
+            & (t.requests.request_id == Param("request_id"))
+        ),
+    )
+    PUT = Query(
+        "requests.put",
+        lambda t: t.requests.insert(
+            values(
+                t.requests,
+                ("operation", "account_id", "request_id", "fingerprint", "result", "created_at"),
+            )
+        ),
+    )
+
+    def __init__(self, tx: SqlTx) -> None:
+        self._tx = tx
+
+    def get(
+        self, operation: str, account_id: str, request_id: str
+    ) -> Read[IdempotencyRecord | None]:
+        def record(row: tuple) -> IdempotencyRecord:
+            return IdempotencyRecord(
+                operation, account_id, request_id, row[0], json.loads(row[1]), row[2]
+            )
+
+        return StatementRead(
+            self.GET,
+            {"operation": operation, "account_id": account_id, "request_id": request_id},
+            first(record),
+        )
+
+    def put(self, record: IdempotencyRecord) -> None:
+        self._tx.write(
+            self.PUT,
+            {
+                "operation": record.operation,
+                "account_id": record.account_id,
+                "request_id": record.request_id,
+                "fingerprint": record.fingerprint,
+                "result": json.dumps(record.result),
+                "created_at": record.created_at,
+            },
+        )

@@ -1,0 +1,597 @@
+"""The store: opens the database named by a URL and hands out units of work.
+
+`run(fn, *args)` runs synchronous store code (a use case, a tool's batch) on
+the event loop; inside it, `transaction(call)` is the domain's unit of work.
+Everything else here is what adapters outside the domain need: the outbox's
+claims, the audit trail's reading, key rotation, housekeeping, health.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, TypeVar
+
+import peewee
+from playhouse.pwasyncio import greenlet_spawn
+
+from ..domain.audit import StoredEvent, account_chain
+from ..domain.context import INTERNAL, CallContext
+from ..domain.model import OutboundSms
+from ..domain.pii import Vault
+from ..domain.ports import DeadlinePassed, StoreUnavailable
+from .engine import Answer, Engine, PostgresEngine, SqliteEngine
+from .migrate import migrate, pending
+from .models import Tables, bind
+from .query import Param, Query
+from .unit import Compiler, SqlTx, every, value
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+def is_postgres_url(url: str) -> bool:
+    return url.startswith(("postgres://", "postgresql://"))
+
+
+def describe(url: str) -> str:
+    """The URL without a password or query parameters (which may hold one), for logs."""
+    url = url.split("?", 1)[0]
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        user = creds.split(":", 1)[0]
+        return f"{scheme}://{user}@{host}"
+    return url
+
+
+def sqlite_path(url: str) -> str:
+    return url[len("sqlite:///") :]
+
+
+@dataclass(frozen=True)
+class OutboxItem:
+    seq: int
+    message_id: str
+    to_sealed: str
+    to_masked: str
+    purpose: str
+    sealed_text: str
+    attempts: int
+
+
+def _item(row: tuple) -> OutboxItem:
+    return OutboxItem(*row)
+
+
+class Store:
+    def __init__(
+        self,
+        url: str,
+        *,
+        max_connections: int = 16,
+        lock_timeout: float = 10.0,
+        statement_timeout: float = 30.0,
+        prepared_statements: bool = True,
+        session_settings: bool = True,
+    ) -> None:
+        self.url = url
+        self.engine: Engine
+        if url.startswith("sqlite:///"):
+            self.engine = SqliteEngine(sqlite_path(url), lock_timeout=lock_timeout)
+            dialect_db: peewee.Database = peewee.SqliteDatabase(None)
+        elif is_postgres_url(url):
+            url = url.replace("postgres://", "postgresql://", 1)
+            self.engine = PostgresEngine(
+                url,
+                max_connections=max_connections,
+                lock_timeout=lock_timeout,
+                statement_timeout=statement_timeout,
+                prepared_statements=prepared_statements,
+                session_settings=session_settings,
+            )
+            dialect_db = peewee.PostgresqlDatabase(None)
+        else:
+            raise ValueError("database URL must start with sqlite:/// or postgresql://")
+        self.tables: Tables = bind(dialect_db)
+        self._compile = Compiler(self.tables, row_locks=self.engine.row_locks)
+        # False while the last health check found the database unreachable:
+        # units of work then fail at once instead of each waiting on it.
+        self._reachable = True
+        # Messages committed by a unit of work, for the outbox to deliver.
+        self.on_commit: Callable[[list[OutboundSms]], None] | None = None
+        # Told each time a connection is shut because the database went silent.
+        self.on_connection_cut: Callable[[], None] | None = None
+        self.engine.on_cut = lambda: self.on_connection_cut and self.on_connection_cut()
+        # Statements and round trips by RPC, for the benchmark.
+        self.statements: Counter[str] = Counter()
+        self.round_trips: Counter[str] = Counter()
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect
+
+    # -- running store code ----------------------------------------------------------
+
+    async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Runs synchronous store code on the event loop (see engine.py)."""
+        return await greenlet_spawn(fn, *args, **kwargs)  # type: ignore[no-any-return]
+
+    def reachable(self, up: bool) -> None:
+        """Told by the health check: False once a ping went unanswered past its
+        deadline (a silent database), True once one is answered. A database
+        that refuses new connections may still serve the open ones: calls try."""
+        self._reachable = up
+
+    @contextmanager
+    def transaction(
+        self, call: CallContext = INTERNAL, *, write: bool = True, snapshot: bool = False
+    ) -> Iterator[SqlTx]:
+        """A unit of work (domain.ports.Store.transaction). Reads (`write=False`)
+        run in autocommit, each statement seeing committed data; `snapshot`
+        reads everything from one consistent snapshot instead. A unit of work
+        whose caller's deadline passed before it could commit is rolled back."""
+        if not self._reachable:
+            raise StoreUnavailable("the database did not answer the last health check")
+        engine = self.engine
+        statements, round_trips = engine.statements, engine.round_trips
+        session = engine.session(call, write=write, snapshot=snapshot)
+        tx = SqlTx(self._compile, session, call)
+        committed = False
+        try:
+            yield tx
+            if write and call.gone() and not tx.keep_if_caller_gone:
+                raise DeadlinePassed("the caller stopped waiting; rolled back")
+            session.finish(tx.take_pending(), commit=True)
+            committed = True
+        finally:
+            try:
+                if not committed:
+                    session.finish((), commit=False)
+            except StoreUnavailable:
+                pass  # the connection is gone; nothing was committed
+            finally:
+                engine.release(session)
+                self.statements[call.method] += engine.statements - statements
+                self.round_trips[call.method] += engine.round_trips - round_trips
+        if tx.messages and self.on_commit is not None:
+            self.on_commit(tx.messages)
+
+    # -- schema ---------------------------------------------------------------------
+
+    def _migration_database(self) -> peewee.Database:
+        if isinstance(self.engine, SqliteEngine):
+            database: peewee.Database = peewee.SqliteDatabase(
+                self.engine.path, pragmas={"journal_mode": "wal", "busy_timeout": 60_000}
+            )
+        else:
+            database = peewee.PostgresqlDatabase(
+                self.url.replace("postgres://", "postgresql://", 1),
+                prefer_psycopg3=True,
+                connect_timeout=3,
+            )
+        return database
+
+    def migrate(self) -> list[int]:
+        """Applies pending migrations (on a connection of its own, synchronously:
+        it runs at start and from the command line)."""
+        database = self._migration_database()
+        try:
+            with _unreachable_as(StoreUnavailable):
+                database.connect()
+                return migrate(database)
+        finally:
+            database.close()
+
+    def pending_migrations(self) -> list[int]:
+        database = self._migration_database()
+        try:
+            with _unreachable_as(StoreUnavailable):
+                database.connect()
+                return pending(database)
+        finally:
+            database.close()
+
+    async def open(self) -> None:
+        if isinstance(self.engine, PostgresEngine):
+            await self.engine.open()
+
+    async def close(self) -> None:
+        await self.engine.close()
+
+    async def ping(self, timeout: float) -> Answer:
+        """How the database answers a ping within `timeout` seconds."""
+        return await self.engine.ping(timeout)
+
+    async def recovered(self) -> None:
+        """The database answers again after an outage: connections kept from
+        before it are tested before their next use."""
+        await self.engine.recovered()
+
+    # -- the outbox ------------------------------------------------------------------
+
+    _EXPIRE = Query(
+        "outbox.expire",
+        lambda t: (
+            t.outbox.update(
+                {
+                    t.outbox.state: Param("expired", t.outbox.state),
+                    t.outbox.text: Param("erased", t.outbox.text),
+                }
+            )
+            .where(
+                (t.outbox.state == "PENDING")
+                & t.outbox.not_after.is_null(False)
+                & (t.outbox.not_after <= Param("now"))
+            )
+            .returning(t.outbox.seq)
+        ),
+    )
+
+    def _claim_query(self) -> Query:
+        def build(t: Tables) -> peewee.Query:
+            o = t.outbox
+            due = (
+                o.select(o.seq)
+                .where(
+                    (o.state == "PENDING")
+                    & (o.next_attempt_at <= Param("now", o.next_attempt_at))
+                    & (o.not_after.is_null() | (o.not_after > Param("now", o.not_after)))
+                )
+                .order_by(o.next_attempt_at)
+                .limit(Param("limit"))
+            )
+            if self.engine.row_locks:
+                due = due.for_update(skip_locked=True)
+            return (
+                o.update(
+                    {
+                        o.next_attempt_at: Param("lease_end", o.next_attempt_at),
+                        o.attempts: o.attempts + 1,
+                    }
+                )
+                .where(o.seq.in_(due))
+                .returning(
+                    o.seq, o.message_id, o.to_sealed, o.to_masked, o.purpose, o.text, o.attempts
+                )
+            )
+
+        return Query("outbox.claim", build)
+
+    def claim_sms(
+        self, now: datetime, *, limit: int, lease: timedelta, expire: bool = True
+    ) -> list[OutboxItem]:
+        """Takes due messages for delivery by leasing them for `lease`.
+
+        A code past its not_after is never taken; with `expire` such messages
+        are also marked EXPIRED and their text erased. Concurrent dispatchers
+        skip each other's rows (PostgreSQL: FOR UPDATE SKIP LOCKED; SQLite:
+        the write lock serialises them)."""
+        with self.transaction() as tx:
+            reads = [
+                tx_read(
+                    self._claim_query(),
+                    {"now": now, "limit": limit, "lease_end": now + lease},
+                    every(_item),
+                )
+            ]
+            if expire:
+                reads.insert(
+                    0,
+                    tx_read(
+                        self._EXPIRE,
+                        {"now": now, "expired": "EXPIRED", "erased": ""},
+                        every(lambda r: r),
+                    ),
+                )
+            claimed = tx.read(*reads)[-1]
+        # RETURNING gives no order: oldest first, as they were queued.
+        return sorted(claimed, key=lambda item: item.seq)
+
+    _MARK_SENT = Query(
+        "outbox.mark_sent",
+        lambda t: t.outbox.update(
+            {
+                t.outbox.state: Param("sent", t.outbox.state),
+                t.outbox.sent_at: Param("sent_at", t.outbox.sent_at),
+                t.outbox.text: Param("erased", t.outbox.text),
+                t.outbox.last_error: Param("erased_error", t.outbox.last_error),
+            }
+        ).where(t.outbox.message_id == Param("message_id")),
+    )
+    _MARK_FAILED = Query(
+        "outbox.mark_failed",
+        lambda t: t.outbox.update(
+            {
+                t.outbox.next_attempt_at: Param("retry_at", t.outbox.next_attempt_at),
+                t.outbox.last_error: Param("error", t.outbox.last_error),
+            }
+        ).where(t.outbox.message_id == Param("message_id")),
+    )
+    _MARK_DEAD = Query(
+        "outbox.mark_dead",
+        lambda t: t.outbox.update(
+            {
+                t.outbox.state: Param("dead", t.outbox.state),
+                t.outbox.text: Param("erased", t.outbox.text),
+                t.outbox.last_error: Param("error", t.outbox.last_error),
+            }
+        ).where(t.outbox.message_id == Param("message_id")),
+    )
+
+    def mark_sms_sent(self, message_ids: Sequence[str], now: datetime) -> None:
+        """Delivered: the text (which may hold a code) is erased."""
+        with self.transaction() as tx:
+            for message_id in message_ids:
+                tx.write(
+                    self._MARK_SENT,
+                    {
+                        "sent": "SENT",
+                        "sent_at": now,
+                        "erased": "",
+                        "erased_error": "",
+                        "message_id": message_id,
+                    },
+                )
+
+    def mark_sms_failed(self, message_id: str, error: str, *, retry_at: datetime | None) -> None:
+        with self.transaction() as tx:
+            if retry_at is None:
+                tx.write(
+                    self._MARK_DEAD,
+                    {"dead": "DEAD", "erased": "", "error": error[:256], "message_id": message_id},
+                )
+            else:
+                tx.write(
+                    self._MARK_FAILED,
+                    {"retry_at": retry_at, "error": error[:256], "message_id": message_id},
+                )
+
+    _STATS = Query(
+        "outbox.stats",
+        lambda t: t.outbox.select(
+            peewee.fn.COUNT(t.outbox.seq), peewee.fn.MIN(t.outbox.created_at)
+        ).where(t.outbox.state == "PENDING"),
+    )
+
+    def outbox_stats(self, now: datetime) -> tuple[int, float]:
+        """(messages pending, age in seconds of the oldest of them)."""
+        with self.transaction(write=False) as tx:
+            count, oldest = tx.one(tx_read(self._STATS, {}, lambda c, rows: rows[0]))
+        if not count:
+            return 0, 0.0
+        from .fields import from_micros
+
+        return int(count), max(0.0, (now - from_micros(int(oldest))).total_seconds())
+
+    def outbox_pending(self) -> int:
+        return self.outbox_stats(datetime.now().astimezone())[0]
+
+    # -- housekeeping ------------------------------------------------------------------
+
+    _PRUNE = Query(
+        "requests.prune",
+        lambda t: t.requests.delete().where(t.requests.created_at < Param("before")),
+    )
+
+    def prune_idempotency(self, before: datetime) -> int:
+        with self.transaction() as tx:
+            found = tx.one(
+                tx_read(
+                    Query(
+                        "requests.expired",
+                        lambda t: t.requests.select(peewee.fn.COUNT(peewee.SQL("*"))).where(
+                            t.requests.created_at < Param("before")
+                        ),
+                    ),
+                    {"before": before},
+                    value,
+                )
+            )
+            tx.write(self._PRUNE, {"before": before})
+        return int(found or 0)
+
+    # -- key rotation ------------------------------------------------------------------
+
+    SEALED_COLUMNS = (
+        ("accounts", "phone_sealed"),
+        ("rebinds", "new_phone_sealed"),
+        ("changes", "old_phone_sealed"),
+        ("changes", "new_phone_sealed"),
+        ("outbox", "to_sealed"),
+        ("outbox", "text"),
+    )
+
+    def reseal_batch(self, table: str, column: str, vault: Vault, limit: int) -> int:
+        """Re-encrypts up to `limit` values of one column under the active key.
+
+        Each row is updated only if it still holds the value read, so a server
+        writing at the same time never loses its write."""
+        prefix = vault.active_prefix
+        sealed = vault.SEALED_PREFIX
+
+        def build_select(t: Tables) -> peewee.Query:
+            model = getattr(t, table)
+            key = model._meta.primary_key
+            field = getattr(model, column)
+            keys = key.field_names if isinstance(key, peewee.CompositeKey) else (key.name,)
+            # Sealed values under another key only: an erased outbox text is
+            # empty, and one queued before texts were sealed is not sealed.
+            return (
+                model.select(*(getattr(model, k) for k in keys), field)
+                .where(
+                    (peewee.fn.SUBSTR(field, 1, len(sealed)) == sealed)
+                    & (peewee.fn.SUBSTR(field, 1, len(prefix)) != prefix)
+                )
+                .limit(Param("limit"))
+            )
+
+        def build_update(t: Tables) -> peewee.Query:
+            model = getattr(t, table)
+            key = model._meta.primary_key
+            field = getattr(model, column)
+            keys = key.field_names if isinstance(key, peewee.CompositeKey) else (key.name,)
+            where = field == Param("old")
+            for k in keys:
+                where &= getattr(model, k) == Param(k)
+            return model.update({field: Param("new", field)}).where(where)
+
+        select = Query(f"reseal.select.{table}.{column}.{prefix}", build_select)
+        update = Query(f"reseal.update.{table}.{column}", build_update)
+        with self.transaction() as tx:
+            rows = tx.one(
+                tx_read(select, {"limit": limit}, lambda c, rows: [c.row(r) for r in rows])
+            )
+            model = getattr(self.tables, table)
+            key = model._meta.primary_key
+            keys = key.field_names if isinstance(key, peewee.CompositeKey) else (key.name,)
+            for row in rows:
+                params = dict(zip(keys, row[:-1], strict=True))
+                params.update(old=row[-1], new=vault.reseal(row[-1]))
+                tx.write(update, params)
+        return len(rows)
+
+    # -- audit reading (AuditService, `audit verify`) ------------------------------
+
+    def audit_events(
+        self,
+        *,
+        account_id: str = "",
+        rebind_id: str = "",
+        action: str = "",
+        since: datetime | None = None,
+        until: datetime | None = None,
+        after_seq: int | None = None,
+        limit: int = 100,
+    ) -> list[StoredEvent]:
+        filters = {
+            "account_id": account_id or None,
+            "rebind_id": rebind_id or None,
+            "action": action or None,
+            "since": since,
+            "until": until,
+            "after_seq": after_seq,
+        }
+        given = tuple(name for name, v in filters.items() if v is not None)
+
+        def build(t: Tables) -> peewee.Query:
+            e = t.audit_events
+            query = e.select(*_EVENT_FIELDS(e))
+            for name in given:
+                if name == "since":
+                    query = query.where(e.at >= Param("since"))
+                elif name == "until":
+                    query = query.where(e.at < Param("until"))
+                elif name == "after_seq":
+                    query = query.where(e.seq > Param("after_seq"))
+                else:
+                    query = query.where(getattr(e, name) == Param(name))
+            return query.order_by(e.seq).limit(Param("limit"))
+
+        query = Query("audit.events." + ".".join(given), build)
+        params = {name: filters[name] for name in given}
+        params["limit"] = limit
+        with self.transaction(write=False) as tx:
+            return tx.one(tx_read(query, params, every(_event)))
+
+    def audit_snapshot(
+        self, account_id: str | None = None
+    ) -> tuple[list[tuple[str, list[StoredEvent], tuple[int, str, str] | None]], list[str]]:
+        """Every chain (or one account's) with its events in chain order and its head
+        (seq, last MAC, head MAC), and the account ids, all from one snapshot."""
+        one = account_id is not None
+
+        def accounts(t: Tables) -> peewee.Query:
+            a = t.accounts
+            query = a.select(a.account_id, a.audit_seq, a.audit_mac, a.audit_head_mac)
+            return query.where(a.account_id == Param("account_id")) if one else query
+
+        def shared_heads(t: Tables) -> peewee.Query:
+            h = t.audit_heads
+            query = h.select(h.chain_id, h.chain_seq, h.last_mac, h.mac)
+            return query.where(h.chain_id == Param("chain_id")) if one else query
+
+        def events(t: Tables) -> peewee.Query:
+            e = t.audit_events
+            query = e.select(*_EVENT_FIELDS(e)).order_by(e.chain_id, e.chain_seq)
+            return query.where(e.chain_id == Param("chain_id")) if one else query
+
+        params: dict[str, Any] = {}
+        if one:
+            params = {"account_id": account_id, "chain_id": account_chain(account_id or "")}
+        with self.transaction(write=False, snapshot=True) as tx:
+            account_rows, head_rows, event_rows = tx.read(
+                tx_read(Query(f"audit.snapshot.accounts.{one}", accounts), params, every(tuple)),
+                tx_read(Query(f"audit.snapshot.heads.{one}", shared_heads), params, every(tuple)),
+                tx_read(Query(f"audit.snapshot.events.{one}", events), params, every(_event)),
+            )
+        heads: dict[str, tuple[int, str, str]] = {
+            chain: (int(seq), last, mac) for chain, seq, last, mac in head_rows
+        }
+        for account, seq, last, mac in account_rows:
+            if seq:  # an account whose chain has events keeps its head on its row
+                heads[account_chain(account)] = (int(seq), last, mac)
+        chains: dict[str, list[StoredEvent]] = {chain: [] for chain in heads}
+        for event in event_rows:
+            chains.setdefault(event.chain_id, []).append(event)
+        ordered = [(chain, chains[chain], heads.get(chain)) for chain in sorted(chains)]
+        return ordered, [row[0] for row in account_rows]
+
+
+def _EVENT_FIELDS(e: Any) -> list[peewee.Field]:
+    return [
+        e.seq,
+        e.chain_id,
+        e.chain_seq,
+        e.at,
+        e.caller,
+        e.rpc,
+        e.request_id,
+        e.action,
+        e.outcome,
+        e.account_id,
+        e.rebind_id,
+        e.details,
+        e.prev_mac,
+        e.mac,
+    ]
+
+
+def _event(row: tuple) -> StoredEvent:
+    import json
+
+    return StoredEvent(
+        seq=row[0],
+        chain_id=row[1],
+        chain_seq=row[2],
+        at=row[3],
+        caller=row[4],
+        rpc=row[5],
+        request_id=row[6],
+        action=row[7],
+        outcome=row[8],
+        account_id=row[9],
+        rebind_id=row[10],
+        details=json.loads(row[11]),
+        prev_mac=row[12],
+        mac=row[13],
+    )
+
+
+def tx_read(query: Query, params: dict[str, Any], shape: Any) -> Any:
+    from .unit import StatementRead
+
+    return StatementRead(query, params, shape)
+
+
+@contextmanager
+def _unreachable_as(kind: type[Exception]) -> Iterator[None]:
+    try:
+        yield
+    except (peewee.OperationalError, peewee.InterfaceError) as error:
+        raise kind(type(error.__cause__ or error).__name__) from error
