@@ -158,10 +158,9 @@ class App:
         self._stopped.set()
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.settings.grace_seconds if grace is None else grace)
-        stuck = [work for work in self.chain.in_flight if not work.done()]
-        if stuck:  # a call cut at this very moment may still be logging its end
-            await asyncio.wait(stuck, timeout=0.1)
-            self.drained = all(work.done() for work in stuck)
+        if self.chain.in_flight:  # a call cut at this very moment may still be ending
+            await asyncio.sleep(0.1)
+            self.drained = self.chain.in_flight == 0
         for task in self._tasks:
             task.cancel()
         await self._summarise_refusals(final=True)

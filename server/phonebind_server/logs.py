@@ -61,10 +61,21 @@ class JsonFormatter(logging.Formatter):
     def __init__(self, fields: dict[str, object] | None = None) -> None:
         super().__init__()
         self._fields = dict(fields or {})
+        # The time up to the second, formatted once per second: every access
+        # log line needs it, and formatting a datetime costs more than the rest.
+        self._second = -1
+        self._stamp = ""
+
+    def _time(self, created: float) -> str:
+        second = int(created)
+        if second != self._second:
+            self._stamp = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+            self._second = second
+        return f"{self._stamp}.{int((created - second) * 1000):03d}+00:00"
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, object] = {
-            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "time": self._time(record.created),
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),
@@ -72,9 +83,11 @@ class JsonFormatter(logging.Formatter):
         }
         if request_id := getattr(record, "request_id", ""):
             entry["request_id"] = request_id
-        for key, value in vars(record).items():
-            if key not in _STANDARD and not key.startswith("_"):
-                entry[key] = value if isinstance(value, (int, float, bool)) else str(value)
+        attributes = vars(record)
+        for key in attributes.keys() - _STANDARD:
+            if not key.startswith("_"):
+                value = attributes[key]
+                entry[key] = value if isinstance(value, int | float | bool) else str(value)
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, ensure_ascii=True)

@@ -124,17 +124,11 @@ class RequestIds:
         return f"{self._prefix}{next(self._next):016x}"
 
 
-async def _in_call(inner: Handler, request: Any, exchange: Exchange) -> Any:
-    # The one context variable: log lines written during the call carry its ids.
-    call_var.set(exchange)
-    return await inner(request, exchange)
-
-
 class CallContextInterceptor:
     def __init__(self) -> None:
         self._ids = RequestIds()
-        # The calls' work under way (see handle): a drain waits for it.
-        self.in_flight: set[asyncio.Future[Any]] = set()
+        # Calls under way: a drain that ends with some is not clean.
+        self.in_flight = 0
 
     def wrap(
         self, method: str, inner: Handler
@@ -159,16 +153,18 @@ class CallContextInterceptor:
             if remaining is not None:
                 exchange.deadline = time.monotonic() + remaining
             context.set_trailing_metadata((("x-request-id", exchange.request_id),))
-            # gRPC cancels the call's task when the caller goes (its deadline, a
-            # cancel, the server's drain ending): the work goes on to its end all
-            # the same, so that a unit of work is never cut between its statements
-            # and what it did is logged and counted. The store ends waits on locks
-            # at the caller's deadline, and rolls back work its caller can no
-            # longer learn the outcome of.
-            work = asyncio.ensure_future(_in_call(inner, request, exchange))
-            self_.in_flight.add(work)
-            work.add_done_callback(self_.in_flight.discard)
-            response = await asyncio.shield(work)
+            # The one context variable: log lines written during the call carry its ids.
+            token = call_var.set(exchange)
+            self_.in_flight += 1
+            try:
+                response = await inner(request, exchange)
+            finally:
+                self_.in_flight -= 1
+                call_var.reset(token)
+            if context.cancelled():
+                # Its caller went away (gRPC cancelled the call, whose work the
+                # store let end): there is no one left to answer.
+                raise asyncio.CancelledError
             failure = exchange.failure
             if failure is not None:
                 # An abort replaces the trailers set earlier, and a failed call is
@@ -387,13 +383,16 @@ class Chain:
     ) -> None:
         self._context = CallContextInterceptor()
         # Innermost first.
-        self.in_flight = self._context.in_flight
         self._inner = (
             Authentication(credentials),
             RefusalAudit(audit_log, run),
             ErrorStatus(),
             AccessLog(metrics),
         )
+
+    @property
+    def in_flight(self) -> int:
+        return self._context.in_flight
 
     def handler(
         self, method: str, servicer: Servicer

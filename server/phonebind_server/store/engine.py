@@ -7,11 +7,12 @@ must wait for the database, the greenlet hands the wait to the loop
 in batches, one round trip each: the reads it asks for together, with every
 write queued before them, and at the end the queued writes with COMMIT.
 
-SQLite runs inline on the loop: a statement takes microseconds and never
-waits on the network, and one connection serves the whole process, since a
-unit of work never yields between BEGIN and COMMIT. Waiting for the write lock
-of another process is the one wait: BEGIN IMMEDIATE fails at once
-(busy_timeout 0) and the greenlet sleeps on the loop before trying again.
+SQLite runs inline on the loop, without a greenlet: a statement takes
+microseconds and never waits on the network, and one connection serves the
+whole process, since a unit of work never yields between BEGIN and COMMIT.
+Waiting for the write lock of another process is the one wait: BEGIN IMMEDIATE
+fails at once (busy_timeout 0), and the store's runner sleeps on the loop and
+runs the store code again (WriteLockBusy), unless part of it already committed.
 
 PostgreSQL runs on psycopg 3's asyncio connections from a psycopg_pool pool,
 each batch in pipeline mode (one round trip for the whole batch, PostgreSQL
@@ -102,6 +103,8 @@ class Session:
 class Engine:
     dialect: str
     row_locks: bool
+    # Store code runs directly on the loop (no greenlet): it never awaits.
+    inline = False
     # Statements and round trips sent, for the benchmark's per-RPC figures.
     statements = 0
     round_trips = 0
@@ -190,9 +193,19 @@ class SqliteSession(Session):
                 if statements:
                     self.run(statements, ())
                 self._connection.execute("COMMIT")
+                self._engine.commits += 1
         finally:
             if self._connection.in_transaction:
                 self._connection.execute("ROLLBACK")
+
+
+class WriteLockBusy(Exception):
+    """Another process holds SQLite's write lock: run the store code again
+    after `wait` seconds (nothing of this unit of work happened)."""
+
+    def __init__(self, wait: float) -> None:
+        super().__init__(wait)
+        self.wait = wait
 
 
 class SqliteEngine(Engine):
@@ -200,11 +213,16 @@ class SqliteEngine(Engine):
 
     dialect = "sqlite"
     row_locks = False
+    inline = True
 
     def __init__(self, path: str, *, lock_timeout: float) -> None:
         self.path = path
         self._lock_timeout = lock_timeout
         self._connection: sqlite3.Connection | None = None
+        # While the runner waits for the write lock: since when, and its next sleep.
+        self.busy_since: float | None = None
+        self.busy_sleep = _BUSY_FIRST_SLEEP
+        self.commits = 0
 
     def _connect(self) -> sqlite3.Connection:
         if self._connection is None:
@@ -221,24 +239,26 @@ class SqliteEngine(Engine):
         if not (write or snapshot):
             return SqliteSession(self, connection, False)
         begin = "BEGIN IMMEDIATE" if write else "BEGIN"
-        # Another process holds the write lock: wait on the loop, not in SQLite.
-        give_up = time.monotonic() + self._lock_timeout
+        try:
+            connection.execute(begin)
+            return SqliteSession(self, connection, True)
+        except sqlite3.OperationalError as error:
+            if not _busy(error):
+                raise StoreUnavailable(f"SQLite: {error.sqlite_errorname}") from error
+        # Another process holds the write lock: wait on the loop, not in SQLite,
+        # until the lock timeout (counted from the first try) or the deadline.
+        now = time.monotonic()
+        if self.busy_since is None:
+            self.busy_since = now
+        give_up = self.busy_since + self._lock_timeout
         if call.deadline is not None:
             give_up = min(give_up, call.deadline)
-        sleep = _BUSY_FIRST_SLEEP
-        while True:
-            try:
-                connection.execute(begin)
-                return SqliteSession(self, connection, True)
-            except sqlite3.OperationalError as error:
-                if not _busy(error):
-                    raise StoreUnavailable(f"SQLite: {error.sqlite_errorname}") from error
-            now = time.monotonic()
-            if now >= give_up:
-                gone = DeadlinePassed if call.gone() else StoreUnavailable
-                raise gone("waited too long for the write lock")
-            await_(asyncio.sleep(min(sleep, give_up - now)))
-            sleep = min(sleep * 2, _BUSY_LONGEST_SLEEP)
+        if now >= give_up:
+            gone = DeadlinePassed if call.gone() else StoreUnavailable
+            raise gone("waited too long for the write lock")
+        wait = min(self.busy_sleep, give_up - now)
+        self.busy_sleep = min(self.busy_sleep * 2, _BUSY_LONGEST_SLEEP)
+        raise WriteLockBusy(wait)
 
     def release(self, session: Session) -> None:
         pass
@@ -260,7 +280,7 @@ class SqliteEngine(Engine):
 
 
 class PostgresSession(Session):
-    __slots__ = ("_begin", "_call", "_connection", "_engine", "broken", "detached")
+    __slots__ = ("_begin", "_call", "_connection", "_engine", "broken")
 
     def __init__(self, engine: PostgresEngine, connection: Any, call: CallContext, begin: str):
         self._engine = engine
@@ -268,9 +288,6 @@ class PostgresSession(Session):
         self._call = call
         self._begin = begin  # sent with the first batch ("" in autocommit)
         self.broken = False
-        # The call was cancelled with a batch under way: the connection is left
-        # to a task that sees the batch end, rolls back and returns it.
-        self.detached = False
 
     def _timeout(self) -> float:
         """How long a batch may go unanswered before its connection is shut:
@@ -296,7 +313,7 @@ class PostgresSession(Session):
         return await_(self._engine.batch(self, statements, want, self._timeout()))
 
     def finish(self, statements: Sequence[Statement], commit: bool) -> None:
-        if self.broken or self.detached:
+        if self.broken:
             return
         if commit:
             if self._begin:  # nothing was sent: no transaction to end
@@ -379,7 +396,6 @@ class PostgresEngine(Engine):
         )
         self._ping_connection: Any = None
         self._opened = False
-        self._background: set[asyncio.Future[Any]] = set()
 
     async def open(self) -> None:
         if not self._opened:
@@ -421,7 +437,7 @@ class PostgresEngine(Engine):
             raise gone("no database connection in time") from error
 
     def release(self, session: Session) -> None:
-        if isinstance(session, PostgresSession) and not session.detached:
+        if isinstance(session, PostgresSession):
             await_(self._pool.putconn(session.connection))
 
     async def batch(
@@ -435,16 +451,19 @@ class PostgresEngine(Engine):
         self.round_trips += 1
         connection = session.connection
         work = asyncio.ensure_future(self._send(connection, statements, want))
-        try:
-            done, _ = await asyncio.wait((work,), timeout=timeout)
-        except asyncio.CancelledError:
-            # The caller went away: psycopg cancels the statement (a live
-            # database ends it at once; a silent one has the connection shut),
-            # and a task of its own hands the connection back afterwards.
-            session.detached = True
-            work.cancel()
-            self._spawn(self._give_back(connection, work))
-            raise
+        ends = time.monotonic() + timeout
+        done: set[asyncio.Future[Any]] = set()
+        while not done:
+            try:
+                done, _ = await asyncio.wait((work,), timeout=max(0.0, ends - time.monotonic()))
+            except asyncio.CancelledError:
+                # gRPC cancels a call's task when its caller goes. The batch is
+                # let to end (the database ends lock waits at the deadline) and
+                # the unit of work with it, which commits or rolls back by the
+                # deadline's rule: a statement is never left half-answered.
+                continue
+            if not done:
+                break
         if not done:
             # Unanswered: shut the connection (the waiting driver then fails
             # at once) and let the call go; the pool replaces the connection.
@@ -460,22 +479,6 @@ class PostgresEngine(Engine):
         except Exception as error:
             session.broken = _broken(connection)
             raise _translate(error, session._call) from error
-
-    def _spawn(self, work: Any) -> None:
-        task = asyncio.ensure_future(work)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    async def _give_back(self, connection: Any, work: asyncio.Future[Any]) -> None:
-        try:
-            await asyncio.wait((work,))
-            if not _broken(connection) and self.in_transaction(connection):
-                await asyncio.wait_for(connection.rollback(), self.statement_timeout)
-        except Exception:  # noqa: BLE001 - the pool discards a broken connection
-            connection.pgconn.finish()
-        finally:
-            _consume(work)
-            await self._pool.putconn(connection)
 
     async def _send(
         self, connection: Any, statements: Sequence[Statement], want: Sequence[int]
@@ -539,8 +542,6 @@ class PostgresEngine(Engine):
             await self._pool.check()
 
     async def close(self) -> None:
-        if self._background:
-            await asyncio.wait(self._background, timeout=self.statement_timeout)
         if self._ping_connection is not None and not self._ping_connection.closed:
             await self._ping_connection.close()
         if self._opened:

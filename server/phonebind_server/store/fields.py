@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import peewee
 
@@ -27,9 +27,7 @@ class UtcTimestampField(peewee.BigIntegerField):
     def python_value(self, value: int | None) -> datetime | None:
         if value is None:
             return None
-        return datetime.fromtimestamp(value // 1_000_000, UTC).replace(
-            microsecond=value % 1_000_000
-        )
+        return _EPOCH + timedelta(microseconds=value)
 
 
 def to_micros(value: datetime) -> int:

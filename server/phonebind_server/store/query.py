@@ -64,6 +64,15 @@ class Compiled:
     results: tuple[Converter | None, ...]
     columns: tuple[str, ...]
 
+    @property
+    def _conversions(self) -> tuple[tuple[int, Converter], ...]:
+        # (column index, converter) of the columns that need one.
+        found = self.__dict__.get("_found")
+        if found is None:
+            found = tuple((i, c) for i, c in enumerate(self.results) if c is not None)
+            object.__setattr__(self, "_found", found)
+        return found
+
     def arguments(self, given: Mapping[str, Any]) -> list[Any]:
         return [
             constant
@@ -72,11 +81,16 @@ class Compiled:
             for name, constant in self.params
         ]
 
-    def row(self, raw: Sequence[Any]) -> tuple[Any, ...]:
-        return tuple(
-            value if value is None or convert is None else convert(value)
-            for convert, value in zip(self.results, raw, strict=True)
-        )
+    def row(self, raw: Sequence[Any]) -> Sequence[Any]:
+        conversions = self._conversions
+        if not conversions:
+            return raw
+        row = list(raw)
+        for index, convert in conversions:
+            value = row[index]
+            if value is not None:
+                row[index] = convert(value)
+        return row
 
 
 class Query:

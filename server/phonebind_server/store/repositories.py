@@ -32,7 +32,7 @@ from ..domain.model import (
 )
 from ..domain.ports import Read
 from .query import Param, Query, values
-from .unit import Known, SqlTx, StatementRead, every, exists, first, value
+from .unit import REPOSITORIES, Known, SqlTx, StatementRead, every, exists, first, value
 
 _OPEN = tuple(s.value for s in RebindState if s.is_open)
 _ACCOUNT_CHAIN = account_chain("")
@@ -40,17 +40,6 @@ _ACCOUNT_CHAIN = account_chain("")
 # it, which delivers it at once; if that process dies first, any dispatcher
 # takes it when the lease runs out.
 EXPRESS_LEASE_SECONDS = 30
-
-
-def attach(tx: SqlTx) -> None:
-    tx.accounts = AccountRows(tx)
-    tx.rebinds = RebindRows(tx)
-    tx.codes = ChallengeRows(tx)
-    tx.outbox = OutboxRows(tx)
-    tx.history = ChangeRows(tx)
-    tx.limits = LimitRows(tx)
-    tx.audit = AuditRows(tx)
-    tx.requests = RequestRows(tx)
 
 
 def _steps(text: str) -> tuple[Step, ...]:
@@ -896,3 +885,15 @@ class RequestRows:
                 "created_at": record.created_at,
             },
         )
+
+
+REPOSITORIES.update(
+    accounts=AccountRows,
+    rebinds=RebindRows,
+    codes=ChallengeRows,
+    outbox=OutboxRows,
+    history=ChangeRows,
+    limits=LimitRows,
+    audit=AuditRows,
+    requests=RequestRows,
+)

@@ -8,6 +8,7 @@ claims, the audit trail's reading, key rotation, housekeeping, health.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -24,7 +25,8 @@ from ..domain.context import INTERNAL, CallContext
 from ..domain.model import OutboundSms
 from ..domain.pii import Vault
 from ..domain.ports import DeadlinePassed, StoreUnavailable
-from .engine import Answer, Engine, PostgresEngine, SqliteEngine
+from . import repositories  # noqa: F401 - the unit of work's repositories
+from .engine import Answer, Engine, PostgresEngine, SqliteEngine, WriteLockBusy
 from .migrate import migrate, pending
 from .models import Tables, bind
 from .query import Param, Query
@@ -120,7 +122,19 @@ class Store:
 
     async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Runs synchronous store code on the event loop (see engine.py)."""
-        return await greenlet_spawn(fn, *args, **kwargs)  # type: ignore[no-any-return]
+        engine = self.engine
+        if not isinstance(engine, SqliteEngine):
+            return await greenlet_spawn(fn, *args, **kwargs)  # type: ignore[no-any-return]
+        engine.busy_since = None
+        engine.busy_sleep = 0.001
+        while True:
+            commits = engine.commits
+            try:
+                return fn(*args, **kwargs)
+            except WriteLockBusy as busy:
+                if engine.commits != commits:  # part of it is done: not twice
+                    raise StoreUnavailable("waited too long for the write lock") from None
+                await asyncio.sleep(busy.wait)
 
     def reachable(self, up: bool) -> None:
         """Told by the health check: False once a ping went unanswered past its
@@ -128,39 +142,14 @@ class Store:
         that refuses new connections may still serve the open ones: calls try."""
         self._reachable = up
 
-    @contextmanager
     def transaction(
         self, call: CallContext = INTERNAL, *, write: bool = True, snapshot: bool = False
-    ) -> Iterator[SqlTx]:
+    ) -> Transaction:
         """A unit of work (domain.ports.Store.transaction). Reads (`write=False`)
         run in autocommit, each statement seeing committed data; `snapshot`
         reads everything from one consistent snapshot instead. A unit of work
         whose caller's deadline passed before it could commit is rolled back."""
-        if not self._reachable:
-            raise StoreUnavailable("the database did not answer the last health check")
-        engine = self.engine
-        statements, round_trips = engine.statements, engine.round_trips
-        session = engine.session(call, write=write, snapshot=snapshot)
-        tx = SqlTx(self._compile, session, call)
-        committed = False
-        try:
-            yield tx
-            if write and call.gone() and not tx.keep_if_caller_gone:
-                raise DeadlinePassed("the caller stopped waiting; rolled back")
-            session.finish(tx.take_pending(), commit=True)
-            committed = True
-        finally:
-            try:
-                if not committed:
-                    session.finish((), commit=False)
-            except StoreUnavailable:
-                pass  # the connection is gone; nothing was committed
-            finally:
-                engine.release(session)
-                self.statements[call.method] += engine.statements - statements
-                self.round_trips[call.method] += engine.round_trips - round_trips
-        if tx.messages and self.on_commit is not None:
-            self.on_commit(tx.messages)
+        return Transaction(self, call, write, snapshot)
 
     # -- schema ---------------------------------------------------------------------
 
@@ -541,6 +530,54 @@ class Store:
             chains.setdefault(event.chain_id, []).append(event)
         ordered = [(chain, chains[chain], heads.get(chain)) for chain in sorted(chains)]
         return ordered, [row[0] for row in account_rows]
+
+
+class Transaction:
+    """`with store.transaction(call) as tx:` (see Store.transaction)."""
+
+    __slots__ = ("_call", "_round_trips", "_session", "_snapshot", "_statements", "_store",
+                 "_tx", "_write")  # fmt: skip
+
+    def __init__(self, store: Store, call: CallContext, write: bool, snapshot: bool) -> None:
+        self._store = store
+        self._call = call
+        self._write = write
+        self._snapshot = snapshot
+
+    def __enter__(self) -> SqlTx:
+        store = self._store
+        if not store._reachable:
+            raise StoreUnavailable("the database did not answer the last health check")
+        engine = store.engine
+        self._statements, self._round_trips = engine.statements, engine.round_trips
+        self._session = engine.session(self._call, write=self._write, snapshot=self._snapshot)
+        self._tx = SqlTx(store._compile, self._session, self._call)
+        return self._tx
+
+    def __exit__(self, kind: type[BaseException] | None, error: object, trace: object) -> None:
+        store, session, tx, call = self._store, self._session, self._tx, self._call
+        engine = store.engine
+        committed = False
+        try:
+            if kind is None:
+                if self._write and call.gone() and not tx.keep_if_caller_gone:
+                    raise DeadlinePassed("the caller stopped waiting; rolled back")
+                session.finish(tx.take_pending(), commit=True)
+                committed = True
+        finally:
+            try:
+                if not committed:
+                    session.finish((), commit=False)
+            except StoreUnavailable:
+                if kind is None:
+                    raise
+                # Else the connection is gone; nothing was committed.
+            finally:
+                engine.release(session)
+                store.statements[call.method] += engine.statements - self._statements
+                store.round_trips[call.method] += engine.round_trips - self._round_trips
+        if committed and tx.messages and store.on_commit is not None:
+            store.on_commit(tx.messages)
 
 
 def _EVENT_FIELDS(e: Any) -> list[peewee.Field]:

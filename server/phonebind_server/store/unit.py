@@ -67,6 +67,10 @@ class Compiler:
         return compiled
 
 
+# The repository classes by Tx attribute (filled in by repositories.py).
+REPOSITORIES: dict[str, Callable[[SqlTx], Any]] = {}
+
+
 class SqlTx:
     """One unit of work. Implements domain.ports.Tx."""
 
@@ -80,8 +84,6 @@ class SqlTx:
     requests: RequestRows
 
     def __init__(self, compile: Compiler, session: Session, call: CallContext) -> None:
-        from .repositories import attach
-
         self.call = call
         self.row_locks = compile.row_locks
         self._compile = compile
@@ -92,7 +94,16 @@ class SqlTx:
         self.heads: dict[str, tuple[int, str]] = {}
         # Messages queued by this unit, handed to the outbox once it commits.
         self.messages: list[OutboundSms] = []
-        attach(self)
+
+    def __getattr__(self, name: str) -> Any:
+        # A repository is made the first time the unit of work asks for it: most
+        # use only two or three of them.
+        repository = REPOSITORIES.get(name)
+        if repository is None:
+            raise AttributeError(name)
+        made = repository(self)
+        setattr(self, name, made)
+        return made
 
     def commit_even_if_caller_gone(self) -> None:
         self.keep_if_caller_gone = True
@@ -102,6 +113,8 @@ class SqlTx:
         self._pending.append((compiled.sql, compiled.arguments(params)))
 
     def read(self, *reads: Read[Any]) -> tuple[Any, ...]:
+        if len(reads) == 1 and not self._pending:
+            return (self.one(reads[0]),)
         statements, self._pending = self._pending, []
         want: list[int] = []
         shapes: list[tuple[Compiled, Shape]] = []
@@ -123,7 +136,14 @@ class SqlTx:
         return tuple(results)
 
     def one(self, read: Read[T]) -> T:
-        return self.read(read)[0]  # type: ignore[no-any-return]
+        if isinstance(read, Known):
+            return read.value  # type: ignore[no-any-return]
+        if self._pending:
+            return self.read(read, Known(None))[0]  # type: ignore[no-any-return]
+        assert isinstance(read, StatementRead)  # noqa: S101 - the two kinds of Read
+        compiled = self._compile(read.query)
+        rows = self._session.run(((compiled.sql, compiled.arguments(read.params)),), (0,))[0]
+        return read.shape(compiled, rows)  # type: ignore[no-any-return]
 
     def take_pending(self) -> list[Statement]:
         pending, self._pending = self._pending, []
