@@ -488,9 +488,9 @@ class PhaseResult:
 
 
 def cpu_seconds() -> float:
-    """User + system CPU time of this process so far, all its threads."""
-    times = os.times()
-    return times.user + times.system
+    """User + system CPU time of this process so far, all its threads (the
+    accounting of os.times and getrusage, at the clock's full resolution)."""
+    return time.process_time()
 
 
 # -- one load process ----------------------------------------------------------
@@ -977,7 +977,6 @@ class Progress(threading.Thread):
 
 def run(opts: Options) -> dict[str, Any]:
     """Runs the load as ``opts`` say and returns the summary."""
-    cpu_at_start = cpu_seconds()
     if opts.processes == 1:
         results, parent_cpu = _run_inline(opts), 0.0
     else:
@@ -995,9 +994,9 @@ def run(opts: Options) -> dict[str, Any]:
             if relay is not None:
                 relay.close()
     summary = summarize(opts, results, parent_cpu=parent_cpu)
-    # Every process from start to end, setup and summary included.
-    total = cpu_seconds() - cpu_at_start + sum(r["cpu_seconds_total"] for r in results)
-    summary["load_cpu_total_seconds"] = round(total, 3)
+    # Every process from start to end: start-up, setup and summary included.
+    total = cpu_seconds() + sum(r["cpu_seconds_total"] for r in results)
+    summary["load_cpu_total_seconds"] = round(total, 6)
     return summary
 
 
@@ -1202,7 +1201,7 @@ def summarize(
         },
         "errors": errors,
         "error_count": error_count,
-        "load_cpu_seconds": round(cpu, 4),
+        "load_cpu_seconds": round(cpu, 6),
         "load_cpu_ms_per_op": round(1000 * cpu / ops, 4) if ops else None,
         "load_cpu_ms_per_call": round(1000 * cpu / calls, 4) if calls else None,
         "setup": {
