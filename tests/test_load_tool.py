@@ -7,7 +7,6 @@ fast anything was: benchmarks are `make bench`, not tests.
 from __future__ import annotations
 
 import asyncio
-import base64
 import datetime
 import json
 import os
@@ -21,12 +20,13 @@ import urllib.request
 import pytest
 from conftest import start_server
 from support import FakeClock, free_port
+from test_production_mode import safe  # noqa: F401 - makes its fixture usable here
 
 from phonebind_client import load
 from phonebind_client.load_codes import CodeBook, SmsFileReader, SmsSink
 from phonebind_server.app import create_server
 from phonebind_server.config import load as load_settings
-from phonebind_server.devcerts import cert_pem, issue, key_pem, make_ca, write_dev_certs
+from phonebind_server.devcerts import cert_pem, issue, key_pem, make_ca
 from phonebind_server.domain.identity import normalize_id_number
 from phonebind_server.domain.phone import is_virtual_operator, parse_phone
 from phonebind_server.rpc.auth import new_token, token_digest
@@ -335,25 +335,17 @@ def callers_file(tmp_path: pathlib.Path, token: str, extra: str = "") -> str:
     return str(path)
 
 
-def production_settings(tmp_path: pathlib.Path, database_url: str, token: str, sms: str):
-    """A production configuration (no --dev): TLS, credentials, keys of its own,
-    the http SMS gateway posting to ``sms`` on loopback."""
-    write_dev_certs(str(tmp_path / "certs"))
-
-    def key() -> str:
-        return base64.b64encode(os.urandom(32)).decode()
-
+def production_settings(
+    complete: dict[str, str], tmp_path, database_url: str, token: str, sms: str
+):
+    """``complete``, test_production_mode's production configuration (no --dev:
+    TLS, credentials, keys of its own), here on loopback with ``database_url``,
+    a caller holding ``token`` and the http SMS gateway posting to ``sms``."""
     env = {
+        **complete,
         "PHONEBIND_LISTEN": "127.0.0.1:0",
         "PHONEBIND_DATABASE_URL": database_url,
         "PHONEBIND_SMS_GATEWAY": sms,
-        "PHONEBIND_SMS_HTTP_SECRET": key(),
-        "PHONEBIND_INDEX_KEY": key(),
-        "PHONEBIND_CODE_KEY": key(),
-        "PHONEBIND_SEAL_KEYS": f"k1:{key()}",
-        "PHONEBIND_AUDIT_KEY": key(),
-        "PHONEBIND_TLS_CERT": str(tmp_path / "certs" / "server.pem"),
-        "PHONEBIND_TLS_KEY": str(tmp_path / "certs" / "server-key.pem"),
         "PHONEBIND_CREDENTIALS_FILE": callers_file(tmp_path, token),
     }
     settings = load_settings(env=env)
@@ -361,12 +353,17 @@ def production_settings(tmp_path: pathlib.Path, database_url: str, token: str, s
     return settings
 
 
-def test_flow_against_a_production_server_over_tls_with_a_token_file(database_url, tmp_path):
+def test_flow_against_a_production_server_over_tls_with_a_token_file(
+    database_url, tmp_path, request
+):
     token = new_token()
     token_file = tmp_path / "token"
     token_file.write_text(token + "\n", encoding="ascii")
     sink = free_port()
-    settings = production_settings(tmp_path, database_url, token, f"http://127.0.0.1:{sink}/sms")
+    complete = request.getfixturevalue("safe")
+    settings = production_settings(
+        complete, tmp_path, database_url, token, f"http://127.0.0.1:{sink}/sms"
+    )
     app = create_server(settings, clock=FakeClock(), migrate=True)
     target = f"localhost:{app.port}"
     ca = str(tmp_path / "certs" / "ca.pem")
