@@ -16,6 +16,7 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
+from collections import deque
 
 import pytest
 from conftest import start_server
@@ -526,11 +527,12 @@ def test_sms_reader_reads_only_what_is_appended_and_waits_for_a_partial_line(tmp
 
 
 def test_sms_reader_wakes_the_waiting_flow_when_its_code_is_appended(tmp_path):
+    """With no RPC to wake the loop, the reader's own timer finds the codes."""
     path = tmp_path / "sms.jsonl"  # created only after the reader started
 
     async def scenario() -> None:
         book = CodeBook()
-        reading = asyncio.ensure_future(SmsFileReader(str(path), book).run())
+        reader = SmsFileReader(str(path), book).start()
         waits = [asyncio.ensure_future(book.wait(f"+861380000000{i}", 10)) for i in range(1, 4)]
         await asyncio.sleep(0.05)
         assert book.waiting and not any(w.done() for w in waits)
@@ -544,8 +546,31 @@ def test_sms_reader_wakes_the_waiting_flow_when_its_code_is_appended(tmp_path):
         await asyncio.to_thread(gateway)
         assert await asyncio.gather(*waits) == ["100000", "200000", "300000"]
         assert not book.waiting
-        reading.cancel()
-        await asyncio.gather(reading, return_exceptions=True)
+        reader.close()
+
+    asyncio.run(scenario())
+
+
+def test_sms_reader_reads_after_each_rpc_only_while_a_flow_waits(tmp_path):
+    """check(), called after every RPC, reads at once; without a waiting flow it
+    reads nothing (the timer here never fires within the test)."""
+    path = tmp_path / "sms.jsonl"
+    path.write_bytes(b"")
+
+    async def scenario() -> None:
+        book = CodeBook()
+        reader = SmsFileReader(str(path), book, poll=3600).start()
+        append(path, sms_line("+8613800000008", "888888", "m8"))
+        reader.check()
+        assert book._codes == {}  # nobody waits: not even read
+        waiting = asyncio.ensure_future(book.wait("+8613800000009", 10))
+        await asyncio.sleep(0)  # the flow starts to wait: that reads once
+        assert book._codes == {"+8613800000008": deque(["888888"])}
+        append(path, sms_line("+8613800000009", "999999", "m9"))
+        assert not waiting.done()
+        reader.check()  # as after an RPC
+        assert await asyncio.wait_for(waiting, 1) == "999999"
+        reader.close()
 
     asyncio.run(scenario())
 

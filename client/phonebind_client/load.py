@@ -529,6 +529,8 @@ class Worker:
         except PhonebindError as error:
             self.rec.error(name, error.reason or error.code.name)
             return None
+        finally:
+            self.run.check_codes()  # the loop is awake: look for codes now
         self.rec.series(name).append(time.perf_counter() - started)
         return result
 
@@ -659,6 +661,9 @@ class ProcessRun:
         self.workers: list[Worker] = []
         self._measuring = False
         self._background: list[asyncio.Task[None]] = []
+        self._reader: SmsFileReader | None = None
+        # Reads the codes that arrived, if they come from a file: called after each RPC.
+        self.check_codes: Callable[[], None] = lambda: None
 
     # share of the run: the first `extra` processes take one more
     def share(self, total: int) -> int:
@@ -670,8 +675,8 @@ class ProcessRun:
         try:
             await self._connect()
             if opts.scenario == "flow" and opts.sms_file:
-                reader = SmsFileReader(opts.sms_file, self.codes)
-                self._background.append(asyncio.create_task(reader.run()))
+                self._reader = SmsFileReader(opts.sms_file, self.codes).start()
+                self.check_codes = self._reader.check
             if opts.progress:
                 self._background.append(asyncio.create_task(self._report()))
             op = {
@@ -719,6 +724,8 @@ class ProcessRun:
                 "codes_received": self.codes.received,
             }
         finally:
+            if self._reader is not None:
+                self._reader.close()
             for task in self._background:
                 task.cancel()
             await asyncio.gather(*self._background, return_exceptions=True)
