@@ -29,7 +29,7 @@ there is none), and the CPU time the tool itself spent in the measured window
 (all its processes, user + system), per operation and per call; ``--json``
 prints it as JSON. Calls are never retried: every failure is counted.
 
-A production-mode server is reached with ``--tls`` (system roots) or
+A production-mode server is reached with ``--tls`` (gRPC's default roots) or
 ``--ca-file``, ``--cert``/``--key`` for mutual TLS, ``--server-name`` when the
 certificate names another host than ``--target``, and ``--token`` or
 ``--token-file`` (read once, never printed).
@@ -213,7 +213,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     security = parser.add_argument_group("TLS and credentials")
     security.add_argument(
-        "--tls", action="store_true", help="speak TLS, trusting the system's root certificates"
+        "--tls",
+        action="store_true",
+        help="speak TLS, trusting gRPC's default root certificates "
+        "(GRPC_DEFAULT_SSL_ROOTS_FILE_PATH names another bundle)",
     )
     security.add_argument("--ca-file", metavar="PEM", help="trust this CA instead (implies --tls)")
     security.add_argument(
