@@ -710,8 +710,8 @@ def markdown(report: dict[str, Any], names: dict[str, str]) -> str:
         "gateway, log level WARNING, the default RPC thread pool per worker) on a fresh "
         "database, "
         "on this same machine as the load tool and PostgreSQL, which share its cores. "
-        f"`phonebind-load` runs {s['concurrency']} threads in {s['processes']} process(es), "
-        "each thread on its own connection, closed loop, for "
+        f"`phonebind-load` runs {s['concurrency']} asyncio tasks in {s['processes']} "
+        "process(es), each task on its own connection, closed loop, for "
         f"{s['duration_s']:g} s after {s['warmup_s']:g} s of warm-up, against, in turn:",
         "",
         "1. `grpc.health.v1.Health/Check`, the baseline;",
@@ -924,7 +924,7 @@ def main(argv: list[str] | None = None) -> int:
         "--concurrency",
         type=int,
         default=int(_env_float("PHONEBIND_BENCH_CONCURRENCY", 16)),
-        help="load threads per process (env PHONEBIND_BENCH_CONCURRENCY, default 16)",
+        help="load tasks per process (env PHONEBIND_BENCH_CONCURRENCY, default 16)",
     )
     parser.add_argument("--load-processes", type=int, default=1, help="load processes")
     parser.add_argument(

@@ -116,6 +116,28 @@ def database_url(request: pytest.FixtureRequest, tmp_path) -> str:
 
 
 @dataclass
+class Served:
+    """A server started from complete settings, on a loop thread of its own."""
+
+    app: App
+    loop: LoopThread
+
+    def stop(self) -> None:
+        self.loop.run(self.app.stop(grace=0))
+        self.loop.close()
+
+
+def serve(config, clock: FakeClock, gateway=None) -> Served:
+    loop = LoopThread()
+    try:
+        app = loop.run(create_server(config, clock=clock, gateway=gateway, migrate=True))
+    except BaseException:
+        loop.close()
+        raise
+    return Served(app, loop)
+
+
+@dataclass
 class Running:
     app: App
     loop: LoopThread
@@ -172,12 +194,8 @@ def start_server(
         },
         env=env or {},
     )
-    loop = LoopThread()
-    try:
-        app = loop.run(create_server(config, clock=clock, gateway=gateway, migrate=True))
-    except BaseException:
-        loop.close()
-        raise
+    served = serve(config, clock, gateway)
+    app, loop = served.app, served.loop
     target = f"127.0.0.1:{app.port}"
     channel = grpc.insecure_channel(target)
     if not config.tls_cert:  # a TLS server's tests open their own channels

@@ -15,7 +15,8 @@ import pytest
 from support import HOLDER, ID_NUMBER, e164, held_lock, rows
 
 from phonebind_client import ErrorReason, PhonebindClient, PhonebindError, RebindState
-from phonebind_client.client import _Retry, _retryable
+from phonebind_client.calls import Retry
+from phonebind_client.retry import retryable
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -93,8 +94,8 @@ def test_which_failures_each_kind_of_call_retries(code, reason, replay_safe, oth
     """Reads and request_id calls retry whatever cannot have taken effect twice;
     verify_code and the like only what phonebind says changed nothing."""
     error = PhonebindError(code, reason=reason, domain="phonebind.v1" if reason else None)
-    assert _retryable(error, _Retry.REPLAY_SAFE) is replay_safe
-    assert _retryable(error, _Retry.STORE_UNAVAILABLE) is others
+    assert retryable(error, Retry.REPLAY_SAFE) is replay_safe
+    assert retryable(error, Retry.STORE_UNAVAILABLE) is others
 
 
 def test_a_call_past_its_deadline_is_retried_with_the_same_request_id_to_one_effect(server):

@@ -6,21 +6,30 @@ fast anything was: benchmarks are `make bench`, not tests.
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import json
+import os
 import pathlib
 import socket
 import subprocess
 import sys
+import urllib.error
 import urllib.request
+from collections import deque
 
 import pytest
-from conftest import start_server
-from support import FakeClock, Secrets, rows
+from conftest import serve, start_server
+from support import FakeClock, Secrets, free_port, rows
+from test_production_mode import safe  # noqa: F401 - makes its fixture usable here
 
 from phonebind_client import load
+from phonebind_client.load_codes import CodeBook, SmsFileReader, SmsSink
+from phonebind_server.config import load as load_settings
+from phonebind_server.devcerts import cert_pem, issue, key_pem, make_ca
 from phonebind_server.domain.identity import normalize_id_number
 from phonebind_server.domain.phone import is_virtual_operator, parse_phone
+from phonebind_server.rpc.auth import new_token, token_digest
 from phonebind_server.sms.gateways import GatewayError
 
 BIN = pathlib.Path(sys.executable).parent
@@ -35,15 +44,32 @@ PER_FLOW = {
 }
 
 
-def run_load(target: str, *args: str, timeout: float = 120) -> dict:
-    completed = subprocess.run(
-        [str(BIN / "phonebind-load"), "--target", target, "--json", "--no-progress", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
+def run_tool(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(BIN / "phonebind-load"), *args], capture_output=True, text=True, timeout=timeout
     )
+
+
+def run_load(target: str, *args: str, timeout: float = 120) -> dict:
+    completed = run_tool("--target", target, "--json", "--no-progress", *args, timeout=timeout)
     assert completed.returncode == 0, completed.stderr[-2000:]
-    return json.loads(completed.stdout)
+    summary = json.loads(completed.stdout)
+    assert_cpu_reported(summary)
+    return summary
+
+
+def assert_cpu_reported(summary: dict) -> None:
+    """The tool's own CPU time in the measured window, per operation and per call."""
+    cpu = summary["load_cpu_seconds"]
+    assert cpu > 0
+    assert summary["load_cpu_total_seconds"] >= cpu
+    ops = summary["operations"]["completed"]
+    calls = summary["total"]["count"] + summary["total"]["errors"]
+    if ops:
+        assert summary["load_cpu_ms_per_op"] == pytest.approx(1000 * cpu / ops, rel=1e-2)
+    else:
+        assert summary["load_cpu_ms_per_op"] is None
+    assert summary["load_cpu_ms_per_call"] == pytest.approx(1000 * cpu / calls, rel=1e-2)
 
 
 def count(server, sql: str) -> int:
@@ -180,6 +206,7 @@ def test_text_summary_and_usage_errors(server):
     assert text.returncode == 0, text.stderr
     assert "Health/Check" in text.stdout and "p99 ms" in text.stdout
     assert "errors: none" in text.stdout
+    assert "phonebind-load CPU: " in text.stdout and " ms per call" in text.stdout
     assert text.stderr == ""  # no progress bar when stderr is not a terminal
 
     no_codes = subprocess.run(
@@ -287,3 +314,309 @@ def test_percentiles_are_nearest_rank():
     assert load.percentile(values, 99) == 99
     assert load.percentile(values, 100) == 100
     assert load.percentile([7.0], 99) == 7.0
+
+
+# -- production mode: TLS, mutual TLS, tokens --------------------------------------
+
+
+def callers_file(tmp_path: pathlib.Path, token: str, extra: str = "") -> str:
+    """One caller allowed to register accounts and run rebinds."""
+    path = tmp_path / "callers.toml"
+    path.write_text(
+        f'[[caller]]\nname = "load-tool"\nroles = ["kyc", "flow"]\n'
+        f'token_sha256 = "{token_digest(token)}"\n{extra}',
+        encoding="utf-8",
+    )
+    return str(path)
+
+
+def production_settings(
+    complete: dict[str, str], tmp_path, database_url: str, token: str, sms: str
+):
+    """``complete``, test_production_mode's production configuration (no --dev:
+    TLS, credentials, keys of its own), here on loopback with ``database_url``,
+    a caller holding ``token`` and the http SMS gateway posting to ``sms``."""
+    env = {
+        **complete,
+        "PHONEBIND_LISTEN": "127.0.0.1:0",
+        "PHONEBIND_DATABASE_URL": database_url,
+        "PHONEBIND_SMS_GATEWAY": sms,
+        "PHONEBIND_CREDENTIALS_FILE": callers_file(tmp_path, token),
+    }
+    settings = load_settings(env=env)
+    assert not settings.dev
+    return settings
+
+
+def test_flow_against_a_production_server_over_tls_with_a_token_file(
+    database_url, tmp_path, request
+):
+    token = new_token()
+    token_file = tmp_path / "token"
+    token_file.write_text(token + "\n", encoding="ascii")
+    sink = free_port()
+    complete = request.getfixturevalue("safe")
+    settings = production_settings(
+        complete, tmp_path, database_url, token, f"http://127.0.0.1:{sink}/sms"
+    )
+    served = serve(settings, FakeClock())
+    target = f"localhost:{served.app.port}"
+    ca = str(tmp_path / "certs" / "ca.pem")
+    try:
+        done = run_tool(
+            *("--target", target, "--json", "--no-progress", "--scenario", "flow"),
+            *("--count", "4", "--concurrency", "2", "--sms-sink", f"127.0.0.1:{sink}"),
+            *("--ca-file", ca, "--token-file", str(token_file)),
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        summary = json.loads(done.stdout)
+        assert summary["operations"]["completed"] == 4, summary["errors"]
+        assert summary["error_count"] == 0 and summary["setup"]["errors"] == {}
+        assert summary["codes_received"] == 8
+        assert_cpu_reported(summary)
+        assert token not in done.stdout + done.stderr
+        assert rows(database_url, "SELECT count(*) FROM binding_changes") == [(4,)]
+
+        # The same token on the command line reads the accounts it registered.
+        reads = run_load(
+            target,
+            *("--scenario", "get-account", "--count", "10", "--accounts", "2"),
+            *("--ca-file", ca, "--token", token),
+        )
+        assert reads["rpcs"]["GetAccount"]["count"] == 10 and reads["error_count"] == 0
+
+        # Without a token every call is refused: no account, a clean exit 1.
+        refused = run_tool("--target", target, "--scenario", "get-account", "--ca-file", ca)
+        assert refused.returncode == 1
+        assert "no account could be registered" in refused.stderr
+        # Without TLS, or trusting another CA, there is no connection at all.
+        plain = run_tool("--target", target, "--count", "1", "--token", token)
+        assert plain.returncode == 1 and "cannot connect" in plain.stderr
+        assert token not in plain.stdout + plain.stderr
+        other_ca = tmp_path / "other-ca.pem"
+        other_ca.write_bytes(cert_pem(make_ca("another CA")[0]))
+        untrusted = run_tool("--target", target, "--count", "1", "--ca-file", str(other_ca))
+        assert untrusted.returncode == 1 and "cannot connect" in untrusted.stderr
+    finally:
+        served.stop()
+
+
+def test_mutual_tls_and_a_certificate_for_another_name(database_url, tmp_path, clock, secrets_seen):
+    """A client certificate names the caller; --server-name checks the server's
+    certificate against the name it carries, not the address dialled."""
+    ca = make_ca()
+    server_cert, server_key = issue(
+        ca, "phonebind.internal", server=True, hosts=("phonebind.internal",)
+    )
+    client_cert, client_key = issue(ca, "load-svc", server=False)
+    files = {
+        "ca.pem": cert_pem(ca[0]),
+        "server.pem": cert_pem(server_cert),
+        "server-key.pem": key_pem(server_key),
+        "client.pem": cert_pem(client_cert),
+        "client-key.pem": key_pem(client_key),
+    }
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    extra = (
+        '\n[[caller]]\nname = "load-cert"\nroles = ["kyc", "flow"]\ncert_subject = "CN=load-svc"\n'
+    )
+    running = start_server(
+        database_url,
+        tmp_path,
+        clock,
+        secrets_seen,
+        credentials_file=callers_file(tmp_path, new_token(), extra),
+        tls_cert=str(tmp_path / "server.pem"),
+        tls_key=str(tmp_path / "server-key.pem"),
+        tls_client_ca=str(tmp_path / "ca.pem"),
+    )
+    target = f"127.0.0.1:{running.app.port}"
+    mutual = ("--ca-file", str(tmp_path / "ca.pem"))
+    mutual += ("--cert", str(tmp_path / "client.pem"), "--key", str(tmp_path / "client-key.pem"))
+    try:
+        summary = run_load(
+            target,
+            *("--scenario", "flow", "--count", "3", "--concurrency", "2"),
+            *("--sms-file", running.inbox.path, "--server-name", "phonebind.internal", *mutual),
+        )
+        assert summary["operations"]["completed"] == 3, summary["errors"]
+        assert summary["error_count"] == 0
+        # The certificate does not name 127.0.0.1.
+        wrong_name = run_tool("--target", target, "--count", "1", *mutual)
+        assert wrong_name.returncode == 1 and "cannot connect" in wrong_name.stderr
+    finally:
+        running.stop()
+
+
+def test_token_file_is_read_once_and_never_printed(tmp_path):
+    secret = "s3cret-token-value"
+    cases = {
+        "missing": (tmp_path / "missing", "cannot read"),
+        "two words": (tmp_path / "spaced", "one token of printable ASCII"),
+        "empty": (tmp_path / "empty", "one token of printable ASCII"),
+    }
+    (tmp_path / "spaced").write_text(f"{secret} {secret}\n", encoding="ascii")
+    (tmp_path / "empty").write_text("\n", encoding="ascii")
+    for path, message in cases.values():
+        done = run_tool("--target", "127.0.0.1:1", "--token-file", str(path))
+        assert done.returncode == 2
+        assert message in done.stderr and str(path) in done.stderr
+        assert secret not in done.stderr + done.stdout
+    both = run_tool("--token", secret, "--token-file", str(tmp_path / "spaced"))
+    assert both.returncode == 2 and "not allowed with" in both.stderr
+    good = tmp_path / "good"
+    good.write_text(f"  {secret}\n", encoding="ascii")
+    opts = load.parse_options(["--token-file", str(good), "--ca-file", str(good)])
+    assert opts.token == secret and opts.tls and opts.ca_pem == good.read_bytes()
+    assert secret not in repr(opts)
+    for usage in (["--cert", str(good)], ["--server-name", "x"]):
+        with pytest.raises(SystemExit):
+            load.parse_options(usage)
+
+
+# -- the codes: the file gateway's lines, read as they are appended ----------------
+
+
+def sms_line(to: str, code: str, message_id: str, purpose: str = "REBIND_CODE") -> bytes:
+    text = f"【phonebind】验证码 {code}，5分钟内有效。"
+    message = {"message_id": message_id, "to": to, "text": text, "purpose": purpose}
+    return json.dumps(message, ensure_ascii=False).encode() + b"\n"
+
+
+def append(path: pathlib.Path, data: bytes) -> None:
+    with open(path, "ab") as handle:
+        handle.write(data)
+
+
+def test_sms_reader_reads_only_what_is_appended_and_waits_for_a_partial_line(tmp_path):
+    path = tmp_path / "sms.jsonl"
+    # Before the reader starts: never delivered.
+    path.write_bytes(sms_line("+8613800000001", "111111", "m0"))
+    mine = {"+8613800000001", "+8613800000002"}
+
+    async def scenario() -> None:
+        book = CodeBook(accept=lambda to: to in mine)
+        reader = SmsFileReader(str(path), book)
+        assert reader.read_new() == 0  # starts at the end
+        line = sms_line("+8613800000001", "222222", "m1")
+        append(path, line[:20])  # the gateway's write, cut short
+        assert reader.read_new() == 20
+        assert book._codes == {}  # a partial line waits for its end
+        append(path, line[20:] + sms_line("+8613900000009", "333333", "m2"))
+        other = sms_line("+8613900000009", "333333", "m2")
+        assert reader.read_new() == len(line) - 20 + len(other)
+        # A redelivery, a notice and another process's number bring nothing.
+        append(path, line + sms_line("+8613800000002", "444444", "m3", purpose="NOTICE"))
+        reader.read_new()
+        assert await book.wait("+8613800000001", 0.01) == "222222"
+        assert await book.wait("+8613800000001", 0.01) is None
+        assert await book.wait("+8613900000009", 0.01) is None
+        assert book.received == 1
+        reader.close()
+
+    asyncio.run(scenario())
+
+
+def test_sms_reader_wakes_the_waiting_flow_when_its_code_is_appended(tmp_path):
+    """With no RPC to wake the loop, the reader's own timer finds the codes."""
+    path = tmp_path / "sms.jsonl"  # created only after the reader started
+
+    async def scenario() -> None:
+        book = CodeBook()
+        reader = SmsFileReader(str(path), book).start()
+        waits = [asyncio.ensure_future(book.wait(f"+861380000000{i}", 10)) for i in range(1, 4)]
+        await asyncio.sleep(0.05)
+        assert book.waiting and not any(w.done() for w in waits)
+
+        def gateway() -> None:  # another process, in effect: plain appends
+            for i in (3, 1, 2):
+                line = sms_line(f"+861380000000{i}", f"{i}00000", f"m{i}")
+                append(path, line[:7])
+                append(path, line[7:])
+
+        await asyncio.to_thread(gateway)
+        assert await asyncio.gather(*waits) == ["100000", "200000", "300000"]
+        assert not book.waiting
+        reader.close()
+
+    asyncio.run(scenario())
+
+
+def test_sms_reader_reads_after_each_rpc_only_while_a_flow_waits(tmp_path):
+    """check(), called after every RPC, reads at once; without a waiting flow it
+    reads nothing (the timer here never fires within the test)."""
+    path = tmp_path / "sms.jsonl"
+    path.write_bytes(b"")
+
+    async def scenario() -> None:
+        book = CodeBook()
+        reader = SmsFileReader(str(path), book, poll=3600).start()
+        append(path, sms_line("+8613800000008", "888888", "m8"))
+        reader.check()
+        assert book._codes == {}  # nobody waits: not even read
+        waiting = asyncio.ensure_future(book.wait("+8613800000009", 10))
+        await asyncio.sleep(0)  # the flow starts to wait: that reads once
+        assert book._codes == {"+8613800000008": deque(["888888"])}
+        append(path, sms_line("+8613800000009", "999999", "m9"))
+        assert not waiting.done()
+        reader.check()  # as after an RPC
+        assert await asyncio.wait_for(waiting, 1) == "999999"
+        reader.close()
+
+    asyncio.run(scenario())
+
+
+def test_sms_reader_starts_over_on_a_replaced_or_truncated_file(tmp_path):
+    path = tmp_path / "sms.jsonl"
+    path.write_bytes(sms_line("+8613800000001", "111111", "m0") * 3)
+
+    async def scenario() -> None:
+        book = CodeBook()
+        reader = SmsFileReader(str(path), book)
+        reader.read_new()
+        path.write_bytes(sms_line("+8613800000005", "555555", "m5"))  # truncated, rewritten
+        for _ in range(64):  # the reader looks at the path again while it finds nothing
+            reader.read_new()
+        assert await book.wait("+8613800000005", 0.01) == "555555"
+        replaced = tmp_path / "new.jsonl"
+        replaced.write_bytes(sms_line("+8613800000006", "666666", "m6"))
+        os.replace(replaced, path)
+        for _ in range(128):
+            reader.read_new()
+        assert await book.wait("+8613800000006", 0.01) == "666666"
+        reader.close()
+
+    asyncio.run(scenario())
+
+
+def test_sms_sink_takes_json_posts_and_refuses_anything_else():
+    port = free_port()
+
+    async def scenario() -> None:
+        book = CodeBook()
+        sink = SmsSink.into_loop(f"127.0.0.1:{port}", book, asyncio.get_running_loop()).start()
+        url = f"http://127.0.0.1:{port}/sms"
+
+        def post(body: bytes) -> int:
+            request = urllib.request.Request(url, data=body)
+            try:
+                with urllib.request.urlopen(request, timeout=5) as answer:  # noqa: S310
+                    return answer.status
+            except urllib.error.HTTPError as error:
+                return error.code
+
+        try:
+            statuses = await asyncio.to_thread(
+                lambda: [
+                    post(b"not json"),
+                    post(b"[1]"),
+                    post(sms_line("+8613800000007", "777777", "m7")),
+                ]
+            )
+            assert statuses == [400, 400, 200]
+            assert await book.wait("+8613800000007", 5) == "777777"
+        finally:
+            sink.stop()
+
+    asyncio.run(scenario())

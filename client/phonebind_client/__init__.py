@@ -2,6 +2,7 @@
 
 from phonebind.v1.errors_pb2 import ErrorReason
 
+from .aio import AsyncPhonebindClient
 from .client import (
     AccountState,
     CodeTarget,
@@ -15,6 +16,7 @@ from .errors import ERROR_DOMAIN, PhonebindError
 __all__ = [
     "ERROR_DOMAIN",
     "AccountState",
+    "AsyncPhonebindClient",
     "CodeTarget",
     "ErrorReason",
     "PhonebindClient",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime
-from typing import Any
+from typing import Any, cast
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -73,14 +73,14 @@ class PhonebindError(Exception):
         self.x_request_id = x_request_id
 
     @property
-    def error_reason(self) -> errors_pb2.ErrorReason.ValueType:
+    def error_reason(self) -> errors_pb2.ErrorReason:
         """``reason`` as an ErrorReason value, to compare with the enum:
         ``err.error_reason == ErrorReason.ERROR_REASON_CODE_MISMATCH``.
         ERROR_REASON_UNSPECIFIED when there is none, or one this client does not know."""
         if self.reason and self.domain == ERROR_DOMAIN:
             name = "ERROR_REASON_" + self.reason
             if name in errors_pb2.ErrorReason.keys():
-                return errors_pb2.ErrorReason.Value(name)
+                return cast("errors_pb2.ErrorReason", errors_pb2.ErrorReason.Value(name))
         return errors_pb2.ERROR_REASON_UNSPECIFIED
 
     @property
@@ -146,7 +146,9 @@ class PhonebindError(Exception):
         status: status_pb2.Status | None = None
         if callable(getattr(err, "trailing_metadata", None)):
             try:
-                status = rpc_status.from_call(err)
+                # A blocking call's error is also a grpc.Call; an asyncio one
+                # (AioRpcError) has the same synchronous accessors.
+                status = rpc_status.from_call(cast("grpc.Call", err))
             except (ValueError, DecodeError):
                 status = None
         if status is None:

@@ -17,13 +17,22 @@ Scenarios (``--scenario``):
     for the ``http`` gateway (``--sms-sink HOST:PORT``; start the server with
     ``--sms-gateway http://HOST:PORT/sms``).
 
-Each of ``--processes`` processes runs ``--concurrency`` threads, each on its
-own connection, closed-loop, or paced to ``--rate`` operations per second in
-all (an operation is one call, or one flow). The run lasts ``--duration``
-seconds or ``--count`` operations, after ``--warmup`` seconds that are not
-measured. The summary gives, per RPC, calls, throughput and p50/p95/p99/max
-latency of the successful calls, and the errors by ErrorInfo reason (the
-status code's name when there is none); ``--json`` prints it as JSON.
+Each of ``--processes`` processes runs one asyncio event loop with
+``--concurrency`` tasks, each calling through its own
+:class:`~phonebind_client.aio.AsyncPhonebindClient` on its own connection,
+closed-loop, or paced to ``--rate`` operations per second in all (an
+operation is one call, or one flow). The run lasts ``--duration`` seconds or
+``--count`` operations, after ``--warmup`` seconds that are not measured. The
+summary gives, per RPC, calls, throughput and p50/p95/p99/max latency of the
+successful calls, the errors by ErrorInfo reason (the status code's name when
+there is none), and the CPU time the tool itself spent in the measured window
+(all its processes, user + system), per operation and per call; ``--json``
+prints it as JSON. Calls are never retried: every failure is counted.
+
+A production-mode server is reached with ``--tls`` (gRPC's default roots) or
+``--ca-file``, ``--cert``/``--key`` for mutual TLS, ``--server-name`` when the
+certificate names another host than ``--target``, and ``--token`` or
+``--token-file`` (read once, never printed).
 
 Send load only to a server you run yourself.
 """
@@ -32,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import array
+import asyncio
 import itertools
 import json
 import math
@@ -39,27 +49,24 @@ import multiprocessing
 import os
 import queue
 import random
-import re
 import secrets
-import shutil
 import sys
-import tempfile
 import threading
 import time
-import uuid
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol, TypeVar
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+import grpc.aio
+from grpc_health.v1 import health_pb2
 
-from phonebind.v1 import binding_service_pb2 as pb
-from phonebind.v1 import binding_service_pb2_grpc, resources_pb2
+from phonebind.v1 import resources_pb2
 
+from .aio import AsyncPhonebindClient
 from .errors import PhonebindError
+from .load_codes import CodeBook, FileRelay, SmsFileReader, SmsSink, split_address
 
 __all__ = ["main", "percentile", "summarize"]
 
@@ -84,13 +91,15 @@ ID_WEIGHTS = (7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2)
 SURNAMES = "王李张刘陈杨黄赵吴周徐孙马朱胡郭何高林罗"
 GIVEN = "伟芳娜敏静丽强磊军洋勇艳杰娟涛明超秀霞平刚桂英华"
 
-_CODE = re.compile(r"(?<![0-9])([0-9]{6,10})(?![0-9])")
-PURPOSE_CODE = "REBIND_CODE"
+HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+CONNECT_TIMEOUT = 10.0
 
 # Phases a process reports through its progress slot.
 CONNECTING, SETUP, WARMUP, RUN, DONE = range(5)
 _PHASE_NAMES = ("connecting", "setup", "warmup", "run", "done")
 _SLOT = 5  # phase, ops done, ops failed, setup done, setup target
+
+_T = TypeVar("_T")
 
 
 class LoadError(Exception):
@@ -110,7 +119,13 @@ class Options:
     count: int | None = None
     warmup: float = 0.0
     rate: float | None = None
-    token: str | None = None
+    # Secrets and key material, read once by the parent: never in a repr or the summary.
+    token: str | None = field(default=None, repr=False)
+    tls: bool = False
+    ca_pem: bytes | None = field(default=None, repr=False)
+    cert_pem: bytes | None = field(default=None, repr=False)
+    key_pem: bytes | None = field(default=None, repr=False)
+    server_name: str | None = None
     sms_file: str | None = None
     sms_sink: str | None = None
     accounts: int | None = None
@@ -122,8 +137,24 @@ class Options:
     number_base: int = 0
     prefix: str = MOBILE_PREFIXES[0]
 
+    def credentials(self) -> grpc.ChannelCredentials | None:
+        if not self.tls:
+            return None
+        return grpc.ssl_channel_credentials(
+            root_certificates=self.ca_pem, private_key=self.key_pem, certificate_chain=self.cert_pem
+        )
+
     def metadata(self) -> tuple[tuple[str, str], ...]:
+        """What the health checks send; the clients add the same token themselves."""
         return (("authorization", f"Bearer {self.token}"),) if self.token else ()
+
+    def channel_options(self) -> list[tuple[str, Any]]:
+        # A subchannel of its own per task's channel: each its own TCP connection,
+        # so the kernel spreads them over the workers of a SO_REUSEPORT server.
+        options: list[tuple[str, Any]] = [("grpc.use_local_subchannel_pool", 1)]
+        if self.server_name:
+            options.append(("grpc.ssl_target_name_override", self.server_name))
+        return options
 
 
 def _positive_int(text: str) -> int:
@@ -151,16 +182,21 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Load a phonebind server with health checks, account reads or complete "
-        "rebind flows, and summarise throughput, latency and errors.",
+        "rebind flows, and summarise throughput, latency, errors and the tool's own CPU time.",
         epilog="Example: phonebind-load --scenario flow --sms-file var/sms.jsonl "
         "--concurrency 8 --duration 15",
     )
     parser.add_argument("--target", default="127.0.0.1:50051", help="HOST:PORT of the server")
     parser.add_argument("--scenario", choices=SCENARIOS, default="health")
     parser.add_argument(
-        "--concurrency", type=_positive_int, default=4, help="threads per process (default 4)"
+        "--concurrency",
+        type=_positive_int,
+        default=4,
+        help="tasks per process, each on its own connection (default 4)",
     )
-    parser.add_argument("--processes", type=_positive_int, default=1, help="load processes")
+    parser.add_argument(
+        "--processes", type=_positive_int, default=1, help="load processes, one event loop each"
+    )
     stop = parser.add_mutually_exclusive_group()
     stop.add_argument("--duration", type=_positive_float, help="seconds to measure (default 10)")
     stop.add_argument("--count", type=_positive_int, help="operations to measure")
@@ -175,7 +211,28 @@ def _parser() -> argparse.ArgumentParser:
         type=_positive_float,
         help="open loop: start this many operations (calls, or flows) per second in all",
     )
-    parser.add_argument("--token", help="sent as `authorization: Bearer TOKEN`")
+    security = parser.add_argument_group("TLS and credentials")
+    security.add_argument(
+        "--tls",
+        action="store_true",
+        help="speak TLS, trusting gRPC's default root certificates "
+        "(GRPC_DEFAULT_SSL_ROOTS_FILE_PATH names another bundle)",
+    )
+    security.add_argument("--ca-file", metavar="PEM", help="trust this CA instead (implies --tls)")
+    security.add_argument(
+        "--cert", metavar="PEM", help="client certificate chain for mutual TLS (with --key)"
+    )
+    security.add_argument("--key", metavar="PEM", help="the client certificate's private key")
+    security.add_argument(
+        "--server-name",
+        metavar="NAME",
+        help="the name the server's certificate must carry, when not the target's host",
+    )
+    token = security.add_mutually_exclusive_group()
+    token.add_argument(
+        "--token", help="sent as `authorization: Bearer TOKEN` (visible to ps: prefer a file)"
+    )
+    token.add_argument("--token-file", metavar="PATH", help="read the bearer token from PATH")
     codes = parser.add_mutually_exclusive_group()
     codes.add_argument("--sms-file", help="the file gateway's JSON-lines file (flow)")
     codes.add_argument(
@@ -209,6 +266,27 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _read(parser: argparse.ArgumentParser, option: str, path: str) -> bytes:
+    try:
+        with open(path, "rb") as handle:
+            return handle.read()
+    except OSError as error:
+        parser.error(f"{option}: cannot read {path}: {error.strerror}")
+
+
+def _token_from_file(parser: argparse.ArgumentParser, path: str) -> str:
+    raw = _read(parser, "--token-file", path)
+    try:
+        token = raw.decode("ascii").strip()
+    except UnicodeDecodeError:
+        token = ""
+    # What goes into a header: printable ASCII, one line. The token itself is
+    # never part of a message.
+    if not token or not all(" " < c <= "~" for c in token):
+        parser.error(f"--token-file: {path} must hold one token of printable ASCII")
+    return token
+
+
 def parse_options(argv: Sequence[str] | None) -> Options:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -218,9 +296,17 @@ def parse_options(argv: Sequence[str] | None) -> Options:
         parser.error("--sms-file and --sms-sink are for --scenario flow")
     if args.sms_sink:
         try:
-            _split_address(args.sms_sink)
+            split_address(args.sms_sink)
         except ValueError as error:
             parser.error(f"--sms-sink: {error}")
+    if bool(args.cert) != bool(args.key):
+        parser.error("--cert and --key go together")
+    tls = bool(args.tls or args.ca_file or args.cert)
+    if args.server_name and not tls:
+        parser.error("--server-name needs TLS (--tls or --ca-file)")
+    token = args.token
+    if args.token_file:
+        token = _token_from_file(parser, args.token_file)
     duration = args.duration
     if duration is None and args.count is None:
         duration = 10.0
@@ -237,7 +323,12 @@ def parse_options(argv: Sequence[str] | None) -> Options:
         count=args.count,
         warmup=warmup,
         rate=args.rate,
-        token=args.token,
+        token=token,
+        tls=tls,
+        ca_pem=_read(parser, "--ca-file", args.ca_file) if args.ca_file else None,
+        cert_pem=_read(parser, "--cert", args.cert) if args.cert else None,
+        key_pem=_read(parser, "--key", args.key) if args.key else None,
+        server_name=args.server_name,
         sms_file=os.path.abspath(args.sms_file) if args.sms_file else None,
         sms_sink=args.sms_sink,
         accounts=args.accounts,
@@ -249,13 +340,6 @@ def parse_options(argv: Sequence[str] | None) -> Options:
         number_base=rng.randrange(NUMBER_SPACE),
         prefix=rng.choice(MOBILE_PREFIXES),
     )
-
-
-def _split_address(address: str) -> tuple[str, int]:
-    host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise ValueError("must be HOST:PORT")
-    return host.strip("[]"), int(port)
 
 
 # -- test data -----------------------------------------------------------------
@@ -310,18 +394,16 @@ class Accounts:
         self._numbers = numbers
         self._next = itertools.count()
         self._rng = random.Random(f"{opts.run_id}-{process}")  # noqa: S311 - test data
-        self._lock = threading.Lock()
         self.pool: deque[Account] = deque()
         self.registered = 0
         self.registered_during_run = 0
 
     def make(self) -> Account:
-        with self._lock:
-            n = next(self._next)
-            rng = self._rng
-            name = rng.choice(SURNAMES) + "".join(rng.choices(GIVEN, k=rng.randint(1, 2)))
-            birth = f"{rng.randint(1960, 2002)}{rng.randint(1, 12):02d}{rng.randint(1, 28):02d}"
-            first17 = rng.choice(ID_REGIONS) + birth + f"{rng.randrange(1000):03d}"
+        n = next(self._next)
+        rng = self._rng
+        name = rng.choice(SURNAMES) + "".join(rng.choices(GIVEN, k=rng.randint(1, 2)))
+        birth = f"{rng.randint(1960, 2002)}{rng.randint(1, 12):02d}{rng.randint(1, 28):02d}"
+        first17 = rng.choice(ID_REGIONS) + birth + f"{rng.randrange(1000):03d}"
         return Account(
             account_id=f"{self._prefix}{n}",
             holder_name=name,
@@ -334,52 +416,37 @@ class Accounts:
 
 
 class Recorder:
-    """One thread's measurements: latencies of successful calls, errors by reason."""
+    """One process's measurements: latencies of successful calls (seconds, in
+    arrays of doubles), errors by reason, operations done and failed."""
 
     def __init__(self) -> None:
         self.latencies: dict[str, array.array[float]] = {}
         self.errors: dict[str, Counter[str]] = {}
         self.ops = 0
         self.failed = 0
-        self.busy = 0.0  # seconds spent registering accounts inline
+        self.busy = 0.0  # task-seconds spent registering accounts inline
 
-    def ok(self, rpc: str, seconds: float) -> None:
+    def series(self, rpc: str) -> array.array[float]:
+        """The latencies of ``rpc``; append to it."""
         values = self.latencies.get(rpc)
         if values is None:
             values = self.latencies[rpc] = array.array("d")
-        values.append(seconds)
+        return values
 
     def error(self, rpc: str, reason: str) -> None:
         self.errors.setdefault(rpc, Counter())[reason] += 1
 
-    @staticmethod
-    def merge(recorders: Iterable[Recorder]) -> dict[str, Any]:
-        latencies: dict[str, array.array[float]] = {}
-        errors: dict[str, Counter[str]] = {}
-        ops = failed = 0
-        for rec in recorders:
-            for rpc, values in rec.latencies.items():
-                latencies.setdefault(rpc, array.array("d")).extend(values)
-            for rpc, reasons in rec.errors.items():
-                errors.setdefault(rpc, Counter()).update(reasons)
-            ops += rec.ops
-            failed += rec.failed
+    def export(self) -> dict[str, Any]:
         return {
-            "latencies": {rpc: values.tobytes() for rpc, values in latencies.items()},
-            "errors": {rpc: dict(reasons) for rpc, reasons in errors.items()},
-            "ops": ops,
-            "failed": failed,
+            "latencies": {rpc: values.tobytes() for rpc, values in self.latencies.items()},
+            "errors": {rpc: dict(reasons) for rpc, reasons in self.errors.items()},
+            "ops": self.ops,
+            "failed": self.failed,
         }
 
 
-def error_reason(err: grpc.RpcError) -> str:
-    """The ErrorInfo reason of a failed call, else its status code's name."""
-    error = PhonebindError.from_rpc_error(err)
-    return error.reason or error.code.name
-
-
 class Plan:
-    """Hands out operations to the threads of one process until the run is over."""
+    """Hands out the operations of one process until the run is over."""
 
     def __init__(
         self,
@@ -411,335 +478,210 @@ class Plan:
         return 0.0
 
 
-# -- codes: the handset side ---------------------------------------------------
+@dataclass(frozen=True)
+class PhaseResult:
+    start: float  # time.monotonic()
+    end: float
+    ops: int
+    busy: float  # task-seconds spent registering accounts inline
+
+    @property
+    def elapsed(self) -> float:
+        return self.end - self.start
 
 
-class CodeBook:
-    """Codes delivered to the numbers of this process, waited for by its flows."""
-
-    def __init__(self, accept: Callable[[str], bool] = lambda to: True) -> None:
-        self._accept = accept
-        self._codes: dict[str, deque[str]] = {}
-        self._seen: set[str] = set()  # message ids: a redelivery is not a second code
-        self._cond = threading.Condition()
-        self.received = 0  # codes a flow waited for and got
-
-    def deliver(self, message: dict[str, Any]) -> None:
-        if message.get("purpose") != PURPOSE_CODE:
-            return
-        to, text = message.get("to"), message.get("text")
-        if not isinstance(to, str) or not isinstance(text, str) or not self._accept(to):
-            return
-        match = _CODE.search(text)
-        if match is None:
-            return
-        message_id = message.get("message_id")
-        with self._cond:
-            if isinstance(message_id, str) and message_id:
-                if message_id in self._seen:
-                    return
-                self._seen.add(message_id)
-            self._codes.setdefault(to, deque()).append(match.group(1))
-            self._cond.notify_all()
-
-    def wait(self, to: str, timeout: float) -> str | None:
-        """The next code sent to ``to`` (E.164), or None after ``timeout`` seconds."""
-        with self._cond:
-            if not self._cond.wait_for(lambda: bool(self._codes.get(to)), timeout):
-                return None
-            codes = self._codes[to]
-            code = codes.popleft()
-            if not codes:
-                del self._codes[to]
-            self.received += 1
-            return code
-
-
-class FileTail(threading.Thread):
-    """Follows a JSON-lines SMS file from its current end into a CodeBook."""
-
-    def __init__(self, path: str, book: CodeBook, poll: float = 0.002) -> None:
-        super().__init__(name="sms-file", daemon=True)
-        self._path = path
-        self._book = book
-        self._poll = poll
-        self._halt = threading.Event()
-        try:
-            self._offset = os.path.getsize(path)
-        except OSError:
-            self._offset = 0
-
-    def run(self) -> None:
-        handle = None
-        rest = b""
-        try:
-            while not self._halt.is_set():
-                if handle is None:
-                    try:
-                        handle = open(self._path, "rb")
-                    except OSError:
-                        self._halt.wait(self._poll * 10)
-                        continue
-                    handle.seek(self._offset)
-                data = handle.read()
-                if not data:
-                    self._halt.wait(self._poll)
-                    continue
-                lines = (rest + data).split(b"\n")
-                rest = lines.pop()
-                for line in lines:
-                    self._line(line)
-        finally:
-            if handle is not None:
-                handle.close()
-
-    def _line(self, line: bytes) -> None:
-        if b"REBIND_CODE" not in line:
-            return
-        try:
-            message = json.loads(line)
-        except ValueError:
-            return
-        if isinstance(message, dict):
-            self._book.deliver(message)
-
-    def stop(self) -> None:
-        self._halt.set()
-        self.join(2)
-
-
-class SmsSink:
-    """A tiny HTTP server for the http gateway: every POSTed JSON message goes to ``deliver``."""
-
-    def __init__(self, address: str, deliver: Callable[[dict[str, Any]], None]) -> None:
-        host, port = _split_address(address)
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                try:
-                    message = json.loads(self.rfile.read(length) or b"null")
-                except ValueError:
-                    message = None
-                if not isinstance(message, dict):
-                    self._answer(400, b'{"error": "expected a JSON object"}')
-                    return
-                deliver(message)
-                self._answer(200, b"{}")
-
-            def _answer(self, status: int, body: bytes) -> None:
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer((host, port), Handler)
-        self.server.daemon_threads = True
-        self._thread = threading.Thread(
-            target=self.server.serve_forever, name="sms-sink", daemon=True
-        )
-
-    def start(self) -> SmsSink:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
-class FileRelay:
-    """Appends what the sink receives to a private JSON-lines file the processes tail."""
-
-    def __init__(self) -> None:
-        self.directory = tempfile.mkdtemp(prefix="phonebind-load-")
-        self.path = os.path.join(self.directory, "sms.jsonl")
-        self._lock = threading.Lock()
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        self._file = os.fdopen(fd, "ab")
-
-    def deliver(self, message: dict[str, Any]) -> None:
-        line = json.dumps(message, ensure_ascii=False).encode() + b"\n"
-        with self._lock:
-            self._file.write(line)
-            self._file.flush()
-
-    def close(self) -> None:
-        self._file.close()
-        shutil.rmtree(self.directory, ignore_errors=True)
+def cpu_seconds() -> float:
+    """User + system CPU time of this process so far, all its threads (the
+    accounting of os.times and getrusage, at the clock's full resolution)."""
+    return time.process_time()
 
 
 # -- one load process ----------------------------------------------------------
 
 
+class Slot(Protocol):
+    """Where a process reports its progress: phase, ops done, ops failed, setup
+    done, setup target."""
+
+    def __getitem__(self, key: int, /) -> float: ...
+
+    def __setitem__(self, key: int, value: float, /) -> None: ...
+
+
 class Worker:
-    """One thread: its own connection, stubs and recorder."""
+    """One task: its own client, connection and operations."""
 
-    def __init__(self, run: ProcessRun, channel: grpc.Channel) -> None:
+    def __init__(self, run: ProcessRun, client: AsyncPhonebindClient) -> None:
         self.run = run
-        self.health = health_pb2_grpc.HealthStub(channel)
-        self.stub = binding_service_pb2_grpc.BindingServiceStub(channel)
-        self.metadata = run.opts.metadata()
-        self.timeout = run.opts.timeout
-        self.rec = Recorder()
-        self.setup = Recorder()
+        self.client = client
+        self.rec = run.rec
         self.rng = random.Random()  # noqa: S311 - picks accounts, not secrets
+        self.health = client.channel.unary_unary(
+            HEALTH_CHECK,
+            request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+            response_deserializer=health_pb2.HealthCheckResponse.FromString,
+        )
+        self.health_request = health_pb2.HealthCheckRequest()
+        self.metadata = run.opts.metadata()
 
-    def call(self, rec: Recorder, name: str, method: Callable[..., Any], request: Any) -> Any:
+    async def timed(self, name: str, call: Awaitable[_T]) -> _T | None:
+        """Awaits ``call``, recording its latency, or its error by reason."""
         started = time.perf_counter()
         try:
-            response = method(request, timeout=self.timeout, metadata=self.metadata)
-        except grpc.RpcError as err:
-            rec.error(name, error_reason(err))
+            result = await call
+        except PhonebindError as error:
+            self.rec.error(name, error.reason or error.code.name)
             return None
-        rec.ok(name, time.perf_counter() - started)
-        return response
+        finally:
+            self.run.check_codes()  # the loop is awake: look for codes now
+        self.rec.series(name).append(time.perf_counter() - started)
+        return result
 
     # operations: True when it succeeded
 
-    def register(self, account: Account) -> bool:
-        request = pb.RegisterAccountRequest(
-            account_id=account.account_id,
-            holder_name=account.holder_name,
-            id_number=account.id_number,
-            phone=account.phone,
-            request_id=uuid.uuid4().hex,
-        )
-        return self.call(self.setup, REGISTER, self.stub.RegisterAccount, request) is not None
-
-    def health_check(self) -> bool:
-        response = self.call(self.rec, HEALTH, self.health.Check, health_pb2.HealthCheckRequest())
-        if response is None:
+    async def register(self, account: Account) -> bool:
+        setup = self.run.setup
+        started = time.perf_counter()
+        try:
+            await self.client.register_account(
+                account.account_id, account.holder_name, account.id_number, account.phone
+            )
+        except PhonebindError as error:
+            setup.error(REGISTER, error.reason or error.code.name)
             return False
+        setup.series(REGISTER).append(time.perf_counter() - started)
+        return True
+
+    async def health_check(self) -> bool:
+        rec = self.rec
+        started = time.perf_counter()
+        try:
+            response = await self.health(
+                self.health_request, timeout=self.run.opts.timeout, metadata=self.metadata
+            )
+        except grpc.RpcError as err:
+            error = PhonebindError.from_rpc_error(err)
+            rec.error(HEALTH, error.reason or error.code.name)
+            return False
+        rec.series(HEALTH).append(time.perf_counter() - started)
         if response.status != health_pb2.HealthCheckResponse.SERVING:
-            self.rec.error(HEALTH, "NOT_SERVING")
+            rec.error(HEALTH, "NOT_SERVING")
             return False
         return True
 
-    def get_account(self) -> bool:
+    async def get_account(self) -> bool:
         pool = self.run.accounts.pool
         account = pool[self.rng.randrange(len(pool))]
-        request = pb.GetAccountRequest(account_id=account.account_id)
-        return self.call(self.rec, GET_ACCOUNT, self.stub.GetAccount, request) is not None
+        return (
+            await self.timed(GET_ACCOUNT, self.client.get_account(account.account_id)) is not None
+        )
 
-    def flow(self) -> bool:
-        account = self.run.take_account(self)
+    async def flow(self) -> bool:
+        run, client, timed = self.run, self.client, self.timed
+        account = await run.take_account(self)
         if account is None:
             self.rec.error(FLOW, "NO_ACCOUNT")
             return False
-        rec, stub = self.rec, self.stub
-        new_phone = self.run.numbers.next()
-        started = self.call(
-            rec,
-            "StartRebind",
-            stub.StartRebind,
-            pb.StartRebindRequest(
-                account_id=account.account_id, new_phone=new_phone, request_id=uuid.uuid4().hex
-            ),
-        )
-        if started is None:
+        account_id = account.account_id
+        new_phone = run.numbers.next()
+        rebind = await timed("StartRebind", client.start_rebind(account_id, new_phone))
+        if rebind is None:
             return False
-        rebind = started.rebind
-        ids = {"account_id": account.account_id, "rebind_id": rebind.rebind_id}
+        rebind_id = rebind.rebind_id
         if (
             resources_pb2.REBIND_STEP_REVIEW in rebind.required_steps
             or rebind.risk.decision != resources_pb2.RISK_DECISION_ALLOW
         ):
-            rec.error(FLOW, "REVIEW_REQUIRED")
-            return self._cancel(ids)
-        verified = self.call(
-            rec,
-            "VerifyIdentity",
-            stub.VerifyIdentity,
-            pb.VerifyIdentityRequest(
-                **ids, holder_name=account.holder_name, id_number=account.id_number
-            ),
-        )
-        if verified is None:
-            return self._cancel(ids)
+            self.rec.error(FLOW, "REVIEW_REQUIRED")
+            return await self._cancel(account_id, rebind_id)
+        if (
+            await timed(
+                "VerifyIdentity",
+                client.verify_identity(
+                    account_id, rebind_id, account.holder_name, account.id_number
+                ),
+            )
+            is None
+        ):
+            return await self._cancel(account_id, rebind_id)
+        codes, code_timeout = run.codes, run.opts.code_timeout
         for target, phone in (
             (resources_pb2.CODE_TARGET_OLD_PHONE, account.phone),
             (resources_pb2.CODE_TARGET_NEW_PHONE, new_phone),
         ):
-            send = pb.SendCodeRequest(**ids, target=target, request_id=uuid.uuid4().hex)
-            if self.call(rec, "SendCode", stub.SendCode, send) is None:
-                return self._cancel(ids)
+            if await timed("SendCode", client.send_code(account_id, rebind_id, target)) is None:
+                return await self._cancel(account_id, rebind_id)
             sent = time.perf_counter()
-            code = self.run.codes.wait("+86" + phone, self.run.opts.code_timeout)
+            code = await codes.wait("+86" + phone, code_timeout)
             if code is None:
-                rec.error(FLOW, "CODE_NOT_DELIVERED")
-                return self._cancel(ids)
-            rec.ok(SMS_WAIT, time.perf_counter() - sent)
-            check = pb.VerifyCodeRequest(**ids, target=target, code=code)
-            if self.call(rec, "VerifyCode", stub.VerifyCode, check) is None:
-                return self._cancel(ids)
-        done = self.call(
-            rec,
-            "CompleteRebind",
-            stub.CompleteRebind,
-            pb.CompleteRebindRequest(**ids, request_id=uuid.uuid4().hex),
-        )
+                self.rec.error(FLOW, "CODE_NOT_DELIVERED")
+                return await self._cancel(account_id, rebind_id)
+            self.rec.series(SMS_WAIT).append(time.perf_counter() - sent)
+            check = client.verify_code(account_id, rebind_id, target, code)
+            if await timed("VerifyCode", check) is None:
+                return await self._cancel(account_id, rebind_id)
+        done = await timed("CompleteRebind", client.complete_rebind(account_id, rebind_id))
         if done is None:
-            return self._cancel(ids)
+            return await self._cancel(account_id, rebind_id)
         if done.rebind.state != resources_pb2.REBIND_STATE_COMPLETED:
-            rec.error(FLOW, "NOT_COMPLETED")
+            self.rec.error(FLOW, "NOT_COMPLETED")
             return False
         return True
 
-    def _cancel(self, ids: dict[str, str]) -> bool:
+    async def _cancel(self, account_id: str, rebind_id: str) -> bool:
         """Best effort: close a flow that failed, so it leaves no open rebind."""
         try:
-            self.stub.CancelRebind(
-                pb.CancelRebindRequest(**ids), timeout=self.timeout, metadata=self.metadata
-            )
-        except grpc.RpcError:
+            await self.client.cancel_rebind(account_id, rebind_id)
+        except PhonebindError:
             pass
         return False
 
 
 class ProcessRun:
-    """Everything one load process does: connect, set up, warm up, measure."""
+    """Everything one load process does, on its event loop: connect, set up,
+    warm up, measure."""
 
     def __init__(
         self,
         opts: Options,
         index: int,
         *,
-        slot: Any,
+        slot: Slot,
         sync: Callable[[], None],
+        started: Callable[[], None] = lambda: None,
         codes: CodeBook | None = None,
     ) -> None:
         self.opts = opts
         self.index = index
-        self.slot = slot  # a sequence of _SLOT floats this process writes its progress to
-        self.sync = sync  # waits for every process at the start of a phase
+        self.slot = slot  # _SLOT floats this process writes its progress to
+        self.sync = sync  # blocks until every process is at the same point
+        self.started = started  # told when the measured window opens
         self.numbers = Numbers(opts, index)
         self.accounts = Accounts(opts, index, self.numbers)
         self.codes = codes or CodeBook(self.numbers.owns)
-        self.channels: list[grpc.Channel] = []
+        self.rec = Recorder()
+        self.setup = Recorder()
         self.workers: list[Worker] = []
-        self._tail: FileTail | None = None
-        self._stop_progress = threading.Event()
         self._measuring = False
+        self._background: list[asyncio.Task[None]] = []
+        self._reader: SmsFileReader | None = None
+        # Reads the codes that arrived, if they come from a file: called after each RPC.
+        self.check_codes: Callable[[], None] = lambda: None
 
     # share of the run: the first `extra` processes take one more
     def share(self, total: int) -> int:
         base, extra = divmod(total, self.opts.processes)
         return base + (1 if self.index < extra else 0)
 
-    def execute(self) -> dict[str, Any]:
+    async def execute(self) -> dict[str, Any]:
         opts = self.opts
-        progress = threading.Thread(target=self._report, name="progress", daemon=True)
-        progress.start()
         try:
-            self._connect()
-            if opts.scenario == "flow" and opts.sms_file and self._tail is None:
-                self._tail = FileTail(opts.sms_file, self.codes)
-                self._tail.start()
+            await self._connect()
+            if opts.scenario == "flow" and opts.sms_file:
+                self._reader = SmsFileReader(opts.sms_file, self.codes).start()
+                self.check_codes = self._reader.check
+            if opts.progress:
+                self._background.append(asyncio.create_task(self._report()))
             op = {
                 "health": Worker.health_check,
                 "get-account": Worker.get_account,
@@ -749,52 +691,85 @@ class ProcessRun:
 
             if opts.scenario == "get-account":
                 self._set_phase(SETUP)
-                wanted = max(1, self.share(opts.accounts or 100))
-                self._register(wanted)
+                await self._register(max(1, self.share(opts.accounts or 100)))
                 if not self.accounts.pool:
                     raise LoadError("no account could be registered for GetAccount")
 
-            self.sync()
-            warm: dict[str, Any] = {"flows": 0, "elapsed": 0.0, "busy": 0.0}
+            await self._sync()
+            warm = PhaseResult(0.0, 0.0, 0, 0.0)
             if opts.warmup > 0:
                 self._set_phase(WARMUP)
-                warm = self._phase(op, count=None, duration=opts.warmup, rate=rate, keep=False)
+                warm = await self._phase(op, count=None, duration=opts.warmup, rate=rate)
 
             if opts.scenario == "flow":
                 self._set_phase(SETUP)
-                self._register(self._flow_accounts(warm, rate))
+                await self._register(self._flow_accounts(warm, rate))
 
-            self.sync()
+            await self._sync()
             self._set_phase(RUN)
+            self.started()
             count = self.share(opts.count) if opts.count is not None else None
-            result = self._phase(op, count=count, duration=opts.duration, rate=rate, keep=True)
+            self._measuring = True
+            cpu_before = cpu_seconds()
+            measured = await self._phase(op, count=count, duration=opts.duration, rate=rate)
+            cpu = cpu_seconds() - cpu_before
+            self._measuring = False
             self._set_phase(DONE)
-            return result
+            return {
+                "index": self.index,
+                "start": measured.start,
+                "end": measured.end,
+                "cpu_seconds": cpu,
+                **self.rec.export(),
+                "setup": self.setup.export(),
+                "accounts_registered": self.accounts.registered,
+                "registered_during_run": self.accounts.registered_during_run,
+                "codes_received": self.codes.received,
+            }
         finally:
-            self._stop_progress.set()
-            progress.join(1)
-            if self._tail is not None:
-                self._tail.stop()
-            for channel in self.channels:
-                channel.close()
+            if self._reader is not None:
+                self._reader.close()
+            for task in self._background:
+                task.cancel()
+            await asyncio.gather(*self._background, return_exceptions=True)
+            await asyncio.gather(*(w.client.channel.close() for w in self.workers))
 
-    def _connect(self) -> None:
+    async def _sync(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self.sync)
+
+    async def _connect(self) -> None:
+        opts = self.opts
         self._set_phase(CONNECTING)
-        for _ in range(self.opts.concurrency):
-            # A channel of its own per thread, each its own TCP connection, so
-            # the kernel spreads them over the workers of a SO_REUSEPORT server.
-            channel = grpc.insecure_channel(
-                self.opts.target, options=[("grpc.use_local_subchannel_pool", 1)]
+        credentials = opts.credentials()
+        for _ in range(opts.concurrency):
+            if credentials is not None:
+                channel = grpc.aio.secure_channel(
+                    opts.target, credentials, options=opts.channel_options()
+                )
+            else:
+                channel = grpc.aio.insecure_channel(opts.target, options=opts.channel_options())
+            # The tool counts failures; it never retries them.
+            client = AsyncPhonebindClient(
+                opts.target, channel=channel, token=opts.token, timeout=opts.timeout, max_attempts=1
             )
-            self.channels.append(channel)
-            self.workers.append(Worker(self, channel))
-        for channel in self.channels:
-            try:
-                grpc.channel_ready_future(channel).result(timeout=10)
-            except grpc.FutureTimeoutError:
-                raise LoadError(f"cannot connect to {self.opts.target}") from None
+            self.workers.append(Worker(self, client))
+        ready = [w.client.channel.channel_ready() for w in self.workers]
+        try:
+            await asyncio.wait_for(asyncio.gather(*ready), CONNECT_TIMEOUT)
+        except TimeoutError:
+            raise LoadError(f"cannot connect to {opts.target}{await self._why()}") from None
 
-    def _flow_accounts(self, warm: dict[str, Any], rate: float | None) -> int:
+    async def _why(self) -> str:
+        """What one call says about a server the tool cannot reach (e.g. a TLS error)."""
+        worker = self.workers[0]
+        try:
+            await worker.health(worker.health_request, timeout=2, metadata=worker.metadata)
+        except grpc.RpcError as err:
+            details = PhonebindError.from_rpc_error(err).message
+            return f": {details}" if details else ""
+        return ""
+
+    def _flow_accounts(self, warm: PhaseResult, rate: float | None) -> int:
         opts = self.opts
         if opts.count is not None:
             return self.share(opts.count)
@@ -803,15 +778,15 @@ class ProcessRun:
             return self.share(opts.accounts)
         if rate:
             return math.ceil(rate * duration * 1.05) + opts.concurrency
-        if warm["flows"] and warm["elapsed"] > 0:
+        if warm.ops and warm.elapsed > 0:
             # Flows per second of this process in the warmup, not counting the
-            # time its threads spent registering accounts inline.
-            active = opts.concurrency * warm["elapsed"] - warm["busy"]
-            per_second = warm["flows"] * opts.concurrency / max(active, 1e-3)
+            # time its tasks spent registering accounts inline.
+            active = opts.concurrency * warm.elapsed - warm.busy
+            per_second = warm.ops * opts.concurrency / max(active, 1e-3)
             return math.ceil(per_second * duration * 1.5) + 2 * opts.concurrency
         return 0  # registered inline during the run, reported as such
 
-    def take_account(self, worker: Worker) -> Account | None:
+    async def take_account(self, worker: Worker) -> Account | None:
         try:
             return self.accounts.pool.popleft()
         except IndexError:
@@ -821,17 +796,17 @@ class ProcessRun:
         try:
             for _ in range(3):
                 account = self.accounts.make()
-                if worker.register(account):
+                if await worker.register(account):
                     self.accounts.registered += 1
                     if self._measuring:
                         self.accounts.registered_during_run += 1
                     return account
             return None
         finally:
-            worker.rec.busy += time.perf_counter() - started
+            self.rec.busy += time.perf_counter() - started
 
-    def _register(self, wanted: int) -> None:
-        """Registers ``wanted`` accounts into the pool with all threads."""
+    async def _register(self, wanted: int) -> None:
+        """Registers ``wanted`` accounts into the pool with all tasks."""
         if wanted <= 0:
             return
         self.slot[3], self.slot[4] = 0, wanted
@@ -839,30 +814,29 @@ class ProcessRun:
         failures = itertools.count()
         limit = max(10, wanted // 10)
 
-        def register(worker: Worker) -> None:
+        async def register(worker: Worker) -> None:
             while next(claimed) < wanted:
                 account = self.accounts.make()
-                if worker.register(account):
+                if await worker.register(account):
                     self.accounts.pool.append(account)
                     self.accounts.registered += 1
                     self.slot[3] = len(self.accounts.pool)
                 elif next(failures) >= limit:
                     return
 
-        self._threads(register)
+        await asyncio.gather(*(register(w) for w in self.workers))
 
-    def _phase(
+    async def _phase(
         self,
-        op: Callable[[Worker], bool],
+        op: Callable[[Worker], Awaitable[bool]],
         *,
         count: int | None,
         duration: float | None,
         rate: float | None,
-        keep: bool,
-    ) -> dict[str, Any]:
+    ) -> PhaseResult:
+        rec = self.rec = Recorder()
         for worker in self.workers:
-            worker.rec = Recorder()
-        self._measuring = keep
+            worker.rec = rec
         start = time.monotonic()
         offset = self.index / self.opts.rate if self.opts.rate else 0.0
         plan = Plan(
@@ -873,69 +847,32 @@ class ProcessRun:
             offset=offset,
         )
 
-        def loop(worker: Worker) -> None:
-            rec = worker.rec
-            while (at := plan.take()) is not None:
+        async def loop(worker: Worker) -> None:
+            take, sleep, monotonic = plan.take, asyncio.sleep, time.monotonic
+            while (at := take()) is not None:
                 if at:
-                    delay = at - time.monotonic()
+                    delay = at - monotonic()
                     if delay > 0:
-                        time.sleep(delay)
-                if op(worker):
+                        await sleep(delay)
+                if await op(worker):
                     rec.ops += 1
                 else:
                     rec.failed += 1
 
-        self._threads(loop)
-        end = time.monotonic()
-        if not keep:
-            return {
-                "flows": sum(w.rec.ops for w in self.workers),
-                "elapsed": end - start,
-                "busy": sum(w.rec.busy for w in self.workers),
-            }
-        merged = Recorder.merge(w.rec for w in self.workers)
-        setup = Recorder.merge(w.setup for w in self.workers)
-        return {
-            "index": self.index,
-            "start": start,
-            "end": end,
-            **merged,
-            "setup": setup,
-            "accounts_registered": self.accounts.registered,
-            "registered_during_run": self.accounts.registered_during_run,
-            "codes_received": self.codes.received,
-        }
-
-    def _threads(self, target: Callable[[Worker], None]) -> None:
-        errors: list[BaseException] = []
-
-        def guarded(worker: Worker) -> None:
-            try:
-                target(worker)
-            except BaseException as error:  # noqa: BLE001 - re-raised in the caller
-                errors.append(error)
-
-        threads = [
-            threading.Thread(target=guarded, args=(w,), name=f"load-{i}", daemon=True)
-            for i, w in enumerate(self.workers)
-        ]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        if errors:
-            raise errors[0]
+        await asyncio.gather(*(loop(w) for w in self.workers))
+        return PhaseResult(start, time.monotonic(), rec.ops, rec.busy)
 
     def _set_phase(self, phase: int) -> None:
         self.slot[0] = phase
         if phase in (WARMUP, RUN):
             self.slot[1] = self.slot[2] = 0
 
-    def _report(self) -> None:
-        while not self._stop_progress.wait(0.1):
+    async def _report(self) -> None:
+        while True:
+            await asyncio.sleep(0.1)
             if self.slot[0] in (WARMUP, RUN):
-                self.slot[1] = sum(w.rec.ops for w in self.workers)
-                self.slot[2] = sum(w.rec.failed for w in self.workers)
+                self.slot[1] = self.rec.ops
+                self.slot[2] = self.rec.failed
 
 
 def _child(
@@ -947,8 +884,14 @@ def _child(
     def sync() -> None:
         barrier.wait()
 
+    def started() -> None:
+        results.put({"index": index, "started": True})
+
     try:
-        results.put(ProcessRun(opts, index, slot=slot, sync=sync).execute())
+        run = ProcessRun(opts, index, slot=slot, sync=sync, started=started)
+        result = asyncio.run(run.execute())
+        result["cpu_seconds_total"] = cpu_seconds()  # the whole process, start-up included
+        results.put(result)
     except threading.BrokenBarrierError:
         results.put({"index": index, "fatal": None})
     except BaseException as error:  # noqa: BLE001 - reported to the parent
@@ -964,19 +907,22 @@ class _SlotView:
         self._base = index * _SLOT
 
     def __getitem__(self, key: int) -> float:
-        return self._slots[self._base + key]
+        return float(self._slots[self._base + key])
 
     def __setitem__(self, key: int, value: float) -> None:
         self._slots[self._base + key] = value
+
+    def __len__(self) -> int:
+        return _SLOT
 
 
 # -- the parent: processes, progress, summary ----------------------------------
 
 
 class Progress(threading.Thread):
-    """A self-updating line on stderr: phase, share done, calls, rate, errors."""
+    """A self-updating line on stderr: phase, share done, operations, rate, errors."""
 
-    def __init__(self, opts: Options, slots: Any) -> None:
+    def __init__(self, opts: Options, slots: Sequence[float]) -> None:
         super().__init__(name="progress-bar", daemon=True)
         self.opts = opts
         self.slots = slots
@@ -1041,42 +987,59 @@ class Progress(threading.Thread):
 
 def run(opts: Options) -> dict[str, Any]:
     """Runs the load as ``opts`` say and returns the summary."""
-    sink: SmsSink | None = None
-    relay: FileRelay | None = None
-    book = CodeBook()
-    try:
-        if opts.sms_sink:
-            if opts.processes > 1:
+    if opts.processes == 1:
+        results, parent_cpu = _run_inline(opts), 0.0
+    else:
+        relay: FileRelay | None = None
+        sink: SmsSink | None = None
+        try:
+            if opts.sms_sink:
                 relay = FileRelay()
                 sink = SmsSink(opts.sms_sink, relay.deliver).start()
-                opts = Options(**{**asdict(opts), "sms_file": relay.path})
-            else:
-                sink = SmsSink(opts.sms_sink, book.deliver).start()
-        if opts.processes == 1:
-            results = _run_inline(opts, book)
-        else:
-            results = _run_processes(opts)
-    finally:
-        if sink is not None:
-            sink.stop()
-        if relay is not None:
-            relay.close()
-    return summarize(opts, results)
+                opts = replace(opts, sms_file=relay.path)
+            results, parent_cpu = _run_processes(opts)
+        finally:
+            if sink is not None:
+                sink.stop()
+            if relay is not None:
+                relay.close()
+    summary = summarize(opts, results, parent_cpu=parent_cpu)
+    # Every process from start to end: start-up, setup and summary included.
+    total = cpu_seconds() + sum(r["cpu_seconds_total"] for r in results)
+    summary["load_cpu_total_seconds"] = round(total, 6)
+    return summary
 
 
-def _run_inline(opts: Options, book: CodeBook) -> list[dict[str, Any]]:
+def _run_inline(opts: Options) -> list[dict[str, Any]]:
     slots = [0.0] * _SLOT
     progress = Progress(opts, slots) if opts.progress else None
     if progress:
         progress.start()
     try:
-        return [ProcessRun(opts, 0, slot=slots, sync=lambda: None, codes=book).execute()]
+        return [asyncio.run(_inline(opts, slots))]
     finally:
         if progress:
             progress.stop()
 
 
-def _run_processes(opts: Options) -> list[dict[str, Any]]:
+async def _inline(opts: Options, slots: list[float]) -> dict[str, Any]:
+    book: CodeBook | None = None
+    sink: SmsSink | None = None
+    if opts.sms_sink:
+        book = CodeBook()
+        sink = SmsSink.into_loop(opts.sms_sink, book, asyncio.get_running_loop()).start()
+    try:
+        result = await ProcessRun(opts, 0, slot=slots, sync=lambda: None, codes=book).execute()
+    finally:
+        if sink is not None:
+            sink.stop()
+    result["cpu_seconds_total"] = 0.0  # this process is the parent: counted there
+    return result
+
+
+def _run_processes(opts: Options) -> tuple[list[dict[str, Any]], float]:
+    """Runs the load processes; returns their results and the CPU time this
+    process spent while they measured (the sink's relay, the progress bar)."""
     context = multiprocessing.get_context("spawn")
     barrier = context.Barrier(opts.processes)
     slots = context.RawArray("d", opts.processes * _SLOT)
@@ -1096,6 +1059,9 @@ def _run_processes(opts: Options) -> list[dict[str, Any]]:
     if progress:
         progress.start()
     collected: dict[int, dict[str, Any]] = {}
+    measuring: set[int] = set()
+    window_opened: float | None = None  # this process's CPU time when all were measuring
+    window_cpu = 0.0
     try:
         while len(collected) < len(processes):
             try:
@@ -1113,9 +1079,16 @@ def _run_processes(opts: Options) -> list[dict[str, Any]]:
                         raise LoadError(f"load process {dead[0]} died") from None
                 else:
                     continue
+            if result.get("started"):
+                measuring.add(result["index"])
+                if len(measuring) == len(processes):
+                    window_opened = cpu_seconds()
+                continue
             collected[result["index"]] = result
             if "fatal" in result:
                 barrier.abort()
+        if window_opened is not None:
+            window_cpu = cpu_seconds() - window_opened
         fatal = [r["fatal"] for r in collected.values() if r.get("fatal")]
         if fatal:
             raise LoadError(fatal[0])
@@ -1128,7 +1101,7 @@ def _run_processes(opts: Options) -> list[dict[str, Any]]:
             process.join(5)
             if process.is_alive():
                 process.terminate()
-    return [collected[i] for i in sorted(collected)]
+    return [collected[i] for i in sorted(collected)], window_cpu
 
 
 # -- summary -------------------------------------------------------------------
@@ -1162,7 +1135,7 @@ def _latency_ms(values: Sequence[float]) -> dict[str, float]:
 
 def _rpc_table(
     parts: Iterable[dict[str, Any]], elapsed: float
-) -> tuple[dict[str, Any], dict[str, dict[str, int]], list[float], array.array[float]]:
+) -> tuple[dict[str, Any], dict[str, dict[str, int]], array.array[float], array.array[float]]:
     latencies: dict[str, array.array[float]] = {}
     errors: dict[str, Counter[str]] = {}
     for part in parts:
@@ -1173,7 +1146,7 @@ def _rpc_table(
         for rpc, reasons in part["errors"].items():
             errors.setdefault(rpc, Counter()).update(reasons)
     table: dict[str, Any] = {}
-    everything: list[float] = []
+    everything = array.array("d")
     for rpc in _ordered((set(latencies) | set(errors)) - {FLOW, SMS_WAIT}):
         values = latencies.get(rpc, array.array("d"))
         everything.extend(values)
@@ -1192,8 +1165,14 @@ def _ordered(names: Iterable[str]) -> list[str]:
     return sorted(names, key=lambda n: (order.index(n) if n in order else len(order), n))
 
 
-def summarize(opts: Options, results: list[dict[str, Any]]) -> dict[str, Any]:
-    """Merges the processes' results into the summary ``--json`` prints."""
+def summarize(
+    opts: Options, results: list[dict[str, Any]], *, parent_cpu: float = 0.0
+) -> dict[str, Any]:
+    """Merges the processes' results into the summary ``--json`` prints.
+
+    ``parent_cpu``: what the parent of several load processes spent while they
+    measured (the SMS sink's relay, the progress bar).
+    """
     start = min(r["start"] for r in results)
     end = max(r["end"] for r in results)
     elapsed = end - start
@@ -1202,6 +1181,9 @@ def summarize(opts: Options, results: list[dict[str, Any]]) -> dict[str, Any]:
     ops = sum(r["ops"] for r in results)
     failed = sum(r["failed"] for r in results)
     error_count = sum(sum(reasons.values()) for reasons in errors.values())
+    calls = len(everything) + sum(stats["errors"] for stats in rpcs.values())
+    # The tool's own CPU time in the measured window: every load process, user + system.
+    cpu = sum(r["cpu_seconds"] for r in results) + parent_cpu
     summary: dict[str, Any] = {
         "tool": PROG,
         "target": opts.target,
@@ -1229,6 +1211,9 @@ def summarize(opts: Options, results: list[dict[str, Any]]) -> dict[str, Any]:
         },
         "errors": errors,
         "error_count": error_count,
+        "load_cpu_seconds": round(cpu, 6),
+        "load_cpu_ms_per_op": round(1000 * cpu / ops, 4) if ops else None,
+        "load_cpu_ms_per_call": round(1000 * cpu / calls, 4) if calls else None,
         "setup": {
             "rpcs": {
                 rpc: {k: v for k, v in stats.items() if k != "throughput"}
@@ -1258,7 +1243,7 @@ def render(summary: dict[str, Any]) -> str:
     rate = f", paced to {summary['rate']:g}/s" if summary["rate"] else ""
     lines = [
         f"{PROG}: {summary['scenario']} against {summary['target']}, "
-        f"{summary['concurrency']} threads x {summary['processes']} process(es), "
+        f"{summary['concurrency']} tasks x {summary['processes']} process(es), "
         f"{mode}{rate}; measured {summary['elapsed_s']:.2f} s",
         "",
         f"{'rpc':<16} {'calls':>8} {'errors':>7} {'calls/s':>9} "
@@ -1282,6 +1267,14 @@ def render(summary: dict[str, Any]) -> str:
         f"{ops['unit']}s: {ops['completed']} completed, {ops['failed']} failed, "
         f"{ops['per_second']:.1f}/s"
     )
+    cpu_per_op = summary["load_cpu_ms_per_op"]
+    if cpu_per_op is not None:
+        per_call = summary["load_cpu_ms_per_call"]
+        lines.append(
+            f"{PROG} CPU: {summary['load_cpu_seconds']:.3f} s in the measured window, "
+            f"{cpu_per_op:.3f} ms per {ops['unit']}"
+            + (f", {per_call:.3f} ms per call" if ops["unit"] != "call" else "")
+        )
     sms = summary.get("sms_delivery")
     if sms and sms["count"]:
         lat = sms["latency_ms"]
