@@ -17,7 +17,7 @@ import pytest
 from google.protobuf import duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
-from support import HOLDER, ID_NUMBER, e164, held_lock
+from support import HOLDER, ID_NUMBER, e164, held_lock, rows
 from test_client import codes_queued
 
 from phonebind.v1 import binding_service_pb2 as pb
@@ -65,12 +65,8 @@ def test_aio_facade_runs_a_complete_rebind(server):
             assert [c.rebind_id for c in history] == [rebind.rebind_id]
 
     asyncio.run(rebind())
-    assert server.app.store is not None
-    with server.app.store.transaction(write=False):
-        row = server.app.store.db.execute_sql(
-            "SELECT state FROM rebinds WHERE account_id = 'loan-a1'"
-        ).fetchone()
-    assert row[0] == "COMPLETED"
+    states = rows(server.database_url, "SELECT state FROM rebinds WHERE account_id = 'loan-a1'")
+    assert states == [("COMPLETED",)]
 
 
 def test_aio_errors_carry_reason_details_and_ids(server):

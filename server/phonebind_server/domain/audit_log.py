@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from .audit import AuditEvent, AuditTrail, ChainReport, StoredEvent, refusal_chain
@@ -119,7 +119,7 @@ class AuditLog:
         if stranger and not self._strangers.admit(stranger, now):
             return
         event = AuditEvent("CALL_REFUSED", reason, account_id, rebind_id)
-        with self._store.transaction(replace(call, deadline=None)) as tx:
+        with self._store.transaction(call._replace(deadline=None)) as tx:
             self._trail.append(tx, event, now, refusal_chain(call.caller + account_id))
 
     def summarise_refusals(self, *, final: bool = False) -> int:
@@ -128,7 +128,7 @@ class AuditLog:
         `final` (the server stops): the minutes still running too."""
         now = self._clock.now()
         windows = self._strangers.closed(now, every=final)
-        call = replace(INTERNAL, caller="unauthenticated")
+        call = INTERNAL._replace(caller="unauthenticated")
         written = 0
         try:
             for source, window in windows:
