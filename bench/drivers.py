@@ -18,6 +18,9 @@ backends serving this run, and every postgres process), and round trips: TCP
 data segments PostgreSQL sent to this process (it flushes its output when it
 waits for the client, so one segment is one wait of the client).
 
+The greenlet bridge is also measured on its own (a spawn, an await_ of a
+no-op) and over asyncpg and psycopg 3, native and bridged in alternating blocks.
+
 Checks, all printed: the rows agree with the units counted; two tasks on one
 account through the pipelined write lose no update (and the same test without
 FOR UPDATE does see stale reads); an SQLite write held up by another
@@ -756,15 +759,16 @@ def sqlite_variants(path: str) -> list[Variant]:
     ]
 
 
+async def asyncpg_queue(dsn: str, *, cache: bool) -> QueuePool:
+    size = 100 if cache else 0
+    return QueuePool(
+        [await asyncpg.connect(dsn, statement_cache_size=size) for _ in range(POOL_SIZE)]
+    )
+
+
 def postgres_variants(dsn: str) -> list[Variant]:
     numeric = Statements.build(postgres=True, style="numeric")
     fmt = Statements.build(postgres=True, style="format")
-
-    async def asyncpg_connections(cache: bool) -> QueuePool:
-        size = 100 if cache else 0
-        return QueuePool(
-            [await asyncpg.connect(dsn, statement_cache_size=size) for _ in range(POOL_SIZE)]
-        )
 
     def asyncpg_pool(cache: bool, reset: bool) -> Callable[[], Awaitable[Any]]:
         return lambda: AsyncpgPool.open(dsn, cache=cache, reset=reset)
@@ -794,13 +798,13 @@ def postgres_variants(dsn: str) -> list[Variant]:
         ),
         PooledAsync(
             f"(d) asyncpg, queue of {P} connections, statement cache on",
-            lambda: asyncpg_connections(True),
+            lambda: asyncpg_queue(dsn, cache=True),
             AsyncpgSession,
             numeric,
         ),
         PooledAsync(
             f"(d) asyncpg, queue of {P} connections, statement cache off",
-            lambda: asyncpg_connections(False),
+            lambda: asyncpg_queue(dsn, cache=False),
             AsyncpgSession,
             numeric,
         ),
@@ -834,7 +838,7 @@ def postgres_variants(dsn: str) -> list[Variant]:
         Psycopg2Threads(dsn, 4),
         PooledAsync(
             f"(g) sync unit via greenlet bridge → asyncpg, queue of {P}, statement cache on",
-            lambda: asyncpg_connections(True),
+            lambda: asyncpg_queue(dsn, cache=True),
             AsyncpgSession,
             numeric,
             mode="bridged",
@@ -933,6 +937,19 @@ async def drive(unit: Callable[[Ids], Awaitable[Any]], tasks: int, seconds: floa
     return sum(await asyncio.gather(*(task(seed) for seed in seeds)))
 
 
+async def drive_count(unit: Callable[[Ids], Awaitable[Any]], tasks: int, each: int) -> None:
+    """As drive(), for `each` units per task."""
+
+    async def task(seed: int) -> None:
+        pick = random.Random(seed).randrange  # noqa: S311 - choosing rows, not secrets
+        for _ in range(each):
+            await unit(BENCH_IDS[pick(ACCOUNTS)])
+            await asyncio.sleep(0)
+
+    seeds = [random.getrandbits(32) for _ in range(tasks)]
+    await asyncio.gather(*(task(seed) for seed in seeds))
+
+
 @dataclasses.dataclass
 class Result:
     """One measurement window."""
@@ -973,6 +990,7 @@ class Bench:
         self.results: list[Result] = []
         self.checks: list[tuple[str, bool, str]] = []
         self.committed = 0  # write units committed on the bench accounts of this database
+        self.bridge_paired: list[dict[str, Any]] = []
 
     def check(self, name: str, ok: bool, detail: str) -> None:
         self.checks.append((name, ok, detail))
@@ -1322,6 +1340,74 @@ async def bridge_costs(iterations: int) -> dict[str, float]:
     return costs
 
 
+async def bridge_paired(bench: Bench, dsn: str, blocks: int) -> list[dict[str, Any]]:
+    """The bridge's extra CPU on a real driver: the same units, native and through the
+    greenlet bridge, in alternating blocks (so a change in the machine's load hits
+    both), the median of the per-block differences. From R (one statement) and W
+    (ten): the cost of one statement's round trip through the bridge, and the rest
+    (the greenlet_spawn of the unit)."""
+    numeric = Statements.build(postgres=True, style="numeric")
+    fmt = Statements.build(postgres=True, style="format")
+    drivers = (
+        ("asyncpg, queue of 4, statement cache on", asyncpg_queue, {"cache": True}),
+        ("psycopg 3, psycopg_pool (4), prepare_threshold=0", PsycopgPool.open, {}),
+    )
+    found = []
+    for name, opener, options in drivers:
+        if opener is asyncpg_queue:
+            session, q = AsyncpgSession, numeric
+        else:
+            session, q, options = PsycopgSession, fmt, {"prepare_threshold": 0}
+
+        def open_pool(opener: Any = opener, options: dict[str, Any] = options) -> Any:
+            return opener(dsn, **options)
+
+        native = PooledAsync(name, open_pool, session, q)
+        bridged = PooledAsync(name, open_pool, session, q, mode="bridged")
+        await native.open()
+        await bridged.open()
+        try:
+            extra = {}
+            for unit, per_block in (("R", 1200), ("W", 240)):
+                for tasks in CONCURRENCY:
+                    each = max(1, per_block // tasks // (4 if bench.quick else 1))
+                    differences = []
+                    for block in range(blocks):
+                        cpu = {}
+                        order = (native, bridged) if block % 2 == 0 else (bridged, native)
+                        for variant in order:
+                            run = variant.read if unit == "R" else variant.write
+                            await drive_count(run, tasks, max(1, each // 10))  # warm
+                            started = time.process_time()
+                            await drive_count(run, tasks, each)
+                            cpu[variant.mode] = (time.process_time() - started) / (each * tasks)
+                            if unit == "W":
+                                bench.committed += (each + max(1, each // 10)) * tasks
+                        differences.append((cpu["bridged"] - cpu["native"]) * 1e6)
+                    extra[unit, tasks] = statistics.median(differences)
+                    print(
+                        f"  bridge over {name}: {unit} N={tasks}: "
+                        f"+{extra[unit, tasks]:.1f} µs/unit",
+                        flush=True,
+                    )
+        finally:
+            await native.close()
+            await bridged.close()
+        for tasks in CONCURRENCY:
+            per_statement = (extra["W", tasks] - extra["R", tasks]) / 9
+            found.append(
+                {
+                    "driver": name,
+                    "tasks": tasks,
+                    "read_us": extra["R", tasks],
+                    "write_us": extra["W", tasks],
+                    "per_statement_us": per_statement,
+                    "per_unit_us": extra["R", tasks] - per_statement,
+                }
+            )
+    return found
+
+
 async def loop_floor(bench: Bench) -> None:
     """The driving loop with a unit that does nothing: part of every figure."""
 
@@ -1443,6 +1529,7 @@ async def run_postgres(bench: Bench, base: str) -> str:
         bench.committed = 0
         target = (urlsplit(dsn).path.lstrip("/"), urlsplit(dsn).port or 5432)
         await bench.run_variants("postgresql", postgres_variants(dsn), target)
+        bench.bridge_paired = await bridge_paired(bench, dsn, 2 if bench.quick else 6)
         await pipeline_race(bench, dsn, 50 if bench.quick else 300)
         check_consistency(bench, setup, "postgresql")
         setup.close()
@@ -1484,6 +1571,15 @@ async def main() -> int:
     print("\ngreenlet bridge, CPU µs per operation:")
     for name, us in bridge.items():
         print(f"- {name}: {us:.2f}")
+    if bench.bridge_paired:
+        print("\ngreenlet bridge over a driver, extra bench CPU (median of paired blocks):\n")
+        print("| driver | N | R: µs/unit | W: µs/unit | per statement, µs | per unit, µs |")
+        print("|---|---|---|---|---|---|")
+        for b in bench.bridge_paired:
+            print(
+                f"| {b['driver']} | {b['tasks']} | {b['read_us']:.1f} | {b['write_us']:.1f} |"
+                f" {b['per_statement_us']:.1f} | {b['per_unit_us']:.1f} |"
+            )
     print(markdown(bench.results))
     failed = [name for name, ok, _ in bench.checks if not ok]
     print("\nchecks: " + (f"FAILED: {', '.join(failed)}" if failed else "all passed"))
@@ -1494,6 +1590,7 @@ async def main() -> int:
                     "machine": info,
                     "load_average": {"start": load_start, "end": load_end},
                     "bridge_us": bridge,
+                    "bridge_paired": bench.bridge_paired,
                     "results": [dataclasses.asdict(r) for r in bench.results],
                     "checks": bench.checks,
                 },
