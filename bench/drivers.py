@@ -1368,7 +1368,7 @@ async def bridge_paired(bench: Bench, dsn: str, blocks: int) -> list[dict[str, A
         await bridged.open()
         try:
             extra = {}
-            for unit, per_block in (("R", 1200), ("W", 240)):
+            for unit, per_block in (("R", 1600), ("W", 360)):
                 for tasks in CONCURRENCY:
                     each = max(1, per_block // tasks // (4 if bench.quick else 1))
                     differences = []
@@ -1529,7 +1529,7 @@ async def run_postgres(bench: Bench, base: str) -> str:
         bench.committed = 0
         target = (urlsplit(dsn).path.lstrip("/"), urlsplit(dsn).port or 5432)
         await bench.run_variants("postgresql", postgres_variants(dsn), target)
-        bench.bridge_paired = await bridge_paired(bench, dsn, 2 if bench.quick else 6)
+        bench.bridge_paired = await bridge_paired(bench, dsn, 2 if bench.quick else 8)
         await pipeline_race(bench, dsn, 50 if bench.quick else 300)
         check_consistency(bench, setup, "postgresql")
         setup.close()
