@@ -43,7 +43,7 @@ from ..domain.pii import Vault
 from ..domain.ports import Conflict, DeadlinePassed, StoreUnavailable, call_deadline
 from .db import is_postgres, is_postgres_url, open_database
 from .fields import from_micros, to_micros
-from .migrate import migrate, pending
+from .migrate import history, migrate, pending
 from .models import (
     ALL_MODELS,
     AccountRow,
@@ -507,6 +507,10 @@ class PeeweeStore:
     def pending_migrations(self) -> list[int]:
         with self._connected():
             return pending(self.db)
+
+    def migration_history(self) -> list[tuple[int, str, datetime]]:
+        with self._connected():
+            return history(self.db)
 
     def close(self) -> None:
         if self.silence is not None:
