@@ -77,6 +77,8 @@ class App:
     clock: Clock
     audit_log: AuditLog
     metrics_port: int = 0
+    health_server: grpc.Server | None = None
+    health_port: int = 0
     _stopped: threading.Event = field(default_factory=threading.Event)
     _watch: threading.Thread | None = None
 
@@ -160,6 +162,8 @@ class App:
         self._stopped.set()
         self.health.enter_graceful_shutdown()
         self.server.stop(self.settings.grace_seconds if grace is None else grace).wait()
+        if self.health_server is not None:  # answered NOT_SERVING while the calls drained
+            self.health_server.stop(0).wait()
         self._summarise_refusals_quietly(final=True)
         self.dispatcher.stop()
         self.store.close()
@@ -204,6 +208,34 @@ def _tls_credentials(settings: Settings) -> grpc.ServerCredentials:
         root_certificates=client_ca,
         require_client_auth=client_ca is not None,
     )
+
+
+# The health service name that answers SERVING from start until shutdown,
+# whatever the store does: a liveness probe must not restart every server
+# while the database is away (readiness, the name "", takes them out of
+# service instead).
+LIVENESS = "liveness"
+
+
+def _serve_health(settings: Settings, servicer: health.HealthServicer) -> tuple[grpc.Server, int]:
+    """A plaintext port serving only grpc.health.v1.Health.
+
+    Kubernetes' gRPC probes speak neither TLS nor mutual TLS, so they cannot
+    reach the service port; this port tells them the health status and nothing
+    else."""
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health"),
+        options=[
+            ("grpc.max_receive_message_length", 4096),
+            ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
+        ],
+    )
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_insecure_port(settings.health_listen)
+    if port == 0:
+        raise RuntimeError(f"cannot listen on {settings.health_listen}")
+    server.start()
+    return server, port
 
 
 def create_server(
@@ -318,6 +350,9 @@ def create_server(
     store_up = store.ping()
     metrics.store_up.set(1 if store_up else 0)
     app.set_serving(store_up)
+    health_servicer.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
+    if settings.health_listen:
+        app.health_server, app.health_port = _serve_health(settings, health_servicer)
     server.start()
     dispatcher.start()
     app._watch = threading.Thread(

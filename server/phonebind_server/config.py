@@ -68,6 +68,9 @@ class Settings:
     threads: int = 8
     workers: int = 1
     metrics_listen: str = ""
+    # A plaintext port serving only the gRPC health service, for probes that
+    # speak no TLS (Kubernetes' gRPC probes).
+    health_listen: str = ""
     grace_seconds: float = 10.0
     max_receive_bytes: int = 64 * 1024
     health_interval_seconds: float = 2.0
@@ -304,6 +307,7 @@ def check(settings: Settings) -> None:
         raise ConfigError("unauthenticated_audit_per_minute must be at least 1")
     _check_sms(settings)
     _check_addresses(settings)
+    _check_health_listen(settings)
     if bool(settings.tls_cert) != bool(settings.tls_key):
         raise ConfigError("tls_cert and tls_key go together")
     if settings.tls_client_ca and not settings.tls_cert:
@@ -331,6 +335,17 @@ def check(settings: Settings) -> None:
         problems.append("the http SMS gateway needs https:// unless the provider is on loopback")
     if problems:
         raise ConfigError("refusing to start outside --dev: " + "; ".join(problems))
+
+
+def _check_health_listen(settings: Settings) -> None:
+    if not settings.health_listen:
+        return
+    port = _port_of("health_listen", settings.health_listen, allow_zero=settings.workers == 1)
+    if port and settings.listen.rpartition(":")[2] == str(port):
+        raise ConfigError("health_listen needs a port of its own, not the port of listen")
+    host = settings.health_listen.rpartition(":")[0].strip("[]")
+    if settings.dev and not _loopback_host(host):
+        raise ConfigError("--dev listens on loopback only (127.0.0.1, ::1 or localhost)")
 
 
 def _http_gateway(settings: Settings) -> bool:
