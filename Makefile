@@ -45,7 +45,12 @@ run: install
 		--database-url sqlite:///$(abspath $(RUN_DIR))/phonebind.db \
 		--sms-gateway file:$(abspath $(RUN_DIR))/sms.jsonl
 
-test: install lint
+# promtool, which the tests of deploy/prometheus run: from PATH, or unpacked
+# from Debian's prometheus package with apt-get (scripts/install-promtool.sh).
+$(BIN)/promtool: | $(VENV)/.installed
+	sh scripts/install-promtool.sh $@
+
+test: install lint $(BIN)/promtool
 	$(BIN)/pytest
 
 # Fresh servers (SQLite; PostgreSQL with 1 and 2 workers) under phonebind-load;

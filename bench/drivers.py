@@ -76,9 +76,10 @@ from playhouse.pwasyncio import (
     greenlet_spawn,
 )
 
-from phonebind_server.store.db import SQLITE_PRAGMAS
+from phonebind_server.store.engine import SQLITE_PRAGMAS as PRAGMA_PAIRS
 from phonebind_server.store.migrate import migrate
 
+SQLITE_PRAGMAS = dict(PRAGMA_PAIRS)
 DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/test"
 ACCOUNTS = 10_000
 POOL_SIZE = 4  # connections of every PostgreSQL pool, and of the aiosqlite pools

@@ -76,6 +76,8 @@ class App:
     audit_log: AuditLog
     chain: Chain
     metrics_port: int = 0
+    health_server: grpc.aio.Server | None = None
+    health_port: int = 0
     # False when calls were still running as the drain's grace ran out.
     drained: bool = True
     _stopped: asyncio.Event = field(default_factory=asyncio.Event)
@@ -158,6 +160,8 @@ class App:
         self._stopped.set()
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.settings.grace_seconds if grace is None else grace)
+        if self.health_server is not None:  # answered NOT_SERVING while the calls drained
+            await self.health_server.stop(0)
         if self.chain.in_flight:  # a call cut at this very moment may still be ending
             await asyncio.sleep(0.1)
             self.drained = self.chain.in_flight == 0
@@ -209,6 +213,35 @@ def tls_credentials(settings: Settings) -> grpc.ServerCredentials:
         root_certificates=client_ca,
         require_client_auth=client_ca is not None,
     )
+
+
+# The health service name that answers SERVING from start until shutdown,
+# whatever the store does: a liveness probe must not restart every server
+# while the database is away (readiness, the name "", takes them out of
+# service instead).
+LIVENESS = "liveness"
+
+
+async def _serve_health(
+    settings: Settings, servicer: health.aio.HealthServicer
+) -> tuple[grpc.aio.Server, int]:
+    """A plaintext port serving only grpc.health.v1.Health.
+
+    Kubernetes' gRPC probes speak neither TLS nor mutual TLS, so they cannot
+    reach the service port; this port tells them the health status and nothing
+    else."""
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", 4096),
+            ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
+        ],
+    )
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_insecure_port(settings.health_listen)
+    if port == 0:
+        raise RuntimeError(f"cannot listen on {settings.health_listen}")
+    await server.start()
+    return server, port
 
 
 async def create_server(
@@ -332,6 +365,9 @@ async def create_server(
     store_up = await store.ping(max(1.0, 2 * settings.health_interval_seconds)) is Answer.UP
     metrics.store_up.set(1 if store_up else 0)
     await app.set_serving(store_up)
+    await health_servicer.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
+    if settings.health_listen:
+        app.health_server, app.health_port = await _serve_health(settings, health_servicer)
     await server.start()
     dispatcher.start()
     app._tasks = [

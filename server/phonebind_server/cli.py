@@ -1,20 +1,36 @@
-"""`phonebind-server migrate | serve`."""
+"""phonebind-server: the gRPC server and the commands that operate it."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import importlib.metadata
 import json
 import logging
 import os
 import signal
 import sys
+import textwrap
 import threading
 from collections.abc import Callable, Sequence
+from datetime import timedelta
 from typing import TYPE_CHECKING, TypeVar
 
 from . import logs
-from .config import ConfigError, Settings, load
+from .config import (
+    FILE_SETTINGS,
+    SECRET_SETTINGS,
+    ConfigError,
+    Settings,
+    check,
+    env_name,
+    format_duration,
+    load,
+    origins,
+    shown,
+)
+from .domain.policy import Policy
 from .domain.ports import StoreUnavailable
 from .rpc.auth import ROLES, CredentialsError, check_caller_name, new_token, token_digest
 
@@ -27,6 +43,7 @@ T = TypeVar("T")
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="phonebind-server", description=__doc__)
+    parser.add_argument("--version", action=_Version)
     commands = parser.add_subparsers(dest="command", required=True)
 
     def common(sub: argparse.ArgumentParser) -> None:
@@ -44,7 +61,15 @@ def _parser() -> argparse.ArgumentParser:
             help="development mode: reflection on, development keys, file/log gateways",
         )
 
-    migrate = commands.add_parser("migrate", help="apply pending schema migrations")
+    migrate = commands.add_parser(
+        "migrate",
+        help="apply pending schema migrations; `migrate status` lists them",
+        description="Applies pending schema migrations. `migrate status` lists applied and"
+        " pending ones instead and exits 1 while any is pending, to gate a deployment.",
+    )
+    migrate.add_argument(
+        "migrate_action", nargs="?", choices=("status",), help="only report, change nothing"
+    )
     common(migrate)
 
     token = commands.add_parser(
@@ -80,7 +105,39 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run the gRPC server")
     common(serve)
-    serve.add_argument("--listen", help="HOST:PORT (default 127.0.0.1:50051)")
+    _serve_options(serve)
+    serve.add_argument(
+        "--migrate",
+        action="store_const",
+        const=True,
+        help="apply pending migrations before serving (always on with --dev)",
+    )
+
+    config = commands.add_parser("config", help="the effective settings")
+    config_commands = config.add_subparsers(dest="config_command", required=True)
+    show = config_commands.add_parser(
+        "show",
+        help="print the effective settings, secrets redacted, and where each came from",
+        description="Prints the settings `serve` would run with, as TOML, secrets redacted,"
+        " each with where it came from. Exits 1 when `serve` would refuse them.",
+    )
+    common(show)
+    _serve_options(show)
+
+    _describe_settings(
+        {
+            "migrate": (migrate, ("database_url", "log_level")),
+            "rotate-keys": (rotate, ("database_url", "log_level", "seal_keys", "active_seal_key")),
+            "audit verify": (verify, ("database_url", "log_level", "audit_key")),
+            "serve": (serve, None),
+            "config show": (show, None),
+        }
+    )
+    return parser
+
+
+def _serve_options(serve: argparse.ArgumentParser) -> None:
+    serve.add_argument("--listen", help=f"HOST:PORT (default {Settings.listen})")
     serve.add_argument(
         "--sms-gateway", dest="sms_gateway", help="https://… (provider webhook), file:PATH or log"
     )
@@ -96,12 +153,10 @@ def _parser() -> argparse.ArgumentParser:
         "--reflection", action="store_const", const=True, help="enable server reflection"
     )
     serve.add_argument(
-        "--migrate",
-        action="store_const",
-        const=True,
-        help="apply pending migrations before serving (always on with --dev)",
+        "--health-listen",
+        dest="health_listen",
+        help="HOST:PORT of a plaintext port serving only the gRPC health service (probes)",
     )
-    return parser
 
 
 def _positive(text: str) -> int:
@@ -127,7 +182,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     flags = {
         k: v
         for k, v in vars(args).items()
-        if k not in ("command", "migrate", "audit_command", "account_id", "batch")
+        if k
+        not in (
+            *("command", "migrate", "audit_command", "account_id", "batch"),
+            *("migrate_action", "config_command"),
+        )
     }
     try:
         settings = load(flags, serving=args.command == "serve")
@@ -136,6 +195,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     logs.configure(settings.log_level)
     try:
+        if args.command == "config":
+            return _config_show(settings, flags)
+        if args.command == "migrate" and args.migrate_action == "status":
+            return _migrate_status(settings)
         if args.command == "migrate":
             return _migrate(settings)
         if args.command == "rotate-keys":
@@ -160,6 +223,153 @@ def _migrate(settings: Settings) -> int:
 
     applied = Store(settings.database_url).migrate()
     print(f"applied migrations: {applied or 'none pending'}")
+    return 0
+
+
+# -- operator commands: --version, migrate status, config show, settings in --help -----
+
+
+def version_text() -> str:
+    from .store.migrate import expected_version
+
+    try:
+        version = importlib.metadata.version("phonebind-server")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree
+        version = "unknown"
+    return f"phonebind-server {version} (database schema {expected_version()})"
+
+
+class _Version(argparse.Action):
+    """--version, worked out only when asked for."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **_: object) -> None:
+        super().__init__(
+            option_strings,
+            dest,
+            nargs=0,
+            default=argparse.SUPPRESS,
+            help="print the version and the database schema version it needs, and exit",
+        )
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        print(version_text())
+        parser.exit()
+
+
+def _default_text(value: object) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, timedelta):
+        return format_duration(value)
+    if isinstance(value, tuple):
+        return ",".join(value)
+    if value == "":
+        return "unset"
+    return str(value)
+
+
+def settings_help(names: Sequence[str] | None) -> str:
+    """The environment variables of `names` (None: every setting), with defaults."""
+    defaults = Settings()
+    server = [f.name for f in dataclasses.fields(Settings) if f.name != "policy"]
+    rows = [("PHONEBIND_CONFIG", "TOML file of [server] and [policy] keys, as --config")]
+    for name in server if names is None else names:
+        variable = env_name(name)
+        if name in FILE_SETTINGS:
+            variable += "[_FILE]"
+        default = _default_text(getattr(defaults, name))
+        secret = " (secret)" if name in SECRET_SETTINGS else ""
+        rows.append((variable, f"default {default}{secret}"))
+    if names is None:
+        for item in dataclasses.fields(Policy):
+            default = _default_text(getattr(defaults.policy, item.name))
+            rows.append((env_name(item.name, policy=True), f"default {default}"))
+    width = max(len(variable) for variable, _ in rows) + 2
+    lines = [
+        *textwrap.wrap(
+            "environment (a flag wins over it, and it over the --config file, whose [server]"
+            " and [policy] keys are these names in lower case without PHONEBIND_ and"
+            " POLICY_; NAME_FILE, or name_file in the file, reads a value from a file):",
+            width=78,
+        ),
+        *(f"  {variable.ljust(width)}{text}" for variable, text in rows),
+    ]
+    return "\n".join(lines)
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Keeps the lines of a text that has several (the settings table); fills the rest."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if "\n" in text:
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+
+def _describe_settings(
+    commands: dict[str, tuple[argparse.ArgumentParser, Sequence[str] | None]],
+) -> None:
+    for parser, names in commands.values():
+        parser.epilog = settings_help(names)
+        parser.formatter_class = _HelpFormatter
+
+
+def _migrate_status(settings: Settings) -> int:
+    from .store.migrate import available, expected_version
+    from .store.store import Store
+
+    path = settings.database_url.removeprefix("sqlite:///")
+    if path != settings.database_url and not os.path.exists(path):  # opening would create it
+        print(f"phonebind-server: no database at {path}", file=sys.stderr)
+        return 1
+    history = Store(settings.database_url).migration_history()
+    applied = {version: (name, when) for version, name, when in history}
+    known = dict(available())
+    pending = [version for version in known if version not in applied]
+    for version in sorted(known.keys() | applied.keys()):
+        if version in applied:
+            name, when = applied[version]
+            state = "applied" if version in known else "applied, unknown to this version"
+            print(f"{version:04d} {name:32} {state} {when.isoformat(timespec='seconds')}")
+        else:
+            print(f"{version:04d} {known[version]:32} pending")
+    newest = max(applied, default=0)
+    print(
+        f"database schema {newest}, this version needs {expected_version()}: {len(pending)} pending"
+    )
+    return 1 if pending else 0
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, timedelta):
+        return json.dumps(format_duration(value))
+    if isinstance(value, tuple):
+        return json.dumps(list(value), ensure_ascii=False)
+    return json.dumps(str(value), ensure_ascii=False)
+
+
+def _config_show(settings: Settings, flags: dict[str, object]) -> int:
+    sources = origins(settings, flags)
+    print("# the settings `phonebind-server serve` would run with; secrets redacted")
+    print("[server]")
+    for item in dataclasses.fields(Settings):
+        if item.name != "policy":
+            value = shown(item.name, getattr(settings, item.name))
+            print(f"{item.name} = {_toml_value(value)}  # {sources[item.name]}")
+    print()
+    print("[policy]")
+    for item in dataclasses.fields(Policy):
+        value = getattr(settings.policy, item.name)
+        print(f"{item.name} = {_toml_value(value)}  # {sources['policy.' + item.name]}")
+    try:
+        check(settings)
+    except ConfigError as error:
+        print(f"phonebind-server: serve would refuse these settings: {error}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -75,6 +75,9 @@ class Settings:
     store_session_settings: bool = True
     workers: int = 1
     metrics_listen: str = ""
+    # A plaintext port serving only the gRPC health service, for probes that
+    # speak no TLS (Kubernetes' gRPC probes).
+    health_listen: str = ""
     grace_seconds: float = 10.0
     max_receive_bytes: int = 64 * 1024
     health_interval_seconds: float = 2.0
@@ -213,7 +216,7 @@ def load(
                 document = tomllib.load(handle)
         except (OSError, tomllib.TOMLDecodeError) as error:
             raise ConfigError(f"cannot read config file {path}: {error}") from None
-        settings = _apply(settings, document.get("server", {}), path)
+        settings = _apply(settings, with_setting_files(document.get("server", {}), path), path)
         policy = _apply(policy, document.get("policy", {}), path)
 
     server_names = {f.name for f in dataclasses.fields(Settings)} - {"policy"}
@@ -223,6 +226,7 @@ def load(
         for name in server_names
         if ENV_PREFIX + name.upper() in env
     }
+    from_env.update(setting_files_from_env(env))
     settings = _apply(settings, from_env, "environment")
     policy_env = {
         name: env[ENV_PREFIX + "POLICY_" + name.upper()]
@@ -310,6 +314,7 @@ def check(settings: Settings) -> None:
         raise ConfigError("unauthenticated_audit_per_minute must be at least 1")
     _check_sms(settings)
     _check_addresses(settings)
+    _check_health_listen(settings)
     if bool(settings.tls_cert) != bool(settings.tls_key):
         raise ConfigError("tls_cert and tls_key go together")
     if settings.tls_client_ca and not settings.tls_cert:
@@ -339,6 +344,17 @@ def check(settings: Settings) -> None:
         raise ConfigError("refusing to start outside --dev: " + "; ".join(problems))
 
 
+def _check_health_listen(settings: Settings) -> None:
+    if not settings.health_listen:
+        return
+    port = _port_of("health_listen", settings.health_listen, allow_zero=settings.workers == 1)
+    if port and settings.listen.rpartition(":")[2] == str(port):
+        raise ConfigError("health_listen needs a port of its own, not the port of listen")
+    host = settings.health_listen.rpartition(":")[0].strip("[]")
+    if settings.dev and not _loopback_host(host):
+        raise ConfigError("--dev listens on loopback only (127.0.0.1, ::1 or localhost)")
+
+
 def _http_gateway(settings: Settings) -> bool:
     return settings.sms_gateway.startswith(("http://", "https://"))
 
@@ -363,3 +379,164 @@ def _check_sms(settings: Settings) -> None:
         raise ConfigError("sms_retry_base_seconds must be positive and <= sms_retry_max_seconds")
     if _http_gateway(settings) and len(settings.http_secret()) < 32:
         raise ConfigError("sms_http_secret must be set (base64, >= 32 bytes) for the http gateway")
+
+
+# -- secrets in files, and where each setting came from -----------------------------
+
+# Settings that hold a secret: never printed, only said to be set.
+SECRET_SETTINGS: tuple[str, ...] = tuple(DEV_KEYS)
+# Settings that may also be given as a file holding the value, as Kubernetes
+# Secrets and systemd credentials provide them: the variable PHONEBIND_NAME_FILE
+# or the key `name_file` of the file's [server] table. The database URL may
+# carry a password, so it is one of them.
+FILE_SETTINGS: tuple[str, ...] = (*SECRET_SETTINGS, "database_url")
+# Settings that are URLs: shown with any password in them redacted.
+URL_SETTINGS: tuple[str, ...] = ("database_url", "sms_gateway")
+REDACTED = "<redacted>"
+_SETTING_FILE_MAX_BYTES = 64 * 1024
+_URL_SECRET_PARAMETERS = frozenset({"password", "sslpassword"})
+
+
+def env_name(name: str, *, policy: bool = False) -> str:
+    """The environment variable of a server setting (or of a policy value)."""
+    return ENV_PREFIX + ("POLICY_" if policy else "") + name.upper()
+
+
+def read_setting_file(label: str, path: str) -> str:
+    """A setting's value from the file at `path`, less its trailing newline."""
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(_SETTING_FILE_MAX_BYTES + 1)
+    except OSError as error:
+        raise ConfigError(f"{label}: cannot read {path}: {error.strerror or error}") from None
+    if len(data) > _SETTING_FILE_MAX_BYTES:
+        raise ConfigError(f"{label}: {path} is larger than {_SETTING_FILE_MAX_BYTES} bytes")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{label}: {path} is not UTF-8 text") from None
+    text = text.rstrip("\r\n")
+    if not text.strip():
+        raise ConfigError(f"{label}: {path} is empty")
+    return text
+
+
+def setting_files_from_env(env: Mapping[str, str]) -> dict[str, str]:
+    """The values of the settings that `env` gives as PHONEBIND_NAME_FILE."""
+    found = {}
+    for name in FILE_SETTINGS:
+        variable = env_name(name)
+        if variable + "_FILE" not in env:
+            continue
+        if variable in env:
+            raise ConfigError(f"{variable} and {variable}_FILE are both set; give one of them")
+        found[name] = read_setting_file(variable + "_FILE", env[variable + "_FILE"])
+    return found
+
+
+def with_setting_files(table: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """A [server] table with each `name_file` key replaced by `name` and the file's value."""
+    result = dict(table)
+    for name in FILE_SETTINGS:
+        key = name + "_file"
+        if key not in result:
+            continue
+        path = result.pop(key)
+        if name in result:
+            raise ConfigError(f"{where}: {name} and {key} are both set; give one of them")
+        if not isinstance(path, str) or not path:
+            raise ConfigError(f"{where}: {key} must be the path of a file")
+        result[name] = read_setting_file(f"{key} in {where}", path)
+    return result
+
+
+def origins(
+    settings: Settings,
+    flags: Mapping[str, Any] | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    config_file: str | None = None,
+) -> dict[str, str]:
+    """Where each value of `settings` (as `load` made them from the same flags,
+    environment and file) came from. Policy values are keyed `policy.NAME`."""
+    env = os.environ if env is None else env
+    flags = {k: v for k, v in (flags or {}).items() if v is not None}
+    path = flags.get("config") or env.get(ENV_PREFIX + "CONFIG") or config_file
+    document: dict[str, Any] = {}
+    if path:
+        try:
+            with open(path, "rb") as handle:
+                document = tomllib.load(handle)
+        except (OSError, tomllib.TOMLDecodeError) as error:
+            raise ConfigError(f"cannot read config file {path}: {error}") from None
+    server_table = document.get("server", {})
+    found: dict[str, str] = {}
+    for item in dataclasses.fields(Settings):
+        name = item.name
+        if name == "policy":
+            continue
+        variable = env_name(name)
+        if name in flags:
+            found[name] = "flag --" + name.replace("_", "-")
+        elif variable in env:
+            found[name] = f"environment {variable}"
+        elif name in FILE_SETTINGS and variable + "_FILE" in env:
+            found[name] = f"file {env[variable + '_FILE']} via {variable}_FILE"
+        elif name in server_table:
+            found[name] = f"file {path}"
+        elif name in FILE_SETTINGS and name + "_file" in server_table:
+            found[name] = f"file {server_table[name + '_file']} via {name}_file in {path}"
+        else:
+            found[name] = "default"
+    if settings.dev:
+        for name in DEV_KEYS:
+            if found[name] == "default":
+                found[name] = "development key (--dev)"
+        if found["reflection"] == "default":
+            found["reflection"] = "on with --dev"
+    policy_table = document.get("policy", {})
+    for item in dataclasses.fields(Policy):
+        variable = env_name(item.name, policy=True)
+        if variable in env:
+            found["policy." + item.name] = f"environment {variable}"
+        elif item.name in policy_table:
+            found["policy." + item.name] = f"file {path}"
+        else:
+            found["policy." + item.name] = "default"
+    return found
+
+
+def redact_url(url: str) -> str:
+    """`url` with the password in it, and password parameters, replaced by REDACTED."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        credentials, _, host = netloc.rpartition("@")
+        user, colon, _password = credentials.partition(":")
+        netloc = f"{user}:{REDACTED}@{host}" if colon else netloc
+    query = "&".join(
+        f"{key}={REDACTED}" if key.lower() in _URL_SECRET_PARAMETERS else pair
+        for pair in parts.query.split("&")
+        if pair
+        for key in [pair.partition("=")[0]]
+    )
+    return parts._replace(netloc=netloc, query=query).geturl()
+
+
+def shown(name: str, value: Any) -> Any:
+    """A setting's value as it may be printed: secrets redacted."""
+    if name in SECRET_SETTINGS:
+        return REDACTED if value else ""
+    if name in URL_SETTINGS and isinstance(value, str):
+        return redact_url(value)
+    return value
+
+
+def format_duration(value: timedelta) -> str:
+    """A spelling `parse_duration` reads back, in the unit people use for it:
+    60s, 5m, 72h, 90d (days from a week on, hours from two hours on)."""
+    seconds = value.total_seconds()
+    for unit, least in (("d", 7 * 86400), ("h", 7200), ("m", 120)):
+        if seconds >= least and seconds % _UNITS[unit] == 0:
+            return f"{int(seconds // _UNITS[unit])}{unit}"
+    return f"{seconds:g}s"

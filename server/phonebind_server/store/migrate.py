@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 import peewee
 
 from . import migrations
-from .fields import to_micros
+from .fields import from_micros, to_micros
 from .models import is_postgres
 
 log = logging.getLogger(__name__)
@@ -69,3 +69,18 @@ def migrate(db: peewee.Database) -> list[int]:
             log.info("applied migration", extra={"version": version, "migration": name})
             done.append(version)
     return done
+
+
+def expected_version() -> int:
+    """The schema version this code needs: its highest numbered migration."""
+    return max((version for version, _ in available()), default=0)
+
+
+def history(db: peewee.Database) -> list[tuple[int, str, datetime]]:
+    """The migrations applied to `db`: version, name and when, oldest first."""
+    if "schema_migrations" not in db.get_tables():
+        return []
+    rows = db.execute_sql(
+        "SELECT version, name, applied_at FROM schema_migrations ORDER BY version"
+    ).fetchall()
+    return [(version, name, from_micros(applied_at)) for version, name, applied_at in rows]

@@ -27,7 +27,7 @@ from ..domain.pii import Vault
 from ..domain.ports import DeadlinePassed, StoreUnavailable
 from . import repositories  # noqa: F401 - the unit of work's repositories
 from .engine import Answer, Engine, PostgresEngine, SqliteEngine, WriteLockBusy
-from .migrate import migrate, pending
+from .migrate import history, migrate, pending
 from .models import Tables, bind
 from .query import Param, Query
 from .unit import Compiler, SqlTx, every, value
@@ -183,6 +183,16 @@ class Store:
             with _unreachable_as(StoreUnavailable):
                 database.connect()
                 return pending(database)
+        finally:
+            database.close()
+
+    def migration_history(self) -> list[tuple[int, str, datetime]]:
+        """(version, name, applied at) of every applied migration."""
+        database = self._migration_database()
+        try:
+            with _unreachable_as(StoreUnavailable):
+                database.connect()
+                return history(database)
         finally:
             database.close()
 
