@@ -295,7 +295,7 @@ def production_setup(tmp_path) -> tuple[dict[str, str], dict[str, str]]:
         'listen = "0.0.0.0:50051"\n'
         'tls_cert = "/etc/phonebind/tls/tls.crt"\n'
         'tls_key = "/etc/phonebind/tls/tls.key"\n'
-        "threads = 4\n"
+        "store_connections = 4\n"
         "\n[policy]\n"
         'code_ttl = "3m"\n'
         'allowed_regions = ["CN", "HK"]\n',

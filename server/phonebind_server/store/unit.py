@@ -140,7 +140,8 @@ class SqlTx:
             return read.value  # type: ignore[no-any-return]
         if self._pending:
             return self.read(read, Known(None))[0]  # type: ignore[no-any-return]
-        assert isinstance(read, StatementRead)  # noqa: S101 - the two kinds of Read
+        if not isinstance(read, StatementRead):
+            raise TypeError(f"not a read: {read!r}")
         compiled = self._compile(read.query)
         rows = self._session.run(((compiled.sql, compiled.arguments(read.params)),), (0,))[0]
         return read.shape(compiled, rows)  # type: ignore[no-any-return]
