@@ -564,25 +564,14 @@ def test_account_exists_with_other_data(server, change):
 @pytest.mark.parametrize(
     "spelling", [PHONE_A, "+86" + PHONE_A, "0086 138 0013 8000", "138-0013-8000"]
 )
-def test_same_phone_and_the_open_rebind_survives(server, spelling):
+def test_same_phone_counts_as_a_start_and_the_open_rebind_survives(server, clock, spelling):
     pb = server.api
     pb.register("loan-1", PHONE_A)
     open_rebind = pb.start("loan-1", PHONE_B)
-    fails_unchanged(server, lambda: pb.start("loan-1", spelling), PRECONDITION, "SAME_PHONE")
-    assert pb.get_rebind("loan-1", open_rebind.rebind_id).state == res.REBIND_STATE_PENDING
-
-
-def test_phone_in_use_at_start_counts_as_a_start(server, clock):
-    pb = server.api
-    pb.register("loan-1", PHONE_A)
-    pb.register("loan-2", PHONE_B)
-    open_rebind = pb.start("loan-1", PHONE_C)
     before = server.snapshot()
-    fails(server, lambda: pb.start("loan-1", "+86 139 0013 9000"), PRECONDITION, "PHONE_IN_USE")
-    # The refusal's one effect: a row that counts it against the daily cap on
-    # starts. It names the account and the time, not the number asked about.
-    changes = row_changes(server, before, server.snapshot())
-    assert changes == {
+    fails(server, lambda: pb.start("loan-1", spelling), PRECONDITION, "SAME_PHONE")
+    # Its one effect: a row that counts the refusal against the daily start cap.
+    assert row_changes(server, before, server.snapshot()) == {
         "refused_starts": {
             "inserted": [{"seq": 1, "account_id": "loan-1", "refused_at": to_micros(clock.now())}]
         }
@@ -590,25 +579,58 @@ def test_phone_in_use_at_start_counts_as_a_start(server, clock):
     assert pb.get_rebind("loan-1", open_rebind.rebind_id).state == res.REBIND_STATE_PENDING
 
 
-def test_probing_bound_numbers_runs_into_the_daily_start_cap(server, clock):
-    """Without the count, an account could learn without limit which numbers
-    belong to customers; with it, refusals and starts share the 5 a day."""
+def test_a_number_bound_elsewhere_is_told_only_after_its_code_proves_possession(server):
+    """A start to another account's number answers like any start; PHONE_IN_USE
+    comes only from the right code sent to that number, so an account cannot
+    learn which numbers are bound by starting rebinds."""
     pb = server.api
     pb.register("loan-1", PHONE_A)
-    taken = [PHONE_B, PHONE_C, PHONE_D, PHONE_E]
+    pb.register("loan-2", PHONE_B)
+    rebind = pb.start("loan-1", "+86 139 0013 9000")
+    assert rebind.state == res.REBIND_STATE_PENDING
+    pb.identity("loan-1", rebind.rebind_id)
+    pb.send_and_verify("loan-1", rebind.rebind_id, OLD, PHONE_A)
+    pb.send("loan-1", rebind.rebind_id, NEW)
+    code = pb.inbox.next_code(e164(PHONE_B))
+    wrong = "000000" if code != "000000" else "111111"
+    fails(
+        server,
+        lambda: pb.verify("loan-1", rebind.rebind_id, NEW, wrong),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "CODE_MISMATCH",
+    )
+    fails(
+        server,
+        lambda: pb.verify("loan-1", rebind.rebind_id, NEW, code),
+        PRECONDITION,
+        "PHONE_IN_USE",
+    )
+    after = pb.get_rebind("loan-1", rebind.rebind_id)
+    assert res.REBIND_STEP_NEW_PHONE_CODE not in after.completed_steps
+    assert pb.get_account("loan-2").phone_masked == "139****9000"
+
+
+def test_probing_bound_numbers_runs_into_the_daily_start_cap(server, clock):
+    """Every start counts, refused or not, and a bound number starts like any
+    other: refusals and starts share the 5 a day, and the cap tells nothing
+    about which numbers are bound."""
+    pb = server.api
+    pb.register("loan-1", PHONE_A)
+    taken = [PHONE_B, PHONE_C, PHONE_D]
     for n, phone in enumerate(taken):
         pb.register(f"other-{n}", phone)
     first = clock.now()
-    pb.start("loan-1", "15900159000")
+    fails(server, lambda: pb.start("loan-1", PHONE_A), PRECONDITION, "SAME_PHONE")
     for phone in taken:
         clock.advance(timedelta(minutes=1))
-        fails(server, lambda phone=phone: pb.start("loan-1", phone), PRECONDITION, "PHONE_IN_USE")
+        assert pb.start("loan-1", phone).state == res.REBIND_STATE_PENDING
+    clock.advance(timedelta(minutes=1))
+    assert pb.start("loan-1", "15900159000").state == res.REBIND_STATE_PENDING
     details = fails_unchanged(
         server, lambda: pb.start("loan-1", "15900159001"), EXHAUSTED, "RATE_LIMITED"
     )
     assert details["RetryInfo"].retry_delay.ToTimedelta() == first + timedelta(days=1) - clock.now()
-    # A bound number is refused as RATE_LIMITED too, so the cap tells nothing about it.
-    fails(server, lambda: pb.start("loan-1", PHONE_B), EXHAUSTED, "RATE_LIMITED")
+    fails_unchanged(server, lambda: pb.start("loan-1", PHONE_B), EXHAUSTED, "RATE_LIMITED")
     clock.advance(first + timedelta(days=1) - clock.now())
     assert pb.start("loan-1", "15900159001").state == res.REBIND_STATE_PENDING
 
@@ -860,10 +882,11 @@ def test_risk_denied_on_fourth_change_within_a_year(server, clock):
         pb.complete("loan-1", rebind.rebind_id)
         clock.advance(timedelta(days=31))
 
-    details = fails_unchanged(
-        server, lambda: pb.start("loan-1", PHONE_E), PRECONDITION, "RISK_DENIED"
-    )
+    before = server.snapshot()
+    details = fails(server, lambda: pb.start("loan-1", PHONE_E), PRECONDITION, "RISK_DENIED")
     assert "FREQUENT_CHANGES" in details["ErrorInfo"].metadata["reasons"].split(",")
+    # A denied start is counted against the daily cap, and is otherwise no trace.
+    assert list(row_changes(server, before, server.snapshot())) == ["refused_starts"]
 
     # Once the first change is more than 365 days old, a change is allowed again.
     clock.advance(timedelta(days=365 - 3 * 31 + 1))

@@ -102,6 +102,14 @@ class CommitThenRaise(Exception):
         self.error = error
 
 
+class _RecheckThenRefuse(Exception):
+    """A keyed unit's refusal, rolled back; its request_id is read once more."""
+
+    def __init__(self, error: DomainError) -> None:
+        super().__init__(error.reason.value)
+        self.error = error
+
+
 def check_account_id(value: str, field: str = "account_id") -> str:
     if not 1 <= len(value) <= 64 or any(c not in _ID_CHARS for c in value):
         raise invalid(
@@ -211,8 +219,13 @@ class RebindService:
         parameters), and a new one is remembered with what `work` returns
         beside its answer. A uniqueness conflict named in `conflicts` becomes
         that error; any other runs the unit again, up to CONFLICT_RUNS times.
+
+        A keyed call that `work` refuses reads its record once more before
+        answering: a twin call with the same request_id may have committed
+        while this one waited for its lock, and then this one is its replay.
         """
-        for _ in range(CONFLICT_RUNS):
+        refused: DomainError | None = None
+        for _ in range(CONFLICT_RUNS + 1):
             refusal: DomainError | None = None
             try:
                 with self._store.transaction(call) as tx:
@@ -233,7 +246,12 @@ class RebindService:
                             if replay is None:
                                 raise TypeError("a unit of work with a key needs its replay")
                             return replay(tx, record, *loaded)
-                        answer, remembered = work(tx, *loaded)
+                        if refused is not None:
+                            raise refused
+                        try:
+                            answer, remembered = work(tx, *loaded)
+                        except DomainError as error:
+                            raise _RecheckThenRefuse(error) from error  # rolls back
                         tx.requests.put(
                             IdempotencyRecord(
                                 key.operation,
@@ -247,6 +265,9 @@ class RebindService:
                         return answer
                     except CommitThenRaise as committed:
                         refusal = committed.error
+            except _RecheckThenRefuse as recheck:
+                refused = recheck.error
+                continue
             except Conflict as conflict:
                 if conflicts and (error := conflicts.get(conflict.constraint)):
                     raise error() from None

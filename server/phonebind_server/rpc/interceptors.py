@@ -268,6 +268,9 @@ class RefusalAudit:
     def __init__(self, audit_log: AuditLog, run: RunInStore) -> None:
         self._audit_log = audit_log
         self._run = run
+        # Records whose call was cancelled (its deadline passed) while they
+        # waited for the store: held here until written.
+        self._unfinished: set[asyncio.Task[None]] = set()
 
     def wrap(self, method: str, inner: Handler) -> Handler:
         async def handle(request: Any, exchange: Exchange) -> Any:
@@ -287,6 +290,14 @@ class RefusalAudit:
         return handle
 
     async def _record(self, reason: str, request: Any, exchange: Exchange, stranger: str) -> None:
+        # Shielded: gRPC cancels the handler when the caller's deadline passes,
+        # and the record must outlive that.
+        record = asyncio.ensure_future(self._write(reason, request, exchange, stranger))
+        self._unfinished.add(record)
+        record.add_done_callback(self._unfinished.discard)
+        await asyncio.shield(record)
+
+    async def _write(self, reason: str, request: Any, exchange: Exchange, stranger: str) -> None:
         try:
             await self._run(
                 self._audit_log.refusal,
