@@ -337,19 +337,20 @@ class Authentication:
     the servicer runs, so a refused caller never reaches a lookup."""
 
     def __init__(self, credentials: Credentials | None) -> None:
-        self._credentials = credentials
+        # Replaced whole by a reload; each call reads the one in force as it starts.
+        self.credentials = credentials
         # Only a server that knows callers reads the peer's certificate subject.
         self._read_subject = credentials is not None
 
     def wrap(self, method: str, inner: Handler) -> Handler:
-        credentials = self._credentials
         read_subject = self._read_subject
+        self_ = self
 
         async def handle(request: Any, exchange: Exchange) -> Any:
             subject = ""
             if read_subject:
                 subject = exchange.context.auth_context().get("x509_subject", [b""])[0].decode()
-            who = authenticate(method, exchange.metadata, subject, credentials)
+            who = authenticate(method, exchange.metadata, subject, self_.credentials)
             exchange.caller = who.name if who is not None else "public"
             return await inner(request, exchange)
 
@@ -382,9 +383,10 @@ class Chain:
         metrics: Metrics | None,
     ) -> None:
         self._context = CallContextInterceptor()
+        self._authentication = Authentication(credentials)
         # Innermost first.
         self._inner = (
-            Authentication(credentials),
+            self._authentication,
             RefusalAudit(audit_log, run),
             ErrorStatus(),
             AccessLog(metrics),
@@ -393,6 +395,17 @@ class Chain:
     @property
     def in_flight(self) -> int:
         return self._context.in_flight
+
+    @property
+    def credentials(self) -> Credentials | None:
+        return self._authentication.credentials
+
+    @credentials.setter
+    def credentials(self, credentials: Credentials) -> None:
+        """Calls that start from now on are authenticated against `credentials`."""
+        if self._authentication.credentials is None:
+            raise ValueError("a server started without credentials (--dev) keeps none")
+        self._authentication.credentials = credentials
 
     def handler(
         self, method: str, servicer: Servicer
