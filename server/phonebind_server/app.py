@@ -41,6 +41,7 @@ from .sms.gateways import SmsGateway, gateway_from_spec
 from .sms.outbox import OutboxDispatcher
 from .store.engine import Answer
 from .store.store import Store, describe
+from .tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,7 @@ class App:
     health_server: grpc.aio.Server | None = None
     health_port: int = 0
     tls: TlsFiles | None = None
+    tracing: Tracing | None = None
     # False when calls were still running as the drain's grace ran out.
     drained: bool = True
     _stopped: asyncio.Event = field(default_factory=asyncio.Event)
@@ -172,6 +174,9 @@ class App:
         await self.dispatcher.stop()
         if self.drained:
             await self.store.close()
+        if self.tracing is not None:
+            # Exporting the last spans may wait on the collector: not on the loop.
+            await asyncio.get_running_loop().run_in_executor(None, self.tracing.shutdown)
         return self.drained
 
     def reload(self) -> bool:
@@ -329,8 +334,11 @@ async def create_server(
     clock: Clock | None = None,
     gateway: SmsGateway | None = None,
     migrate: bool = False,
+    tracing: Tracing | None = None,
 ) -> App:
-    """Builds and starts a server on settings.listen (port 0 picks a free one)."""
+    """Builds and starts a server on settings.listen (port 0 picks a free one).
+    With `tracing`, calls, store transactions and SMS deliveries make spans;
+    `stop()` exports the last ones and shuts it down."""
     clock = clock or SystemClock()
     store = Store(
         settings.database_url,
@@ -378,7 +386,9 @@ async def create_server(
         # delivery times out, or another dispatcher would take the rest again.
         batch=max(1, min(20, int(30 // settings.sms_http_timeout_seconds))),
         metrics=metrics,
+        tracer=tracing.tracer if tracing is not None else None,
     )
+    store.tracer = tracing.tracer if tracing is not None else None
     store.on_commit = dispatcher.express
     store.on_connection_cut = metrics.store_connections_cut.inc
     credentials = Credentials.load(settings.credentials_file) if settings.credentials_file else None
@@ -399,7 +409,13 @@ async def create_server(
             ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
         ],
     )
-    chain = Chain(credentials=credentials, audit_log=audit_log, run=store.run, metrics=metrics)
+    chain = Chain(
+        credentials=credentials,
+        audit_log=audit_log,
+        run=store.run,
+        metrics=metrics,
+        tracer=tracing.tracer if tracing is not None else None,
+    )
     binding, review, audit = SERVICES
     register(server, binding, BindingServicer(service, page_tokens, store.run), chain)
     register(
@@ -440,6 +456,7 @@ async def create_server(
         audit_log,
         chain,
         tls=tls,
+        tracing=tracing,
     )
     if settings.metrics_listen:
         app.metrics_port = metrics.serve(settings.metrics_listen)

@@ -486,9 +486,12 @@ def serve_one(settings: Settings, *, migrate: bool) -> int:
 
 async def _serve_until_signalled(settings: Settings, *, migrate: bool) -> int:
     from .app import create_server
+    from .tracing import from_environment
 
     try:
-        app = await create_server(settings, migrate=migrate)
+        # The OTEL_* variables; tracing stays off unless they name an exporter.
+        tracing = from_environment()
+        app = await create_server(settings, migrate=migrate, tracing=tracing)
     except (RuntimeError, ValueError, OSError) as error:
         print(f"phonebind-server: {error}", file=sys.stderr)
         return 2

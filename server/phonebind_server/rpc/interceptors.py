@@ -5,6 +5,8 @@ first:
 
 1. `CallContextInterceptor` reads the metadata once: request id (the caller's,
    or a new one, returned in the trailers), language, deadline, peer;
+   `ServerSpan` (only with tracing on) makes the call's server span, the child
+   of the caller's W3C `traceparent`, current while the call runs;
 2. `AccessLog` times the call, writes its log line and records its metrics;
 3. `ErrorStatus` turns every failure into a gRPC status with ErrorInfo (sent
    by the first, once the others are done);
@@ -176,6 +178,78 @@ class CallContextInterceptor:
                     (*failure.trailing_metadata, ("x-request-id", exchange.request_id)),
                 )
             return response
+
+        return handle
+
+
+# -- tracing (on only when configured) ----------------------------------------------
+
+# Answers that are the server's fault, not the caller's (OpenTelemetry's RPC
+# conventions): the span's status is then ERROR.
+SERVER_FAULTS = frozenset(
+    {"UNKNOWN", "DEADLINE_EXCEEDED", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS"}
+)
+_TRACE_HEADERS = ("traceparent", "tracestate")
+
+
+class ServerSpan:
+    """A server span per call, named and described as OpenTelemetry's RPC
+    conventions say; the caller's `traceparent` (when well formed) is its parent,
+    else it starts a trace. Current while the call runs, so that store
+    transactions are its children and log lines carry its trace id."""
+
+    def __init__(self, tracer: Any) -> None:
+        from opentelemetry.context import Context
+        from opentelemetry.trace import SpanKind, Status, StatusCode
+        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+        self._tracer = tracer
+        self._propagator = TraceContextTextMapPropagator()
+        self._root = Context
+        self._kind = SpanKind.SERVER
+        self._error = lambda outcome: Status(StatusCode.ERROR, outcome)
+
+    def wrap(self, method: str, inner: Handler) -> Handler:
+        service, _, name = method[1:].rpartition("/")
+        span_name = method[1:]
+        attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
+        tracer, propagator, root, kind, error = (
+            self._tracer,
+            self._propagator,
+            self._root,
+            self._kind,
+            self._error,
+        )
+
+        async def handle(request: Any, exchange: Exchange) -> Any:
+            carrier = {
+                key: value
+                for key, value in exchange.metadata
+                if key in _TRACE_HEADERS and isinstance(value, str)
+            }
+            parent = propagator.extract(carrier) if carrier else root()
+            with tracer.start_as_current_span(
+                span_name,
+                context=parent,
+                kind=kind,
+                attributes=attributes,
+                record_exception=False,
+                set_status_on_exception=False,
+            ) as span:
+                status = "CANCELLED"
+                try:
+                    response = await inner(request, exchange)
+                    status = exchange.status
+                    return response
+                finally:
+                    code = getattr(grpc.StatusCode, status, grpc.StatusCode.UNKNOWN)
+                    span.set_attribute("rpc.grpc.status_code", code.value[0])
+                    span.set_attribute("phonebind.request_id", exchange.request_id)
+                    span.set_attribute("phonebind.caller", exchange.caller)
+                    if exchange.outcome != "OK":
+                        span.set_attribute("phonebind.outcome", exchange.outcome)
+                    if status in SERVER_FAULTS:
+                        span.set_status(error(exchange.outcome))
 
         return handle
 
@@ -381,16 +455,19 @@ class Chain:
         audit_log: AuditLog,
         run: RunInStore,
         metrics: Metrics | None,
+        tracer: Any = None,
     ) -> None:
         self._context = CallContextInterceptor()
         self._authentication = Authentication(credentials)
-        # Innermost first.
-        self._inner = (
+        # Innermost first. Without a tracer there is no span work at all.
+        self._inner: tuple[Any, ...] = (
             self._authentication,
             RefusalAudit(audit_log, run),
             ErrorStatus(),
             AccessLog(metrics),
         )
+        if tracer is not None:
+            self._inner = (*self._inner, ServerSpan(tracer))
 
     @property
     def in_flight(self) -> int:
