@@ -606,8 +606,10 @@ class Transaction:
         span.set_attribute("phonebind.committed", failure is None)
         if failure is not None:
             span.set_attribute("phonebind.outcome", failure.__name__)
-            # A refusal rolls its work back by design; anything else is a fault.
-            if not issubclass(failure, DomainError):
+            # A refusal rolls its work back by design, and SQLite's busy write
+            # lock makes the unit of work wait and start again; anything else is
+            # a fault.
+            if not issubclass(failure, DomainError | WriteLockBusy):
                 from opentelemetry.trace import Status, StatusCode
 
                 span.set_status(Status(StatusCode.ERROR, failure.__name__))
