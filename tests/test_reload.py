@@ -45,9 +45,11 @@ class ProductionServer:
     """`phonebind-server serve` in production mode (TLS, caller credentials,
     real keys) as a child process, its log in a file."""
 
-    def __init__(self, tmp_path: Path, workers: int) -> None:
+    def __init__(self, tmp_path: Path, workers: int, *, mutual: bool = False) -> None:
         self.tmp_path = tmp_path
         self.workers = workers
+        # With mutual TLS: the CA that client certificates must come from.
+        self.client_ca = tmp_path / "client-ca.pem" if mutual else None
         self.port = free_port()
         self.health_port = free_port()
         self.database = tmp_path / "p.db"
@@ -75,6 +77,7 @@ class ProductionServer:
                 "PHONEBIND_TLS_CERT": str(self.cert),
                 "PHONEBIND_TLS_KEY": str(self.key),
                 "PHONEBIND_CREDENTIALS_FILE": str(self.credentials),
+                **({"PHONEBIND_TLS_CLIENT_CA": str(self.client_ca)} if self.client_ca else {}),
                 # The call held across a reload waits on a lock this long at most.
                 "PHONEBIND_STORE_LOCK_TIMEOUT_SECONDS": "60",
             }
@@ -265,3 +268,48 @@ def test_nothing_changes_when_one_of_the_files_is_bad(production, pki):
     production.reload("reload refused")
     assert codes(production, first_ca, new_token_) == {grpc.StatusCode.UNAUTHENTICATED}
     assert codes(production, first_ca, production.old_token) == {grpc.StatusCode.NOT_FOUND}
+
+
+def test_sighup_swaps_the_client_ca_and_the_certificate_subjects(tmp_path, pki):
+    """Mutual TLS: a client CA and its callers replaced together."""
+    server_ca = pki[0][0]
+    old_ca, new_ca = make_ca("old client CA"), make_ca("new client CA")
+    server = ProductionServer(tmp_path, workers=1, mutual=True)
+    install_certificate(server, pki[0][1])
+    server.client_ca.write_bytes(cert_pem(old_ca[0]))
+    entry = '[[caller]]\nname = "{0}"\nroles = ["reader"]\ncert_subject = "CN={0}"\n'
+    server.credentials.write_text(entry.format("old-svc"), encoding="utf-8")
+    server.start()
+
+    def get_account(client) -> grpc.StatusCode:
+        certificate, private_key = client
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=server_ca,
+            private_key=key_pem(private_key),
+            certificate_chain=cert_pem(certificate),
+        )
+        with grpc.secure_channel(f"localhost:{server.port}", credentials) as channel:
+            try:
+                binding_service_pb2_grpc.BindingServiceStub(channel).GetAccount(
+                    api.GetAccountRequest(account_id="nobody"), timeout=10
+                )
+            except grpc.RpcError as error:
+                return error.code()
+        return grpc.StatusCode.OK
+
+    old_client = issue(old_ca, "old-svc", server=False)
+    new_client = issue(new_ca, "new-svc", server=False)
+    try:
+        assert get_account(old_client) == grpc.StatusCode.NOT_FOUND
+        assert get_account(new_client) == grpc.StatusCode.UNAVAILABLE  # an unknown CA
+        replace_file(server.client_ca, cert_pem(new_ca[0]))
+        replace_file(server.credentials, entry.format("new-svc").encode())
+        server.reload("reloaded")
+        assert get_account(new_client) == grpc.StatusCode.NOT_FOUND
+        assert get_account(old_client) == grpc.StatusCode.UNAVAILABLE
+        # A certificate of the trusted CA whose subject the file no longer names.
+        assert get_account(issue(new_ca, "old-svc", server=False)) == (
+            grpc.StatusCode.UNAUTHENTICATED
+        )
+    finally:
+        server.stop()
