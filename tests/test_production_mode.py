@@ -144,4 +144,4 @@ def test_migrate_needs_only_the_database(tmp_path):
         timeout=60,
     )
     assert run.returncode == 0, run.stderr
-    assert "applied migrations: [1, 2, 3, 4, 5]" in run.stdout
+    assert "applied migrations: [1, 2, 3, 4, 5, 11]" in run.stdout

@@ -27,6 +27,7 @@ from phonebind.v1 import resources_pb2
 from . import calls
 from .calls import Call
 from .facade import ChannelOptions, ClientBase, as_method
+from .tracecontext import with_trace_context
 
 __all__ = ["AsyncPhonebindClient"]
 
@@ -112,12 +113,11 @@ class AsyncPhonebindClient(ClientBase[grpc.aio.Channel, AsyncSleep]):
         """Send ``call``, retrying as its rule allows; the request object is sent
         unchanged on every attempt, so its request_id stays the same."""
         rpc, timeout, attempts = self._rpc(call.method), self._deadline(call), 0
+        metadata = with_trace_context(self._metadata)
         while True:
             attempts += 1
             try:
-                return call.result(
-                    await rpc(call.request, timeout=timeout, metadata=self._metadata)
-                )
+                return call.result(await rpc(call.request, timeout=timeout, metadata=metadata))
             except grpc.RpcError as err:
                 delay = self._retry_delay(call, err, attempts)
             await self._sleep(delay)

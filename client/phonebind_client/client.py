@@ -32,6 +32,7 @@ from phonebind.v1 import resources_pb2
 from . import calls
 from .calls import Call
 from .facade import ChannelOptions, ClientBase, as_method
+from .tracecontext import with_trace_context
 
 __all__ = [
     "AccountState",
@@ -127,10 +128,11 @@ class PhonebindClient(ClientBase[grpc.Channel, Callable[[float], object]]):
         """Send ``call``, retrying as its rule allows; the request object is sent
         unchanged on every attempt, so its request_id stays the same."""
         rpc, timeout, attempts = self._rpc(call.method), self._deadline(call), 0
+        metadata = with_trace_context(self._metadata)
         while True:
             attempts += 1
             try:
-                return call.result(rpc(call.request, timeout=timeout, metadata=self._metadata))
+                return call.result(rpc(call.request, timeout=timeout, metadata=metadata))
             except grpc.RpcError as err:
                 delay = self._retry_delay(call, err, attempts)
             self._sleep(delay)

@@ -31,7 +31,7 @@ from .domain.rebind import RebindService
 from .domain.review import ReviewDesk
 from .metrics import Metrics
 from .rpc.audit import AuditServicer
-from .rpc.auth import Credentials
+from .rpc.auth import Credentials, CredentialsError
 from .rpc.binding import BindingServicer
 from .rpc.interceptors import Chain
 from .rpc.pagination import PageTokens
@@ -41,6 +41,7 @@ from .sms.gateways import SmsGateway, gateway_from_spec
 from .sms.outbox import OutboxDispatcher
 from .store.engine import Answer
 from .store.store import Store, describe
+from .tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,8 @@ class App:
     metrics_port: int = 0
     health_server: grpc.aio.Server | None = None
     health_port: int = 0
+    tls: TlsFiles | None = None
+    tracing: Tracing | None = None
     # False when calls were still running as the drain's grace ran out.
     drained: bool = True
     _stopped: asyncio.Event = field(default_factory=asyncio.Event)
@@ -171,7 +174,43 @@ class App:
         await self.dispatcher.stop()
         if self.drained:
             await self.store.close()
+        if self.tracing is not None:
+            # Exporting the last spans may wait on the collector: not on the loop.
+            await asyncio.get_running_loop().run_in_executor(None, self.tracing.shutdown)
         return self.drained
+
+    def reload(self) -> bool:
+        """Re-reads the credentials file and the TLS files (on SIGHUP); whether
+        the new ones are in force.
+
+        Everything is read and checked before anything changes, so a bad file
+        leaves the whole configuration in force as it was. Calls under way
+        finish as they started; the next call is authenticated against the new
+        callers, and the next connection gets the new certificate (connections
+        already open keep theirs)."""
+        settings = self.settings
+        try:
+            credentials = (
+                Credentials.load(settings.credentials_file) if settings.credentials_file else None
+            )
+            tls = self.tls.read() if self.tls is not None else None
+        except (CredentialsError, ConfigError) as error:
+            log.error(
+                "reload refused; the configuration in force stays", extra={"error": str(error)}
+            )
+            return False
+        if credentials is not None:
+            self.chain.credentials = credentials
+        if tls is not None and self.tls is not None:
+            self.tls.use(tls)
+        log.warning(
+            "reloaded",
+            extra={
+                "callers": credentials.callers if credentials is not None else 0,
+                "tls": self.tls is not None,
+            },
+        )
+        return True
 
     async def wait(self) -> None:
         await self.server.wait_for_termination()
@@ -185,34 +224,79 @@ def _pem(name: str, path: str) -> bytes:
         raise ConfigError(f"{name}: cannot read {path}: {error.strerror}") from None
 
 
-def tls_credentials(settings: Settings) -> grpc.ServerCredentials:
-    """TLS; with a client CA, mutual TLS: a client certificate is required.
+def tls_configuration(settings: Settings) -> tuple[grpc.ServerCertificateConfiguration, bool]:
+    """The certificate, key and client CA read from their files, and whether a
+    client certificate is required (with a client CA: mutual TLS).
 
     The PEM files are checked here, so that a malformed one is named, instead of
-    gRPC reporting a failure to bind the port."""
+    gRPC reporting a failure to bind the port (or, on a reload, a failure of
+    every later handshake)."""
     certificate = _pem("tls_cert", settings.tls_cert)
     key = _pem("tls_key", settings.tls_key)
     client_ca = _pem("tls_client_ca", settings.tls_client_ca) if settings.tls_client_ca else None
+    chains = {}
     for name, path, pem in (
         ("tls_cert", settings.tls_cert, certificate),
         ("tls_client_ca", settings.tls_client_ca, client_ca),
     ):
         try:
             if pem is not None:
-                x509.load_pem_x509_certificates(pem)
+                chains[name] = x509.load_pem_x509_certificates(pem)
         except ValueError:
             raise ConfigError(f"{name}: {path} holds no PEM certificate") from None
     try:
-        serialization.load_pem_private_key(key, password=None)
+        private_key = serialization.load_pem_private_key(key, password=None)
     except (ValueError, TypeError):
         raise ConfigError(
             f"tls_key: {settings.tls_key} holds no unencrypted PEM private key"
         ) from None
-    return grpc.ssl_server_credentials(
-        [(key, certificate)],
-        root_certificates=client_ca,
-        require_client_auth=client_ca is not None,
+    public = serialization.PublicFormat.SubjectPublicKeyInfo
+    if chains["tls_cert"][0].public_key().public_bytes(
+        serialization.Encoding.DER, public
+    ) != private_key.public_key().public_bytes(serialization.Encoding.DER, public):
+        raise ConfigError(
+            f"tls_key: {settings.tls_key} is not the key of the certificate in {settings.tls_cert}"
+        )
+    configuration = grpc.ssl_server_certificate_configuration(
+        [(key, certificate)], root_certificates=client_ca
     )
+    return configuration, client_ca is not None
+
+
+class TlsFiles:
+    """The server's TLS credentials, re-read from their files on a reload.
+
+    gRPC asks `_fetch` for a new configuration before each handshake, from its
+    own threads: a reload hands it one already read and checked, and
+    connections made before keep theirs. Whether a client certificate is
+    required is fixed when the server starts."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._initial, self.mutual = tls_configuration(settings)
+        self._next: grpc.ServerCertificateConfiguration | None = None
+
+    def credentials(self) -> grpc.ServerCredentials:
+        return grpc.dynamic_ssl_server_credentials(
+            self._initial, self._fetch, require_client_authentication=self.mutual
+        )
+
+    def read(self) -> grpc.ServerCertificateConfiguration:
+        """The files as they are now, checked; ConfigError when they are not usable."""
+        configuration, mutual = tls_configuration(self._settings)
+        if mutual != self.mutual:  # cannot happen while the paths stay the same
+            raise ConfigError("a reload cannot switch mutual TLS on or off")
+        return configuration
+
+    def use(self, configuration: grpc.ServerCertificateConfiguration) -> None:
+        """New handshakes use `configuration` from now on."""
+        self._next = configuration
+
+    def _fetch(self) -> grpc.ServerCertificateConfiguration | None:
+        # None keeps the configuration in use. Two threads asking at once may
+        # both get the new one: installing it twice does no harm.
+        configuration, self._next = self._next, None
+        return configuration
 
 
 # The health service name that answers SERVING from start until shutdown,
@@ -250,8 +334,11 @@ async def create_server(
     clock: Clock | None = None,
     gateway: SmsGateway | None = None,
     migrate: bool = False,
+    tracing: Tracing | None = None,
 ) -> App:
-    """Builds and starts a server on settings.listen (port 0 picks a free one)."""
+    """Builds and starts a server on settings.listen (port 0 picks a free one).
+    With `tracing`, calls, store transactions and SMS deliveries make spans;
+    `stop()` exports the last ones and shuts it down."""
     clock = clock or SystemClock()
     store = Store(
         settings.database_url,
@@ -299,7 +386,9 @@ async def create_server(
         # delivery times out, or another dispatcher would take the rest again.
         batch=max(1, min(20, int(30 // settings.sms_http_timeout_seconds))),
         metrics=metrics,
+        tracer=tracing.tracer if tracing is not None else None,
     )
+    store.tracer = tracing.tracer if tracing is not None else None
     store.on_commit = dispatcher.express
     store.on_connection_cut = metrics.store_connections_cut.inc
     credentials = Credentials.load(settings.credentials_file) if settings.credentials_file else None
@@ -320,7 +409,13 @@ async def create_server(
             ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
         ],
     )
-    chain = Chain(credentials=credentials, audit_log=audit_log, run=store.run, metrics=metrics)
+    chain = Chain(
+        credentials=credentials,
+        audit_log=audit_log,
+        run=store.run,
+        metrics=metrics,
+        tracer=tracing.tracer if tracing is not None else None,
+    )
     binding, review, audit = SERVICES
     register(server, binding, BindingServicer(service, page_tokens, store.run), chain)
     register(
@@ -341,8 +436,9 @@ async def create_server(
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
-    if settings.tls_cert:
-        port = server.add_secure_port(settings.listen, tls_credentials(settings))
+    tls = TlsFiles(settings) if settings.tls_cert else None
+    if tls is not None:
+        port = server.add_secure_port(settings.listen, tls.credentials())
     else:
         port = server.add_insecure_port(settings.listen)
     if port == 0:
@@ -359,6 +455,8 @@ async def create_server(
         clock,
         audit_log,
         chain,
+        tls=tls,
+        tracing=tracing,
     )
     if settings.metrics_listen:
         app.metrics_port = metrics.serve(settings.metrics_listen)

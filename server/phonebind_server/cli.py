@@ -467,16 +467,31 @@ def _serve(settings: Settings, *, migrate: bool) -> int:
     return supervise(settings, migrate=migrate)
 
 
+# A SIGHUP that comes while the server starts: the reload is done once it serves.
+_reload_asked = threading.Event()
+
+
+def hold_reloads() -> None:
+    """Until the server serves, a SIGHUP is noted instead of ending the process
+    (its default action); the files are read again once it serves."""
+    signal.signal(signal.SIGHUP, lambda _signum, _frame: _reload_asked.set())
+
+
 def serve_one(settings: Settings, *, migrate: bool) -> int:
-    """One server process until SIGTERM or SIGINT; then it drains and exits."""
+    """One server process until SIGTERM or SIGINT; then it drains and exits.
+    SIGHUP reloads the callers and the TLS certificates (App.reload)."""
+    hold_reloads()
     return asyncio.run(_serve_until_signalled(settings, migrate=migrate))
 
 
 async def _serve_until_signalled(settings: Settings, *, migrate: bool) -> int:
     from .app import create_server
+    from .tracing import from_environment
 
     try:
-        app = await create_server(settings, migrate=migrate)
+        # The OTEL_* variables; tracing stays off unless they name an exporter.
+        tracing = from_environment()
+        app = await create_server(settings, migrate=migrate, tracing=tracing)
     except (RuntimeError, ValueError, OSError) as error:
         print(f"phonebind-server: {error}", file=sys.stderr)
         return 2
@@ -492,6 +507,10 @@ async def _serve_until_signalled(settings: Settings, *, migrate: bool) -> int:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, drain, signum)
+    # SIGHUP re-reads the credentials file and the TLS files (systemd's reload).
+    loop.add_signal_handler(signal.SIGHUP, app.reload)
+    if _reload_asked.is_set():
+        app.reload()
     print(f"phonebind listening on port {app.port}", flush=True)
     await signalled.wait()
     limit = settings.grace_seconds + 5

@@ -5,6 +5,8 @@ and messages carry no personal data (callers log masked forms only).
 
 Every record written while a call is handled carries the call's request id:
 the rpc layer sets `call_var` (the one context variable of a call) for that.
+With tracing on, every record written within a span carries its `trace_id`
+and `span_id`.
 """
 
 from __future__ import annotations
@@ -18,6 +20,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 call_var: contextvars.ContextVar[Any] = contextvars.ContextVar("call", default=None)
+
+# The ids (trace_id, span_id) of the span in force, None outside one: set by
+# tracing.py once tracing is on; None while it is off, costing nothing then.
+trace_ids: Callable[[], tuple[str, str] | None] | None = None
 
 # Nothing reads the thread, process or source location of a record: skipping
 # them is the logging module's own documented optimisation.
@@ -45,6 +51,8 @@ def _stamp_request_id(
         call = call_var.get()
         if call is not None and not hasattr(record, "request_id"):
             record.request_id = call.request_id
+        if trace_ids is not None and (ids := trace_ids()) is not None:
+            record.trace_id, record.span_id = ids
         return record
 
     return make
@@ -83,6 +91,8 @@ class JsonFormatter(logging.Formatter):
         }
         if request_id := getattr(record, "request_id", ""):
             entry["request_id"] = request_id
+        if trace_id := getattr(record, "trace_id", ""):
+            entry["trace_id"] = trace_id
         attributes = vars(record)
         for key in attributes.keys() - _STANDARD:
             if not key.startswith("_"):

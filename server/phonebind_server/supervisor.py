@@ -64,6 +64,10 @@ def _port_taken(listen: str) -> str:
 
 
 def _worker(settings: Settings, index: int) -> None:
+    from .cli import hold_reloads, serve_one
+
+    # A reload passed on while the worker starts must not end it.
+    hold_reloads()
     logs.configure(settings.log_level, worker=index, pid=os.getpid())
     parent = multiprocessing.parent_process()
     if parent is not None:
@@ -71,8 +75,6 @@ def _worker(settings: Settings, index: int) -> None:
         threading.Thread(
             target=_drain_when_gone, args=(parent.sentinel,), name="parent", daemon=True
         ).start()
-    from .cli import serve_one
-
     sys.exit(serve_one(settings, migrate=False))
 
 
@@ -99,7 +101,8 @@ def _supervise(settings: Settings) -> int:
     with that code, so that systemd or Kubernetes see the failure. A worker that
     dies otherwise is restarted, after a delay that doubles while it keeps
     failing at start (a database that refuses new connections), and the other
-    workers go on serving meanwhile.
+    workers go on serving meanwhile. SIGHUP is passed on to every worker, each
+    of which re-reads the credentials and TLS files (App.reload).
     """
     context = multiprocessing.get_context("spawn")
     stopping = threading.Event()
@@ -130,8 +133,15 @@ def _supervise(settings: Settings) -> int:
                 draining.append(process)
                 os.kill(process.pid, signal.SIGTERM)
 
+    def reload(signum: int, _frame: object) -> None:
+        log.info("reloading workers", extra={"signal": "SIGHUP"})
+        for process in workers:
+            if process.is_alive() and process.pid is not None:
+                os.kill(process.pid, signal.SIGHUP)
+
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGHUP, reload)
     workers.extend(spawn(index) for index in range(settings.workers))
     outcome = 0
     while not stopping.is_set():

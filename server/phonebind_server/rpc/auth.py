@@ -26,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 import tomllib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 ROLES = frozenset({"kyc", "flow", "reader", "reviewer", "auditor"})
@@ -104,8 +104,10 @@ def new_token() -> str:
 
 
 class Credentials:
-    def __init__(self, callers: Iterable[tuple[Caller, str, str]]) -> None:
-        """`callers`: (caller, token_sha256 or "", cert_subject or "")."""
+    def __init__(self, callers: Sequence[tuple[Caller, str, str]]) -> None:
+        """`callers`: (caller, token_sha256 or "", cert_subject or "").
+
+        Immutable once made: a reload makes a new one and swaps it in whole."""
         self._by_digest: dict[str, Caller] = {}
         self._by_subject: dict[str, Caller] = {}
         for caller, digest, subject in callers:
@@ -115,6 +117,7 @@ class Credentials:
                 self._by_digest[digest] = caller
             if subject:
                 self._by_subject[_normal_subject(subject)] = caller
+        self.callers = len({caller.name for caller, _, _ in callers})
 
     @classmethod
     def load(cls, path: str) -> Credentials:

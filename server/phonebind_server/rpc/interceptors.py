@@ -5,6 +5,8 @@ first:
 
 1. `CallContextInterceptor` reads the metadata once: request id (the caller's,
    or a new one, returned in the trailers), language, deadline, peer;
+   `ServerSpan` (only with tracing on) makes the call's server span, the child
+   of the caller's W3C `traceparent`, current while the call runs;
 2. `AccessLog` times the call, writes its log line and records its metrics;
 3. `ErrorStatus` turns every failure into a gRPC status with ErrorInfo (sent
    by the first, once the others are done);
@@ -180,6 +182,78 @@ class CallContextInterceptor:
         return handle
 
 
+# -- tracing (on only when configured) ----------------------------------------------
+
+# Answers that are the server's fault, not the caller's (OpenTelemetry's RPC
+# conventions): the span's status is then ERROR.
+SERVER_FAULTS = frozenset(
+    {"UNKNOWN", "DEADLINE_EXCEEDED", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS"}
+)
+_TRACE_HEADERS = ("traceparent", "tracestate")
+
+
+class ServerSpan:
+    """A server span per call, named and described as OpenTelemetry's RPC
+    conventions say; the caller's `traceparent` (when well formed) is its parent,
+    else it starts a trace. Current while the call runs, so that store
+    transactions are its children and log lines carry its trace id."""
+
+    def __init__(self, tracer: Any) -> None:
+        from opentelemetry.context import Context
+        from opentelemetry.trace import SpanKind, Status, StatusCode
+        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+        self._tracer = tracer
+        self._propagator = TraceContextTextMapPropagator()
+        self._root = Context
+        self._kind = SpanKind.SERVER
+        self._error = lambda outcome: Status(StatusCode.ERROR, outcome)
+
+    def wrap(self, method: str, inner: Handler) -> Handler:
+        service, _, name = method[1:].rpartition("/")
+        span_name = method[1:]
+        attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
+        tracer, propagator, root, kind, error = (
+            self._tracer,
+            self._propagator,
+            self._root,
+            self._kind,
+            self._error,
+        )
+
+        async def handle(request: Any, exchange: Exchange) -> Any:
+            carrier = {
+                key: value
+                for key, value in exchange.metadata
+                if key in _TRACE_HEADERS and isinstance(value, str)
+            }
+            parent = propagator.extract(carrier) if carrier else root()
+            with tracer.start_as_current_span(
+                span_name,
+                context=parent,
+                kind=kind,
+                attributes=attributes,
+                record_exception=False,
+                set_status_on_exception=False,
+            ) as span:
+                status = "CANCELLED"
+                try:
+                    response = await inner(request, exchange)
+                    status = exchange.status
+                    return response
+                finally:
+                    code = getattr(grpc.StatusCode, status, grpc.StatusCode.UNKNOWN)
+                    span.set_attribute("rpc.grpc.status_code", code.value[0])
+                    span.set_attribute("phonebind.request_id", exchange.request_id)
+                    span.set_attribute("phonebind.caller", exchange.caller)
+                    if exchange.outcome != "OK":
+                        span.set_attribute("phonebind.outcome", exchange.outcome)
+                    if status in SERVER_FAULTS:
+                        span.set_status(error(exchange.outcome))
+
+        return handle
+
+
 # -- 2. access log and metrics ------------------------------------------------------
 
 
@@ -348,19 +422,20 @@ class Authentication:
     the servicer runs, so a refused caller never reaches a lookup."""
 
     def __init__(self, credentials: Credentials | None) -> None:
-        self._credentials = credentials
+        # Replaced whole by a reload; each call reads the one in force as it starts.
+        self.credentials = credentials
         # Only a server that knows callers reads the peer's certificate subject.
         self._read_subject = credentials is not None
 
     def wrap(self, method: str, inner: Handler) -> Handler:
-        credentials = self._credentials
         read_subject = self._read_subject
+        self_ = self
 
         async def handle(request: Any, exchange: Exchange) -> Any:
             subject = ""
             if read_subject:
                 subject = exchange.context.auth_context().get("x509_subject", [b""])[0].decode()
-            who = authenticate(method, exchange.metadata, subject, credentials)
+            who = authenticate(method, exchange.metadata, subject, self_.credentials)
             exchange.caller = who.name if who is not None else "public"
             return await inner(request, exchange)
 
@@ -391,19 +466,34 @@ class Chain:
         audit_log: AuditLog,
         run: RunInStore,
         metrics: Metrics | None,
+        tracer: Any = None,
     ) -> None:
         self._context = CallContextInterceptor()
-        # Innermost first.
-        self._inner = (
-            Authentication(credentials),
+        self._authentication = Authentication(credentials)
+        # Innermost first. Without a tracer there is no span work at all.
+        self._inner: tuple[Any, ...] = (
+            self._authentication,
             RefusalAudit(audit_log, run),
             ErrorStatus(),
             AccessLog(metrics),
         )
+        if tracer is not None:
+            self._inner = (*self._inner, ServerSpan(tracer))
 
     @property
     def in_flight(self) -> int:
         return self._context.in_flight
+
+    @property
+    def credentials(self) -> Credentials | None:
+        return self._authentication.credentials
+
+    @credentials.setter
+    def credentials(self, credentials: Credentials) -> None:
+        """Calls that start from now on are authenticated against `credentials`."""
+        if self._authentication.credentials is None:
+            raise ValueError("a server started without credentials (--dev) keeps none")
+        self._authentication.credentials = credentials
 
     def handler(
         self, method: str, servicer: Servicer

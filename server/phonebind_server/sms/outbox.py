@@ -32,6 +32,7 @@ from ..domain.pii import Vault
 from ..domain.ports import Clock, StoreUnavailable
 from ..metrics import Metrics
 from ..store.store import OutboxItem, Store
+from ..tracing import current_traceparent, link_to
 from .gateways import GatewayError, PermanentGatewayError, SmsGateway
 
 log = logging.getLogger(__name__)
@@ -53,8 +54,12 @@ class OutboxDispatcher:
         poll_seconds: float = 1.0,
         metrics: Metrics | None = None,
         gateway_threads: int = 4,
+        tracer: Any = None,
     ) -> None:
         self._metrics = metrics
+        # With tracing on, each delivery attempt is a span linked to the RPC that
+        # queued the message.
+        self._tracer = tracer
         self._store = store
         self._vault = vault
         self._gateway = gateway
@@ -110,10 +115,12 @@ class OutboxDispatcher:
     def express(self, messages: list[OutboundSms]) -> None:
         """Messages a unit of work just committed: delivered now (store.on_commit)."""
         if not self._stopping:
+            # Called as the unit of work commits, within the queuing RPC's span.
+            trace_parent = current_traceparent()
             for message in messages:
-                self._spawn(self._deliver_express(message))
+                self._spawn(self._deliver_express(message, trace_parent))
 
-    async def _deliver_express(self, message: OutboundSms) -> None:
+    async def _deliver_express(self, message: OutboundSms, trace_parent: str = "") -> None:
         item = OutboxItem(
             seq=0,
             message_id=message.message_id,
@@ -122,6 +129,7 @@ class OutboxDispatcher:
             purpose=message.purpose,
             sealed_text=message.sealed_text,
             attempts=1,
+            trace_parent=trace_parent,
         )
         try:
             await self._deliver(item)
@@ -166,6 +174,31 @@ class OutboxDispatcher:
     # -- one delivery ---------------------------------------------------------------------
 
     async def _deliver(self, item: OutboxItem) -> bool:
+        if self._tracer is None:
+            return await self._attempt(item)
+        from opentelemetry.context import Context
+        from opentelemetry.trace import SpanKind, Status, StatusCode
+
+        # A trace of its own (the delivery may come much later, in another
+        # process), linked to the span of the RPC that queued the message.
+        with self._tracer.start_as_current_span(
+            "sms.dispatch",
+            context=Context(),
+            kind=SpanKind.CONSUMER,
+            links=link_to(item.trace_parent),
+            attributes={
+                "phonebind.sms.message_id": item.message_id,
+                "phonebind.sms.purpose": item.purpose,
+                "phonebind.sms.attempt": item.attempts,
+            },
+            record_exception=False,
+        ) as span:
+            delivered = await self._attempt(item)
+            if not delivered:
+                span.set_status(Status(StatusCode.ERROR, "not delivered"))
+            return delivered
+
+    async def _attempt(self, item: OutboxItem) -> bool:
         try:
             to, text = self._vault.unseal(item.to_sealed), self._text(item)
         except (ValueError, InvalidTag) as error:

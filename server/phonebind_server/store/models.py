@@ -119,6 +119,8 @@ class SmsOutboxRow(BaseModel):
     last_error = peewee.CharField(max_length=256)
     account_id = peewee.CharField(max_length=64)
     rebind_id = peewee.CharField(max_length=64)
+    # The W3C traceparent of the RPC that queued it ("" with tracing off).
+    trace_parent = peewee.CharField(max_length=55, default="")
 
     class Meta:
         table_name = "sms_outbox"

@@ -31,6 +31,7 @@ from ..domain.model import (
     Step,
 )
 from ..domain.ports import Read
+from ..tracing import current_traceparent
 from .query import Param, Query, values
 from .unit import REPOSITORIES, Known, SqlTx, StatementRead, every, exists, first, value
 
@@ -443,6 +444,7 @@ _OUTBOX_COLUMNS = (
     "last_error",
     "account_id",
     "rebind_id",
+    "trace_parent",
 )
 
 
@@ -486,6 +488,8 @@ class OutboxRows:
                 "last_error": "",
                 "account_id": message.account_id,
                 "rebind_id": message.rebind_id,
+                # Its delivery's span links back to the span queuing it.
+                "trace_parent": current_traceparent(),
             },
         )
         self._tx.messages.append(message)

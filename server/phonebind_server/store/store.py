@@ -22,6 +22,7 @@ from playhouse.pwasyncio import greenlet_spawn
 
 from ..domain.audit import StoredEvent, account_chain
 from ..domain.context import INTERNAL, CallContext
+from ..domain.errors import DomainError
 from ..domain.model import OutboundSms
 from ..domain.pii import Vault
 from ..domain.ports import DeadlinePassed, StoreUnavailable
@@ -65,6 +66,8 @@ class OutboxItem:
     purpose: str
     sealed_text: str
     attempts: int
+    # The W3C traceparent of the RPC that queued it, "" when untraced.
+    trace_parent: str = ""
 
 
 def _item(row: tuple) -> OutboxItem:
@@ -110,6 +113,8 @@ class Store:
         # Told each time a connection is shut because the database went silent.
         self.on_connection_cut: Callable[[], None] | None = None
         self.engine.on_cut = lambda: self.on_connection_cut and self.on_connection_cut()
+        # With tracing on: the tracer of store transactions' spans.
+        self.tracer: Any = None
         # Statements and round trips by RPC, for the benchmark.
         self.statements: Counter[str] = Counter()
         self.round_trips: Counter[str] = Counter()
@@ -256,7 +261,14 @@ class Store:
                 )
                 .where(o.seq.in_(due))
                 .returning(
-                    o.seq, o.message_id, o.to_sealed, o.to_masked, o.purpose, o.text, o.attempts
+                    o.seq,
+                    o.message_id,
+                    o.to_sealed,
+                    o.to_masked,
+                    o.purpose,
+                    o.text,
+                    o.attempts,
+                    o.trace_parent,
                 )
             )
 
@@ -543,28 +555,67 @@ class Store:
 
 
 class Transaction:
-    """`with store.transaction(call) as tx:` (see Store.transaction)."""
+    """`with store.transaction(call) as tx:` (see Store.transaction).
 
-    __slots__ = ("_call", "_round_trips", "_session", "_snapshot", "_statements", "_store",
-                 "_tx", "_write")  # fmt: skip
+    With tracing on, a transaction made within a traced span (an RPC's, an SMS
+    delivery's) is a span of its own, its child."""
+
+    __slots__ = ("_call", "_round_trips", "_session", "_snapshot", "_span", "_statements",
+                 "_store", "_tx", "_write")  # fmt: skip
 
     def __init__(self, store: Store, call: CallContext, write: bool, snapshot: bool) -> None:
         self._store = store
         self._call = call
         self._write = write
         self._snapshot = snapshot
+        self._span: Any = None
 
     def __enter__(self) -> SqlTx:
         store = self._store
+        if store.tracer is not None:
+            self._span = _transaction_span(store, self._write)
         if not store._reachable:
+            self._end_span(StoreUnavailable)
             raise StoreUnavailable("the database did not answer the last health check")
         engine = store.engine
         self._statements, self._round_trips = engine.statements, engine.round_trips
-        self._session = engine.session(self._call, write=self._write, snapshot=self._snapshot)
+        try:
+            self._session = engine.session(self._call, write=self._write, snapshot=self._snapshot)
+        except BaseException as error:
+            self._end_span(type(error))
+            raise
         self._tx = SqlTx(store._compile, self._session, self._call)
         return self._tx
 
     def __exit__(self, kind: type[BaseException] | None, error: object, trace: object) -> None:
+        if self._span is None:
+            self._finish(kind)
+            return
+        try:
+            self._finish(kind)
+        except BaseException as failure:
+            self._end_span(type(failure))
+            raise
+        self._end_span(kind)
+
+    def _end_span(self, failure: type[BaseException] | None) -> None:
+        span = self._span
+        if span is None:
+            return
+        self._span = None
+        span.set_attribute("phonebind.committed", failure is None)
+        if failure is not None:
+            span.set_attribute("phonebind.outcome", failure.__name__)
+            # A refusal rolls its work back by design, and SQLite's busy write
+            # lock makes the unit of work wait and start again; anything else is
+            # a fault.
+            if not issubclass(failure, DomainError | WriteLockBusy):
+                from opentelemetry.trace import Status, StatusCode
+
+                span.set_status(Status(StatusCode.ERROR, failure.__name__))
+        span.end()
+
+    def _finish(self, kind: type[BaseException] | None) -> None:
         store, session, tx, call = self._store, self._session, self._tx, self._call
         engine = store.engine
         committed = False
@@ -588,6 +639,19 @@ class Transaction:
                 store.round_trips[call.method] += engine.round_trips - self._round_trips
         if committed and tx.messages and store.on_commit is not None:
             store.on_commit(tx.messages)
+
+
+def _transaction_span(store: Store, write: bool) -> Any:
+    """A span for a transaction, when a traced span is in force (else None: the
+    outbox's periodic claims would each start a trace of their own)."""
+    from opentelemetry import trace
+
+    if not trace.get_current_span().is_recording():
+        return None
+    return store.tracer.start_span(
+        "store.transaction",
+        attributes={"db.system.name": store.dialect, "phonebind.write": write},
+    )
 
 
 def _EVENT_FIELDS(e: Any) -> list[peewee.Field]:
