@@ -98,6 +98,10 @@ _USER_ERRORS: dict[str, dict[str, str]] = {
         "en": "This check is not needed for this change.",
     },
     "STEP_ALREADY_DONE": {"zh-CN": "此项验证已完成。", "en": "This check is already done."},
+    "ALREADY_APPROVED_BY_YOU": {
+        "zh-CN": "您已批准过此申请，需由另一位审核人批准。",
+        "en": "You already approved this change; another reviewer must approve it.",
+    },
     "NO_ACTIVE_CODE": {"zh-CN": "请先获取验证码。", "en": "Please request a code first."},
     "CODE_EXPIRED": {
         "zh-CN": "验证码已过期，请重新获取。",

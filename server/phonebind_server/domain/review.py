@@ -109,6 +109,22 @@ class ReviewDesk:
         last = rows[-1] if more and rows else None
         return ReviewPage(rows, None if last is None else (last.created_at, last.rebind_id))
 
+    def get(self, call: CallContext, rebind_id: str) -> Rebind:
+        """A rebind that needs (or needed) review, as it stands now."""
+        check_rebind_id(rebind_id)
+        now = self._clock.now()
+        with self._store.transaction(call, write=False) as tx:
+            rebind = tx.one(tx.rebinds.get(rebind_id))
+        if rebind is None:
+            raise DomainError(Reason.REBIND_NOT_FOUND, "no such rebind")
+        if Step.REVIEW not in rebind.required:
+            raise DomainError(
+                Reason.STEP_NOT_REQUIRED,
+                "this rebind does not need review",
+                metadata={"step": Step.REVIEW.value},
+            )
+        return effective(rebind, now)
+
     def _locked(self, tx: Tx, rebind_id: str, now: datetime) -> Rebind:
         """The rebind, reviewable, with its account locked first (the lock order)."""
         _account, rebind = tx.read(

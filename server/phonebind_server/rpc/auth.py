@@ -55,7 +55,7 @@ RPC_ROLES: dict[str, frozenset[str]] = {
     },
     **{
         _REVIEW + name: frozenset({"reviewer"})
-        for name in ("ListReviews", "ApproveRebind", "RejectRebind")
+        for name in ("ListReviews", "GetReview", "ApproveRebind", "RejectRebind")
     },
     **{_AUDIT + name: frozenset({"auditor"}) for name in ("ListAuditEvents", "VerifyAuditChain")},
 }

@@ -41,6 +41,12 @@ class ReviewServicer:
             next_page_token=token,
         )
 
+    async def GetReview(self, request: api.GetReviewRequest, call: CallContext):
+        rebind = await self._run(self._desk.get, call, request.rebind_id)
+        return api.GetReviewResponse(
+            review=api.ReviewCase(rebind=convert.rebind(rebind, self._policy, call.language))
+        )
+
     async def ApproveRebind(self, request: api.ApproveRebindRequest, call: CallContext):
         rebind = await self._run(
             self._desk.approve, call, request.rebind_id, request.reviewer, request.note
