@@ -19,6 +19,12 @@ def desk(server):
     return rapi_grpc.ReviewServiceStub(server.channel)
 
 
+def as_person(person: str):
+    """Metadata of the development server's caller acting for `person`, whom
+    the service then records as "dev-anonymous:<person>"."""
+    return (("x-phonebind-on-behalf-of", person),)
+
+
 def lost_phone_rebind(server, account_id: str, old: str, new: str, *, identity: bool = True):
     pb = server.api
     pb.register(account_id, old)
@@ -39,11 +45,17 @@ def test_approval_after_codes_makes_the_rebind_ready_and_completable(server, des
     assert [r.rebind_id for r in listed.rebinds] == [rebind.rebind_id]
 
     approved = desk.ApproveRebind(
-        rapi.ApproveRebindRequest(rebind_id=rebind.rebind_id, reviewer="ops-li", note="called back")
+        # The request's reviewer field is ignored: the reviewer is the caller.
+        rapi.ApproveRebindRequest(
+            rebind_id=rebind.rebind_id, reviewer="ops-li", note="called back"
+        ),
+        metadata=as_person("li"),
     ).rebind
     assert approved.state == res.REBIND_STATE_READY
     assert approved.review.state == res.REVIEW_STATE_APPROVED
-    assert approved.review.reviewer == "ops-li"
+    assert approved.review.reviewer == "dev-anonymous:li"
+    assert [a.reviewer for a in approved.review.approvals] == ["dev-anonymous:li"]
+    assert approved.review.approvals_required == 1
     assert approved.review.note == "called back"
     assert res.REBIND_STEP_REVIEW in approved.completed_steps
 
@@ -93,9 +105,7 @@ def test_a_later_change_never_shortens_a_running_hold(server, desk):
 
 def test_approval_before_codes_leaves_the_codes_outstanding(server, desk):
     rebind = lost_phone_rebind(server, "rv-2", "13800138202", "13900139202")
-    approved = desk.ApproveRebind(
-        rapi.ApproveRebindRequest(rebind_id=rebind.rebind_id, reviewer="ops-li")
-    ).rebind
+    approved = desk.ApproveRebind(rapi.ApproveRebindRequest(rebind_id=rebind.rebind_id)).rebind
     assert approved.state == res.REBIND_STATE_PENDING
     with pytest.raises(grpc.RpcError) as caught:
         server.api.complete("rv-2", rebind.rebind_id)
@@ -109,9 +119,11 @@ def test_rejection_closes_the_rebind(server, desk):
     rejected = desk.RejectRebind(
         rapi.RejectRebindRequest(
             rebind_id=rebind.rebind_id, reviewer="ops-wang", reason="caller failed callback"
-        )
+        ),
+        metadata=as_person("wang"),
     ).rebind
     assert rejected.state == res.REBIND_STATE_REJECTED
+    assert rejected.review.reviewer == "dev-anonymous:wang"
     assert rejected.review.state == res.REVIEW_STATE_REJECTED
     assert rejected.review.note == "caller failed callback"
     with pytest.raises(grpc.RpcError) as caught:
@@ -122,8 +134,10 @@ def test_rejection_closes_the_rebind(server, desk):
     assert [r.rebind_id for r in rejected_list.rebinds] == [rebind.rebind_id]
 
 
-def approve(desk, rebind_id: str, reviewer: str = "x"):
-    return desk.ApproveRebind(rapi.ApproveRebindRequest(rebind_id=rebind_id, reviewer=reviewer))
+def approve(desk, rebind_id: str, person: str = "x", note: str = ""):
+    return desk.ApproveRebind(
+        rapi.ApproveRebindRequest(rebind_id=rebind_id, note=note), metadata=as_person(person)
+    )
 
 
 def refused(call, expected_reason, server):
@@ -137,9 +151,7 @@ def refused(call, expected_reason, server):
 def test_reviewer_cannot_approve_without_identity(server, desk):
     rebind = lost_phone_rebind(server, "rv-4", "13800138204", "13900139204", identity=False)
     refused(
-        lambda: desk.ApproveRebind(
-            rapi.ApproveRebindRequest(rebind_id=rebind.rebind_id, reviewer="x")
-        ),
+        lambda: desk.ApproveRebind(rapi.ApproveRebindRequest(rebind_id=rebind.rebind_id)),
         "STEP_REQUIRED",
         server,
     )
@@ -150,9 +162,7 @@ def test_reviewer_cannot_approve_expired_closed_or_unneeded(server, desk, clock)
     expired = lost_phone_rebind(server, "rv-5", "13800138205", "13900139205")
     clock.advance(timedelta(minutes=30))
     refused(
-        lambda: desk.ApproveRebind(
-            rapi.ApproveRebindRequest(rebind_id=expired.rebind_id, reviewer="x")
-        ),
+        lambda: desk.ApproveRebind(rapi.ApproveRebindRequest(rebind_id=expired.rebind_id)),
         "REBIND_EXPIRED",
         server,
     )
@@ -163,9 +173,7 @@ def test_reviewer_cannot_approve_expired_closed_or_unneeded(server, desk, clock)
     assert pb.get_rebind("rv-6", cancelled.rebind_id).review.state == res.REVIEW_STATE_PENDING
     pb.stub.CancelRebind(api.CancelRebindRequest(account_id="rv-6", rebind_id=cancelled.rebind_id))
     refused(
-        lambda: desk.ApproveRebind(
-            rapi.ApproveRebindRequest(rebind_id=cancelled.rebind_id, reviewer="x")
-        ),
+        lambda: desk.ApproveRebind(rapi.ApproveRebindRequest(rebind_id=cancelled.rebind_id)),
         "REBIND_CLOSED",
         server,
     )
@@ -174,16 +182,12 @@ def test_reviewer_cannot_approve_expired_closed_or_unneeded(server, desk, clock)
     pb.register("rv-7", "13800138207")
     plain = pb.start("rv-7", "13900139207")
     refused(
-        lambda: desk.ApproveRebind(
-            rapi.ApproveRebindRequest(rebind_id=plain.rebind_id, reviewer="x")
-        ),
+        lambda: desk.ApproveRebind(rapi.ApproveRebindRequest(rebind_id=plain.rebind_id)),
         "STEP_NOT_REQUIRED",
         server,
     )
     refused(
-        lambda: desk.ApproveRebind(
-            rapi.ApproveRebindRequest(rebind_id="rb_nosuchrebind", reviewer="x")
-        ),
+        lambda: desk.ApproveRebind(rapi.ApproveRebindRequest(rebind_id="rb_nosuchrebind")),
         "REBIND_NOT_FOUND",
         server,
     )
@@ -217,31 +221,33 @@ def test_abandoned_is_a_review_state_but_not_a_list(server, desk):
     assert [v.field for v in details["BadRequest"].field_violations] == ["state"]
 
 
-def test_approving_twice_and_bad_reviewer_input(server, desk):
+def test_approving_twice_and_bad_note_input(server, desk):
     rebind = lost_phone_rebind(server, "rv-8", "13800138208", "13900139208")
-    for bad in ["", "a" * 65, "ops\x00li", "ops\nli"]:
+    for bad in ["a" * 501, "ok\x00no", "ok\nno"]:
         refused(
             lambda bad=bad: desk.ApproveRebind(
-                rapi.ApproveRebindRequest(rebind_id=rebind.rebind_id, reviewer=bad)
+                rapi.ApproveRebindRequest(rebind_id=rebind.rebind_id, note=bad)
             ),
             "INVALID_ARGUMENT",
             server,
         )
+    desk.ApproveRebind(rapi.ApproveRebindRequest(rebind_id=rebind.rebind_id))
     refused(
-        lambda: desk.RejectRebind(
-            rapi.RejectRebindRequest(rebind_id=rebind.rebind_id, reviewer="x", reason="")
-        ),
-        "INVALID_ARGUMENT",
-        server,
-    )
-    desk.ApproveRebind(rapi.ApproveRebindRequest(rebind_id=rebind.rebind_id, reviewer="x"))
-    refused(
-        lambda: desk.ApproveRebind(
-            rapi.ApproveRebindRequest(rebind_id=rebind.rebind_id, reviewer="x")
-        ),
+        lambda: desk.ApproveRebind(rapi.ApproveRebindRequest(rebind_id=rebind.rebind_id)),
         "STEP_ALREADY_DONE",
         server,
     )
+
+
+def test_reject_needs_a_reason(server, desk):
+    rebind = lost_phone_rebind(server, "rv-9", "13800138219", "13900139219")
+    for blank in ["", "   "]:
+        with pytest.raises(grpc.RpcError) as caught:
+            desk.RejectRebind(rapi.RejectRebindRequest(rebind_id=rebind.rebind_id, reason=blank))
+        code, reason, details = error_details(caught.value)
+        assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT")
+        assert [v.field for v in details["BadRequest"].field_violations] == ["reason"]
+    assert server.api.get_rebind("rv-9", rebind.rebind_id).state == res.REBIND_STATE_PENDING
 
 
 def test_review_list_pages_oldest_first(server, desk, clock):
