@@ -84,7 +84,8 @@ MAX_CALLER_NAME = 128
 
 # The header in which a delegating caller names the person it acts for.
 ON_BEHALF_OF = "x-phonebind-on-behalf-of"
-_PERSON = re.compile(r"[A-Za-z0-9._@-]{1,64}")
+MAX_PERSON_NAME = 64
+_PERSON = re.compile(rf"[A-Za-z0-9._@-]{{1,{MAX_PERSON_NAME}}}")
 
 
 class CredentialsError(ValueError):
@@ -98,6 +99,15 @@ def check_caller_name(name: str) -> None:
         raise CredentialsError(
             f"caller {name[:MAX_CALLER_NAME]!r}: the name must be at most"
             f" {MAX_CALLER_NAME} printable characters"
+        )
+
+
+def check_delegate_name(name: str) -> None:
+    """A delegate's "<name>:<person>" must fit where a caller's name goes."""
+    if len(name) + 1 + MAX_PERSON_NAME > MAX_CALLER_NAME:
+        raise CredentialsError(
+            f"caller {name[:MAX_CALLER_NAME]!r}: a delegate's name must leave room for a"
+            f" person's (at most {MAX_CALLER_NAME - 1 - MAX_PERSON_NAME} characters)"
         )
 
 
@@ -171,11 +181,8 @@ class Credentials:
                 raise CredentialsError(f"caller {name}: needs token_sha256 or cert_subject")
             if not isinstance(delegate, bool):
                 raise CredentialsError(f"caller {name}: delegate must be true or false")
-            if delegate and len(name) + 1 + 64 > MAX_CALLER_NAME:
-                raise CredentialsError(
-                    f"caller {name}: a delegate's name must leave room for a person's"
-                    f" (at most {MAX_CALLER_NAME - 65} characters)"
-                )
+            if delegate:
+                check_delegate_name(name)
             callers.append((Caller(name, roles, delegate), digest, subject))
         return cls(callers)
 
