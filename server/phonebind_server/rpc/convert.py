@@ -150,9 +150,11 @@ def review_case(case: ReviewCase, policy: Policy, language: str) -> review_pb.Re
     return review_pb.ReviewCase(
         rebind=rebind(entity, policy, language),
         account=account(case.account, case.as_of),
-        readiness=_READINESS.get(case.readiness, review_pb.REVIEW_READINESS_UNSPECIFIED)
-        if case.readiness is not None
-        else review_pb.REVIEW_READINESS_UNSPECIFIED,
+        readiness=(
+            _READINESS[case.readiness]
+            if case.readiness is not None
+            else review_pb.REVIEW_READINESS_UNSPECIFIED
+        ),
         signals=[
             review_pb.RiskSignal(
                 code=code,

@@ -47,9 +47,8 @@ JSON_TEXT = {
 def upgrade(db, dialect: str) -> None:
     for statement in WIDEN[dialect]:
         db.execute_sql(statement)
+    json_text = JSON_TEXT[dialect]
     for statement in STATEMENTS:
-        db.execute_sql(
-            statement.replace("{json_reviewer}", JSON_TEXT[dialect]["json_reviewer"]).replace(
-                "{json_note}", JSON_TEXT[dialect]["json_note"]
-            )
-        )
+        for name, expression in json_text.items():
+            statement = statement.replace("{" + name + "}", expression)
+        db.execute_sql(statement)
