@@ -175,6 +175,22 @@ def test_the_token_command_prints_an_entry_the_credentials_file_accepts(tmp_path
     assert "at most 128 printable characters" in capsys.readouterr().err
 
 
+def test_a_delegate_token_entry_is_marked_and_leaves_room_for_a_person(tmp_path, capsys):
+    assert cli.main(["token", "--name", "console", "--roles", "reviewer", "--delegate"]) == 0
+    printed = capsys.readouterr().out
+    token = printed.split("token: ", 1)[1].split("\n", 1)[0]
+    assert "delegate = true" in printed
+    (tmp_path / "callers.toml").write_text(printed.split("\n\n", 1)[1], encoding="utf-8")
+    caller = Credentials.load(str(tmp_path / "callers.toml")).by_token(token)
+    assert (caller.name, caller.delegate) == ("console", True)
+
+    assert cli.main(["token", "--name", "c" * 64, "--roles", "reviewer", "--delegate"]) == 2
+    assert "at most 63 characters" in capsys.readouterr().err
+    entry = {"name": "console", "roles": ["reviewer"], "token_sha256": token_digest(token)}
+    with pytest.raises(CredentialsError, match="delegate must be true or false"):
+        Credentials.from_document({"caller": [{**entry, "delegate": "yes"}]})
+
+
 def test_the_longest_caller_name_fits_the_audit_trail(database_url, tmp_path, clock, secrets_seen):
     """128 characters (not bytes: CJK here) is what the audit trail's caller column holds."""
     name, token = "录" * 128, new_token()

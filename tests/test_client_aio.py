@@ -20,8 +20,10 @@ from grpc_status import rpc_status
 from support import HOLDER, ID_NUMBER, e164, held_lock, rows
 from test_client import codes_queued
 
+from phonebind.v1 import audit_service_pb2 as audit_pb
 from phonebind.v1 import binding_service_pb2 as pb
 from phonebind.v1 import resources_pb2
+from phonebind.v1 import review_service_pb2 as review_pb
 from phonebind_client import (
     AsyncPhonebindClient,
     ErrorReason,
@@ -443,9 +445,18 @@ def test_the_asyncio_sleep_is_the_default_and_waits_for_real():
 
 
 def test_every_call_names_a_method_of_the_contract():
-    service = pb.DESCRIPTOR.services_by_name["BindingService"]
+    services = {
+        s.full_name: s
+        for s in (
+            pb.DESCRIPTOR.services_by_name["BindingService"],
+            review_pb.DESCRIPTOR.services_by_name["ReviewService"],
+            audit_pb.DESCRIPTOR.services_by_name["AuditService"],
+        )
+    }
     for method in call_table.METHODS:
-        described = service.methods_by_name[method.name]
+        described = services[method.service].methods_by_name[method.name]
         assert described.input_type.full_name == method.request_type.DESCRIPTOR.full_name
         assert described.output_type.full_name == method.response_type.DESCRIPTOR.full_name
-    assert {m.name for m in call_table.METHODS} == set(service.methods_by_name)
+    assert {m.path for m in call_table.METHODS} == {
+        f"/{name}/{m}" for name, s in services.items() for m in s.methods_by_name
+    }

@@ -46,6 +46,8 @@ def test_both_clients_have_the_same_typed_methods(tmp_path):
                 reveal_type(pb.start_rebind)
                 reveal_type(pb.complete_rebind("a", "r").account)
                 pb.verify_code("a", "r", "old", 123456)
+                reveal_type(pb.approve_rebind)
+                reveal_type(pb.with_options(on_behalf_of="alice").get_review("r").signals[0])
 
             async def awaited(pb: AsyncPhonebindClient) -> None:
                 reveal_type(pb.start_rebind)
@@ -53,6 +55,9 @@ def test_both_clients_have_the_same_typed_methods(tmp_path):
                 await pb.verify_code("a", "r", "old", 123456)
                 async for change in pb.iter_binding_history("a"):
                     reveal_type(change)
+                reveal_type(pb.approve_rebind)
+                async for case in pb.iter_reviews(readiness="ready"):
+                    reveal_type(case)
             """
         ),
         encoding="utf-8",
@@ -67,5 +72,11 @@ def test_both_clients_have_the_same_typed_methods(tmp_path):
     assert f'Revealed type is "{signature}{awaitable}"' in out
     assert out.count('Revealed type is "phonebind.v1.resources_pb2.Account"') == 2
     assert 'Revealed type is "phonebind.v1.resources_pb2.BindingChange"' in out
+    approve = "def (rebind_id: str, *, note: str =, timeout: float | None =) -> "
+    case = "phonebind.v1.review_service_pb2.ReviewCase"
+    assert f'Revealed type is "{approve}{case}"' in out
+    assert f'Revealed type is "{approve}typing.Coroutine[Any, Any, {case}]"' in out
+    assert f'Revealed type is "{case}"' in out
+    assert 'Revealed type is "phonebind.v1.review_service_pb2.RiskSignal"' in out
     # A code passed as a number is caught by either client's signature.
     assert out.count('Argument 4 has incompatible type "int"; expected "str"') == 2, out

@@ -1,4 +1,4 @@
-"""Typed facade over phonebind's BindingService; the generated stubs are in ``phonebind.v1``."""
+"""Typed facade over phonebind's services; the generated stubs are in ``phonebind.v1``."""
 
 from phonebind.v1.errors_pb2 import ErrorReason
 
@@ -9,6 +9,8 @@ from .client import (
     PhonebindClient,
     RebindState,
     RebindStep,
+    ReviewReadiness,
+    ReviewState,
     RiskDecision,
 )
 from .errors import ERROR_DOMAIN, PhonebindError
@@ -23,5 +25,7 @@ __all__ = [
     "PhonebindError",
     "RebindState",
     "RebindStep",
+    "ReviewReadiness",
+    "ReviewState",
     "RiskDecision",
 ]

@@ -22,7 +22,7 @@ from typing import Any, Concatenate, ParamSpec, Self, TypeVar
 import grpc
 import grpc.aio
 
-from phonebind.v1 import resources_pb2
+from phonebind.v1 import audit_service_pb2, resources_pb2, review_service_pb2
 
 from . import calls
 from .calls import Call
@@ -49,7 +49,7 @@ def _awaitable(
 
 
 class AsyncPhonebindClient(ClientBase[grpc.aio.Channel, AsyncSleep]):
-    __doc__ = f"""asyncio client for phonebind's BindingService (``sleep``: asyncio.sleep).
+    __doc__ = f"""asyncio client for phonebind's services (``sleep``: asyncio.sleep).
 
     {ClientBase.__doc__}"""
 
@@ -94,6 +94,18 @@ class AsyncPhonebindClient(ClientBase[grpc.aio.Channel, AsyncSleep]):
     get_rebind = _awaitable(calls.get_rebind)
     list_binding_history = _awaitable(calls.list_binding_history)
 
+    # -- ReviewService ---------------------------------------------------------
+
+    list_reviews = _awaitable(calls.list_reviews)
+    get_review = _awaitable(calls.get_review)
+    approve_rebind = _awaitable(calls.approve_rebind)
+    reject_rebind = _awaitable(calls.reject_rebind)
+
+    # -- AuditService ----------------------------------------------------------
+
+    list_audit_events = _awaitable(calls.list_audit_events)
+    verify_audit_chain = _awaitable(calls.verify_audit_chain)
+
     async def iter_binding_history(
         self, account_id: str, *, page_size: int = 50, timeout: float | None = None
     ) -> AsyncIterator[resources_pb2.BindingChange]:
@@ -105,6 +117,54 @@ class AsyncPhonebindClient(ClientBase[grpc.aio.Channel, AsyncSleep]):
             )
             for change in page.changes:
                 yield change
+            page_token = calls.next_page_token(page, page_token)
+
+    async def iter_reviews(
+        self,
+        *,
+        state: int | str = "pending",
+        readiness: int | str = "any",
+        account_id: str = "",
+        page_size: int = 50,
+        timeout: float | None = None,
+    ) -> AsyncIterator[review_service_pb2.ReviewCase]:
+        """Every review of the filters, oldest first, following next_page_token."""
+        page_token: str | None = ""
+        while page_token is not None:
+            page = await self.list_reviews(
+                state=state,
+                readiness=readiness,
+                account_id=account_id,
+                page_size=page_size,
+                page_token=page_token,
+                timeout=timeout,
+            )
+            for case in page.reviews:
+                yield case
+            page_token = calls.next_page_token(page, page_token)
+
+    async def iter_audit_events(
+        self,
+        *,
+        account_id: str = "",
+        rebind_id: str = "",
+        action: str = "",
+        page_size: int = 100,
+        timeout: float | None = None,
+    ) -> AsyncIterator[audit_service_pb2.AuditEvent]:
+        """Every audit event of the filters in write order, following next_page_token."""
+        page_token: str | None = ""
+        while page_token is not None:
+            page = await self.list_audit_events(
+                account_id=account_id,
+                rebind_id=rebind_id,
+                action=action,
+                page_size=page_size,
+                page_token=page_token,
+                timeout=timeout,
+            )
+            for event in page.events:
+                yield event
             page_token = calls.next_page_token(page, page_token)
 
     # -- internals -------------------------------------------------------------

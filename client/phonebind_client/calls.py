@@ -1,4 +1,4 @@
-"""BindingService calls as data, shared by the blocking and the asyncio client.
+"""phonebind's calls as data, shared by the blocking and the asyncio client.
 
 Each function here takes a facade method's arguments and returns a :class:`Call`:
 the method to invoke, the request (with its AIP-155 ``request_id`` filled in
@@ -14,21 +14,30 @@ import enum
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar, cast
+from datetime import datetime
+from typing import Any, Generic, Protocol, TypeVar, cast
 
+from google.protobuf import timestamp_pb2
 from google.protobuf.message import Message
 
+from phonebind.v1 import audit_service_pb2 as audit_pb
 from phonebind.v1 import binding_service_pb2 as pb
 from phonebind.v1 import resources_pb2
+from phonebind.v1 import review_service_pb2 as review_pb
 
 __all__ = [
+    "AUDIT_SERVICE",
     "BINDING_SERVICE",
+    "ON_BEHALF_OF",
+    "REVIEW_SERVICE",
     "Call",
     "Method",
     "Retry",
     "code_target",
     "new_request_id",
     "next_page_token",
+    "review_readiness",
+    "review_state",
 ]
 
 _Request = TypeVar("_Request", bound=Message)
@@ -36,6 +45,11 @@ _Response = TypeVar("_Response", bound=Message)
 _Result = TypeVar("_Result")
 
 BINDING_SERVICE = pb.DESCRIPTOR.services_by_name["BindingService"].full_name
+REVIEW_SERVICE = review_pb.DESCRIPTOR.services_by_name["ReviewService"].full_name
+AUDIT_SERVICE = audit_pb.DESCRIPTOR.services_by_name["AuditService"].full_name
+
+#: The header in which a delegating caller (a console) names the person it acts for.
+ON_BEHALF_OF = "x-phonebind-on-behalf-of"
 
 
 class Retry(enum.Enum):
@@ -55,15 +69,16 @@ class Retry(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class Method(Generic[_Request, _Response]):
-    """One unary BindingService method: its path and message types."""
+    """One unary method of a phonebind service: its path and message types."""
 
     name: str
     request_type: type[_Request]
     response_type: type[_Response]
+    service: str = BINDING_SERVICE
 
     @property
     def path(self) -> str:
-        return f"/{BINDING_SERVICE}/{self.name}"
+        return f"/{self.service}/{self.name}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +109,33 @@ GET_REBIND = Method("GetRebind", pb.GetRebindRequest, pb.GetRebindResponse)
 LIST_BINDING_HISTORY = Method(
     "ListBindingHistory", pb.ListBindingHistoryRequest, pb.ListBindingHistoryResponse
 )
+LIST_REVIEWS = Method(
+    "ListReviews", review_pb.ListReviewsRequest, review_pb.ListReviewsResponse, REVIEW_SERVICE
+)
+GET_REVIEW = Method(
+    "GetReview", review_pb.GetReviewRequest, review_pb.GetReviewResponse, REVIEW_SERVICE
+)
+APPROVE_REBIND = Method(
+    "ApproveRebind",
+    review_pb.ApproveRebindRequest,
+    review_pb.ApproveRebindResponse,
+    REVIEW_SERVICE,
+)
+REJECT_REBIND = Method(
+    "RejectRebind", review_pb.RejectRebindRequest, review_pb.RejectRebindResponse, REVIEW_SERVICE
+)
+LIST_AUDIT_EVENTS = Method(
+    "ListAuditEvents",
+    audit_pb.ListAuditEventsRequest,
+    audit_pb.ListAuditEventsResponse,
+    AUDIT_SERVICE,
+)
+VERIFY_AUDIT_CHAIN = Method(
+    "VerifyAuditChain",
+    audit_pb.VerifyAuditChainRequest,
+    audit_pb.VerifyAuditChainResponse,
+    AUDIT_SERVICE,
+)
 METHODS = (
     REGISTER_ACCOUNT,
     GET_ACCOUNT,
@@ -105,6 +147,12 @@ METHODS = (
     CANCEL_REBIND,
     GET_REBIND,
     LIST_BINDING_HISTORY,
+    LIST_REVIEWS,
+    GET_REVIEW,
+    APPROVE_REBIND,
+    REJECT_REBIND,
+    LIST_AUDIT_EVENTS,
+    VERIFY_AUDIT_CHAIN,
 )
 
 _TARGETS: dict[str, resources_pb2.CodeTarget] = {
@@ -133,11 +181,54 @@ def code_target(target: int | str) -> resources_pb2.CodeTarget:
     raise ValueError(f"unknown code target {target!r}; use CodeTarget.CODE_TARGET_OLD_PHONE/NEW")
 
 
+_STATES: dict[str, resources_pb2.ReviewState] = {
+    "pending": resources_pb2.REVIEW_STATE_PENDING,
+    "approved": resources_pb2.REVIEW_STATE_APPROVED,
+    "rejected": resources_pb2.REVIEW_STATE_REJECTED,
+}
+_READINESS: dict[str, review_pb.ReviewReadiness] = {
+    "any": review_pb.REVIEW_READINESS_UNSPECIFIED,
+    "ready": review_pb.REVIEW_READINESS_READY,
+    "waiting": review_pb.REVIEW_READINESS_WAITING_ON_CUSTOMER,
+    "waiting_on_customer": review_pb.REVIEW_READINESS_WAITING_ON_CUSTOMER,
+}
+
+
+def _enum_value(value: int | str, names: dict[str, Any], prefix: str, what: str) -> Any:
+    if isinstance(value, str):
+        key = value.strip().lower().removeprefix(prefix)
+        if key in names:
+            return names[key]
+    elif isinstance(value, int) and not isinstance(value, bool) and value in names.values():
+        return value
+    raise ValueError(f"unknown {what} {value!r}; use one of {', '.join(names)}")
+
+
+def review_state(state: int | str) -> resources_pb2.ReviewState:
+    """ReviewState from an enum value or "pending"/"approved"/"rejected" (any case)."""
+    return cast(
+        "resources_pb2.ReviewState", _enum_value(state, _STATES, "review_state_", "review state")
+    )
+
+
+def review_readiness(readiness: int | str) -> review_pb.ReviewReadiness:
+    """ReviewReadiness from an enum value or "any"/"ready"/"waiting" (any case)."""
+    return cast(
+        "review_pb.ReviewReadiness",
+        _enum_value(readiness, _READINESS, "review_readiness_", "readiness"),
+    )
+
+
 def new_request_id() -> str:
     return str(uuid.uuid4())
 
 
-def next_page_token(page: pb.ListBindingHistoryResponse, page_token: str) -> str | None:
+class _Page(Protocol):
+    @property
+    def next_page_token(self) -> str: ...
+
+
+def next_page_token(page: _Page, page_token: str) -> str | None:
     """The token of the page after ``page`` (fetched with ``page_token``); None at the end."""
     if not page.next_page_token or page.next_page_token == page_token:
         return None
@@ -287,3 +378,96 @@ def list_binding_history(
         account_id=account_id, page_size=page_size, page_token=page_token
     )
     return Call(LIST_BINDING_HISTORY, request, Retry.REPLAY_SAFE, _same, timeout)
+
+
+# -- ReviewService: the reviewer's desk ---------------------------------------------------
+
+
+def list_reviews(
+    *,
+    state: int | str = "pending",
+    readiness: int | str = "any",
+    account_id: str = "",
+    page_size: int = 0,
+    page_token: str = "",
+    timeout: float | None = None,
+) -> Call[review_pb.ListReviewsResponse, review_pb.ListReviewsResponse]:
+    """One page of reviews, oldest first: ``state`` "pending", "approved" or "rejected";
+    ``readiness`` (pending only) "ready" for a decision, "waiting" on the customer, or "any"."""
+    request = review_pb.ListReviewsRequest(
+        state=review_state(state),
+        readiness=review_readiness(readiness),
+        account_id=account_id,
+        page_size=page_size,
+        page_token=page_token,
+    )
+    return Call(LIST_REVIEWS, request, Retry.REPLAY_SAFE, _same, timeout)
+
+
+def get_review(
+    rebind_id: str, *, timeout: float | None = None
+) -> Call[review_pb.GetReviewResponse, review_pb.ReviewCase]:
+    """A rebind that needs (or needed) review, with the facts to decide it."""
+    request = review_pb.GetReviewRequest(rebind_id=rebind_id)
+    return Call(GET_REVIEW, request, Retry.REPLAY_SAFE, lambda r: r.review, timeout)
+
+
+def approve_rebind(
+    rebind_id: str, *, note: str = "", timeout: float | None = None
+) -> Call[review_pb.ApproveRebindResponse, review_pb.ReviewCase]:
+    """Approve as the calling reviewer (or the person given with ``on_behalf_of``)."""
+    request = review_pb.ApproveRebindRequest(rebind_id=rebind_id, note=note)
+    return Call(APPROVE_REBIND, request, Retry.STORE_UNAVAILABLE, lambda r: r.review, timeout)
+
+
+def reject_rebind(
+    rebind_id: str, reason: str, *, timeout: float | None = None
+) -> Call[review_pb.RejectRebindResponse, review_pb.ReviewCase]:
+    """Reject as the calling reviewer; ``reason`` (the note) is required."""
+    request = review_pb.RejectRebindRequest(rebind_id=rebind_id, reason=reason)
+    return Call(REJECT_REBIND, request, Retry.STORE_UNAVAILABLE, lambda r: r.review, timeout)
+
+
+# -- AuditService: the trail ---------------------------------------------------------------
+
+
+def _timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        raise ValueError("audit times must be timezone-aware")
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(value)
+    return stamp
+
+
+def list_audit_events(
+    *,
+    account_id: str = "",
+    rebind_id: str = "",
+    action: str = "",
+    start_time: datetime | None = None,
+    end_time: datetime | None = None,
+    page_size: int = 0,
+    page_token: str = "",
+    timeout: float | None = None,
+) -> Call[audit_pb.ListAuditEventsResponse, audit_pb.ListAuditEventsResponse]:
+    """One page of audit events in the order they were written; empty filters match any."""
+    request = audit_pb.ListAuditEventsRequest(
+        account_id=account_id,
+        rebind_id=rebind_id,
+        action=action,
+        start_time=_timestamp(start_time),
+        end_time=_timestamp(end_time),
+        page_size=page_size,
+        page_token=page_token,
+    )
+    return Call(LIST_AUDIT_EVENTS, request, Retry.REPLAY_SAFE, _same, timeout)
+
+
+def verify_audit_chain(
+    *, account_id: str = "", timeout: float | None = None
+) -> Call[audit_pb.VerifyAuditChainResponse, audit_pb.VerifyAuditChainResponse]:
+    """Recompute the audit chains (one account's, or all) and report every break."""
+    request = audit_pb.VerifyAuditChainRequest(account_id=account_id)
+    return Call(VERIFY_AUDIT_CHAIN, request, Retry.REPLAY_SAFE, _same, timeout)

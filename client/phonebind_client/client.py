@@ -1,4 +1,5 @@
-"""A typed, retrying facade over phonebind's BindingService.
+"""A typed, retrying facade over phonebind's services (BindingService,
+ReviewService, AuditService).
 
 A complete number change, with every code read from the user::
 
@@ -12,6 +13,14 @@ A complete number change, with every code read from the user::
         pb.verify_code("loan-42", rebind.rebind_id, "new", input("code sent to the new number: "))
         done = pb.complete_rebind("loan-42", rebind.rebind_id)
         print(done.account.phone_masked, done.account.hold_until.ToDatetime())
+
+A reviewers' console acting for its signed-in person::
+
+    pb = PhonebindClient("phonebind:50051", token=CONSOLE_TOKEN)
+    desk = pb.with_options(language="en", on_behalf_of="alice")
+    for case in desk.iter_reviews(readiness="ready"):
+        print(case.rebind.rebind_id, case.waiting.ToTimedelta(), case.signals)
+    desk.approve_rebind(rebind_id, note="called the customer back")
 
 Every failure is raised as :class:`~phonebind_client.errors.PhonebindError`.
 Retries: see :class:`PhonebindClient`. The asyncio twin is
@@ -27,7 +36,7 @@ from typing import Any, Concatenate, ParamSpec, Self, TypeVar
 
 import grpc
 
-from phonebind.v1 import resources_pb2
+from phonebind.v1 import audit_service_pb2, resources_pb2, review_service_pb2
 
 from . import calls
 from .calls import Call
@@ -40,6 +49,8 @@ __all__ = [
     "PhonebindClient",
     "RebindState",
     "RebindStep",
+    "ReviewReadiness",
+    "ReviewState",
     "RiskDecision",
 ]
 
@@ -48,6 +59,8 @@ CodeTarget = resources_pb2.CodeTarget
 RebindState = resources_pb2.RebindState
 RebindStep = resources_pb2.RebindStep
 RiskDecision = resources_pb2.RiskDecision
+ReviewState = resources_pb2.ReviewState
+ReviewReadiness = review_service_pb2.ReviewReadiness
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
@@ -65,7 +78,7 @@ def _blocking(
 
 
 class PhonebindClient(ClientBase[grpc.Channel, Callable[[float], object]]):
-    __doc__ = f"""Blocking client for phonebind's BindingService (``sleep``: time.sleep).
+    __doc__ = f"""Blocking client for phonebind's services (``sleep``: time.sleep).
 
     {ClientBase.__doc__}"""
 
@@ -110,6 +123,18 @@ class PhonebindClient(ClientBase[grpc.Channel, Callable[[float], object]]):
     get_rebind = _blocking(calls.get_rebind)
     list_binding_history = _blocking(calls.list_binding_history)
 
+    # -- ReviewService ---------------------------------------------------------
+
+    list_reviews = _blocking(calls.list_reviews)
+    get_review = _blocking(calls.get_review)
+    approve_rebind = _blocking(calls.approve_rebind)
+    reject_rebind = _blocking(calls.reject_rebind)
+
+    # -- AuditService ----------------------------------------------------------
+
+    list_audit_events = _blocking(calls.list_audit_events)
+    verify_audit_chain = _blocking(calls.verify_audit_chain)
+
     def iter_binding_history(
         self, account_id: str, *, page_size: int = 50, timeout: float | None = None
     ) -> Iterator[resources_pb2.BindingChange]:
@@ -120,6 +145,52 @@ class PhonebindClient(ClientBase[grpc.Channel, Callable[[float], object]]):
                 account_id, page_size=page_size, page_token=page_token, timeout=timeout
             )
             yield from page.changes
+            page_token = calls.next_page_token(page, page_token)
+
+    def iter_reviews(
+        self,
+        *,
+        state: int | str = "pending",
+        readiness: int | str = "any",
+        account_id: str = "",
+        page_size: int = 50,
+        timeout: float | None = None,
+    ) -> Iterator[review_service_pb2.ReviewCase]:
+        """Every review of the filters, oldest first, following next_page_token."""
+        page_token: str | None = ""
+        while page_token is not None:
+            page = self.list_reviews(
+                state=state,
+                readiness=readiness,
+                account_id=account_id,
+                page_size=page_size,
+                page_token=page_token,
+                timeout=timeout,
+            )
+            yield from page.reviews
+            page_token = calls.next_page_token(page, page_token)
+
+    def iter_audit_events(
+        self,
+        *,
+        account_id: str = "",
+        rebind_id: str = "",
+        action: str = "",
+        page_size: int = 100,
+        timeout: float | None = None,
+    ) -> Iterator[audit_service_pb2.AuditEvent]:
+        """Every audit event of the filters in write order, following next_page_token."""
+        page_token: str | None = ""
+        while page_token is not None:
+            page = self.list_audit_events(
+                account_id=account_id,
+                rebind_id=rebind_id,
+                action=action,
+                page_size=page_size,
+                page_token=page_token,
+                timeout=timeout,
+            )
+            yield from page.events
             page_token = calls.next_page_token(page, page_token)
 
     # -- internals -------------------------------------------------------------

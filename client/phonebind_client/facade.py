@@ -9,7 +9,7 @@ from typing import Any, Generic, Protocol, Self, TypeVar
 
 import grpc
 
-from .calls import Call, Method
+from .calls import ON_BEHALF_OF, Call, Method
 from .errors import PhonebindError
 from .retry import Backoff
 
@@ -42,16 +42,24 @@ class ClientBase(Generic[_ChannelT, _SleepT]):
     used as is (``target``, ``credentials`` and ``options`` are then not used)
     and ``close()`` leaves it open: it belongs to the caller.
 
+    ``language`` is sent as ``accept-language`` (``"zh-CN"`` or ``"en"``): the
+    language of notices, review texts and LocalizedMessage. ``on_behalf_of``
+    names the signed-in person a delegating caller (a console) acts for, sent
+    as ``x-phonebind-on-behalf-of``; phonebind then records ``<caller>:<person>``
+    as the reviewer. ``with_options()`` makes a copy for one person's request.
+
     Retries (at most ``max_attempts`` attempts in total, waiting through ``sleep``):
 
     * UNAVAILABLE, DEADLINE_EXCEEDED and CANCELLED (from a server shutting down)
-      are retried by the reads (get_account, get_rebind, list_binding_history)
+      are retried by the reads (get_account, get_rebind, list_binding_history,
+      list_reviews, get_review, list_audit_events, verify_audit_chain)
       and by the calls that carry a request_id
       (register_account, start_rebind, send_code, complete_rebind), which send
       the same request_id on every attempt; a PhonebindError from such a call
       carries that ``request_id``, to retry it later with the same effect;
-    * verify_identity, verify_code and cancel_rebind retry only UNAVAILABLE with
-      ErrorInfo reason STORE_UNAVAILABLE from domain "phonebind.v1";
+    * verify_identity, verify_code, cancel_rebind, approve_rebind and
+      reject_rebind retry only UNAVAILABLE with ErrorInfo reason
+      STORE_UNAVAILABLE from domain "phonebind.v1";
     * nothing else is ever retried.
 
     The wait before retry ``n`` (0-based) is the server's RetryInfo delay when
@@ -73,6 +81,8 @@ class ClientBase(Generic[_ChannelT, _SleepT]):
         metadata: Sequence[tuple[str, str]] = (),
         options: ChannelOptions = (),
         sleep: _SleepT | None = None,
+        language: str | None = None,
+        on_behalf_of: str | None = None,
     ) -> None:
         if channel is not None and (credentials is not None or options):
             raise ValueError("pass either channel or credentials and options, not both")
@@ -84,6 +94,7 @@ class ClientBase(Generic[_ChannelT, _SleepT]):
             if any(key.lower() == "authorization" for key, _ in call_metadata):
                 raise ValueError("pass the token either as token= or in metadata, not both")
             call_metadata.append(("authorization", f"Bearer {token}"))
+        call_metadata = _with_options(call_metadata, language, on_behalf_of)
 
         self.target = target
         self._owns_channel = channel is None
@@ -126,6 +137,20 @@ class ClientBase(Generic[_ChannelT, _SleepT]):
         other._owns_channel = False
         return other
 
+    def with_options(self, *, language: str | None = None, on_behalf_of: str | None = None) -> Self:
+        """A client on this one's channel whose calls go in ``language``
+        (accept-language) and/or on behalf of the person ``on_behalf_of``,
+        replacing this client's own; e.g. a console's, per signed-in user::
+
+            desk = pb.with_options(language="en", on_behalf_of="alice")
+            desk.approve_rebind(rebind_id, note="called the customer back")
+
+        Closing it leaves the channel open."""
+        other = copy.copy(self)
+        other._metadata = tuple(_with_options(list(self._metadata), language, on_behalf_of))
+        other._owns_channel = False
+        return other
+
     def _rpc(self, method: Method[Any, Any]) -> Any:
         """The channel's multicallable for ``method``, made once."""
         rpc = self._rpcs.get(method.name)
@@ -149,6 +174,23 @@ class ClientBase(Generic[_ChannelT, _SleepT]):
         if delay is None:
             raise error from err
         return delay
+
+
+def _with_options(
+    metadata: list[tuple[str, str]], language: str | None, on_behalf_of: str | None
+) -> list[tuple[str, str]]:
+    """``metadata`` with accept-language and the on-behalf-of header set (when given)."""
+    replaced = {
+        key
+        for key, value in (("accept-language", language), (ON_BEHALF_OF, on_behalf_of))
+        if value is not None
+    }
+    kept = [(key, value) for key, value in metadata if key.lower() not in replaced]
+    if language is not None:
+        kept.append(("accept-language", language))
+    if on_behalf_of is not None:
+        kept.append((ON_BEHALF_OF, on_behalf_of))
+    return kept
 
 
 def as_method(build: Callable[..., Call[Any, Any]], method: _Function) -> _Function:

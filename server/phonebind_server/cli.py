@@ -32,7 +32,14 @@ from .config import (
 )
 from .domain.policy import Policy
 from .domain.ports import StoreUnavailable
-from .rpc.auth import ROLES, CredentialsError, check_caller_name, new_token, token_digest
+from .rpc.auth import (
+    ROLES,
+    CredentialsError,
+    check_caller_name,
+    check_delegate_name,
+    new_token,
+    token_digest,
+)
 
 if TYPE_CHECKING:
     from .store.store import Store
@@ -78,6 +85,11 @@ def _parser() -> argparse.ArgumentParser:
     token.add_argument("--name", required=True, help="the caller's name")
     token.add_argument(
         "--roles", required=True, help="comma-separated: " + ", ".join(sorted(ROLES))
+    )
+    token.add_argument(
+        "--delegate",
+        action="store_true",
+        help="the caller (a console) may act for a signed-in person (x-phonebind-on-behalf-of)",
     )
 
     certs = commands.add_parser(
@@ -172,7 +184,7 @@ def _positive(text: str) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "token":
-        return _token(args.name, args.roles)
+        return _token(args.name, args.roles, args.delegate)
     if args.command == "dev-certs":
         from .devcerts import write_dev_certs
 
@@ -373,9 +385,11 @@ def _config_show(settings: Settings, flags: dict[str, object]) -> int:
     return 0
 
 
-def _token(name: str, roles_text: str) -> int:
+def _token(name: str, roles_text: str, delegate: bool = False) -> int:
     try:
         check_caller_name(name)
+        if delegate:
+            check_delegate_name(name)
     except CredentialsError as error:
         print(f"phonebind-server: {error}", file=sys.stderr)
         return 2
@@ -392,6 +406,8 @@ def _token(name: str, roles_text: str) -> int:
     print(f"name = {json.dumps(name, ensure_ascii=False)}")
     print(f"roles = {json.dumps(roles)}")
     print(f'token_sha256 = "{token_digest(token)}"')
+    if delegate:
+        print("delegate = true")
     return 0
 
 

@@ -25,35 +25,37 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cphonebind/v1/resources.proto\x12\x0cphonebind.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa5\x02\n\x07\x41\x63\x63ount\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x14\n\x0cphone_masked\x18\x02 \x01(\t\x12\x1a\n\x12holder_name_masked\x18\x03 \x01(\t\x12\x18\n\x10id_number_masked\x18\x04 \x01(\t\x12)\n\x05state\x18\x05 \x01(\x0e\x32\x1a.phonebind.v1.AccountState\x12.\n\nbound_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nhold_until\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x63reate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xc6\x04\n\x06Rebind\x12\x11\n\trebind_id\x18\x01 \x01(\t\x12\x12\n\naccount_id\x18\x02 \x01(\t\x12(\n\x05state\x18\x03 \x01(\x0e\x32\x19.phonebind.v1.RebindState\x12\x18\n\x10new_phone_masked\x18\x04 \x01(\t\x12\x30\n\x0erequired_steps\x18\x05 \x03(\x0e\x32\x18.phonebind.v1.RebindStep\x12\x31\n\x0f\x63ompleted_steps\x18\x06 \x03(\x0e\x32\x18.phonebind.v1.RebindStep\x12*\n\x04risk\x18\x07 \x01(\x0b\x32\x1c.phonebind.v1.RiskAssessment\x12/\n\x0b\x63reate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x65xpire_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\rcomplete_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0eold_phone_lost\x18\x0b \x01(\x08\x12\x15\n\rattempts_left\x18\x0c \x01(\x05\x12$\n\x06review\x18\r \x01(\x0b\x32\x14.phonebind.v1.Review\x12/\n\x0bupdate_time\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12%\n\x07notices\x18\x0f \x03(\x0b\x32\x14.phonebind.v1.Notice\"$\n\x06Notice\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"\x83\x01\n\x06Review\x12(\n\x05state\x18\x01 \x01(\x0e\x32\x19.phonebind.v1.ReviewState\x12\x10\n\x08reviewer\x18\x02 \x01(\t\x12\x0c\n\x04note\x18\x03 \x01(\t\x12/\n\x0b\x64\x65\x63ide_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"^\n\x0eRiskAssessment\x12,\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0e\x32\x1a.phonebind.v1.RiskDecision\x12\r\n\x05score\x18\x02 \x01(\x05\x12\x0f\n\x07reasons\x18\x03 \x03(\t\"\xa1\x01\n\rBindingChange\x12\x11\n\trebind_id\x18\x01 \x01(\t\x12\x18\n\x10old_phone_masked\x18\x02 \x01(\t\x12\x18\n\x10new_phone_masked\x18\x03 \x01(\t\x12\x31\n\rcomplete_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0eold_phone_lost\x18\x05 \x01(\x08*\x84\x01\n\x0c\x41\x63\x63ountState\x12\x1d\n\x19\x41\x43\x43OUNT_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x41\x43\x43OUNT_STATE_ACTIVE\x10\x01\x12\x1a\n\x16\x41\x43\x43OUNT_STATE_COOL_OFF\x10\x02\x12\x1f\n\x1b\x41\x43\x43OUNT_STATE_REBIND_LOCKED\x10\x03*\x97\x01\n\x0bReviewState\x12\x1c\n\x18REVIEW_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14REVIEW_STATE_PENDING\x10\x01\x12\x19\n\x15REVIEW_STATE_APPROVED\x10\x02\x12\x19\n\x15REVIEW_STATE_REJECTED\x10\x03\x12\x1a\n\x16REVIEW_STATE_ABANDONED\x10\x04*\xec\x01\n\x0bRebindState\x12\x1c\n\x18REBIND_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14REBIND_STATE_PENDING\x10\x01\x12 \n\x1cREBIND_STATE_AWAITING_REVIEW\x10\x02\x12\x16\n\x12REBIND_STATE_READY\x10\x03\x12\x1a\n\x16REBIND_STATE_COMPLETED\x10\x04\x12\x1a\n\x16REBIND_STATE_CANCELLED\x10\x05\x12\x18\n\x14REBIND_STATE_EXPIRED\x10\x06\x12\x19\n\x15REBIND_STATE_REJECTED\x10\x07*\x9b\x01\n\nRebindStep\x12\x1b\n\x17REBIND_STEP_UNSPECIFIED\x10\x00\x12\x18\n\x14REBIND_STEP_IDENTITY\x10\x01\x12\x1e\n\x1aREBIND_STEP_OLD_PHONE_CODE\x10\x02\x12\x1e\n\x1aREBIND_STEP_NEW_PHONE_CODE\x10\x03\x12\x16\n\x12REBIND_STEP_REVIEW\x10\x04*x\n\x0cRiskDecision\x12\x1d\n\x19RISK_DECISION_UNSPECIFIED\x10\x00\x12\x17\n\x13RISK_DECISION_ALLOW\x10\x01\x12\x18\n\x14RISK_DECISION_REVIEW\x10\x02\x12\x16\n\x12RISK_DECISION_DENY\x10\x03*_\n\nCodeTarget\x12\x1b\n\x17\x43ODE_TARGET_UNSPECIFIED\x10\x00\x12\x19\n\x15\x43ODE_TARGET_OLD_PHONE\x10\x01\x12\x19\n\x15\x43ODE_TARGET_NEW_PHONE\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cphonebind/v1/resources.proto\x12\x0cphonebind.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa5\x02\n\x07\x41\x63\x63ount\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x14\n\x0cphone_masked\x18\x02 \x01(\t\x12\x1a\n\x12holder_name_masked\x18\x03 \x01(\t\x12\x18\n\x10id_number_masked\x18\x04 \x01(\t\x12)\n\x05state\x18\x05 \x01(\x0e\x32\x1a.phonebind.v1.AccountState\x12.\n\nbound_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nhold_until\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x63reate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xe0\x04\n\x06Rebind\x12\x11\n\trebind_id\x18\x01 \x01(\t\x12\x12\n\naccount_id\x18\x02 \x01(\t\x12(\n\x05state\x18\x03 \x01(\x0e\x32\x19.phonebind.v1.RebindState\x12\x18\n\x10new_phone_masked\x18\x04 \x01(\t\x12\x30\n\x0erequired_steps\x18\x05 \x03(\x0e\x32\x18.phonebind.v1.RebindStep\x12\x31\n\x0f\x63ompleted_steps\x18\x06 \x03(\x0e\x32\x18.phonebind.v1.RebindStep\x12*\n\x04risk\x18\x07 \x01(\x0b\x32\x1c.phonebind.v1.RiskAssessment\x12/\n\x0b\x63reate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x65xpire_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\rcomplete_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0eold_phone_lost\x18\x0b \x01(\x08\x12\x15\n\rattempts_left\x18\x0c \x01(\x05\x12$\n\x06review\x18\r \x01(\x0b\x32\x14.phonebind.v1.Review\x12/\n\x0bupdate_time\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12%\n\x07notices\x18\x0f \x03(\x0b\x32\x14.phonebind.v1.Notice\x12\x18\n\x10old_phone_masked\x18\x10 \x01(\t\"$\n\x06Notice\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"\xca\x01\n\x06Review\x12(\n\x05state\x18\x01 \x01(\x0e\x32\x19.phonebind.v1.ReviewState\x12\x10\n\x08reviewer\x18\x02 \x01(\t\x12\x0c\n\x04note\x18\x03 \x01(\t\x12/\n\x0b\x64\x65\x63ide_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\tapprovals\x18\x05 \x03(\x0b\x32\x16.phonebind.v1.Approval\x12\x1a\n\x12\x61pprovals_required\x18\x06 \x01(\x05\"\\\n\x08\x41pproval\x12\x10\n\x08reviewer\x18\x01 \x01(\t\x12\x0c\n\x04note\x18\x02 \x01(\t\x12\x30\n\x0c\x61pprove_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"^\n\x0eRiskAssessment\x12,\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0e\x32\x1a.phonebind.v1.RiskDecision\x12\r\n\x05score\x18\x02 \x01(\x05\x12\x0f\n\x07reasons\x18\x03 \x03(\t\"\xa1\x01\n\rBindingChange\x12\x11\n\trebind_id\x18\x01 \x01(\t\x12\x18\n\x10old_phone_masked\x18\x02 \x01(\t\x12\x18\n\x10new_phone_masked\x18\x03 \x01(\t\x12\x31\n\rcomplete_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0eold_phone_lost\x18\x05 \x01(\x08*\x84\x01\n\x0c\x41\x63\x63ountState\x12\x1d\n\x19\x41\x43\x43OUNT_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x41\x43\x43OUNT_STATE_ACTIVE\x10\x01\x12\x1a\n\x16\x41\x43\x43OUNT_STATE_COOL_OFF\x10\x02\x12\x1f\n\x1b\x41\x43\x43OUNT_STATE_REBIND_LOCKED\x10\x03*\x97\x01\n\x0bReviewState\x12\x1c\n\x18REVIEW_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14REVIEW_STATE_PENDING\x10\x01\x12\x19\n\x15REVIEW_STATE_APPROVED\x10\x02\x12\x19\n\x15REVIEW_STATE_REJECTED\x10\x03\x12\x1a\n\x16REVIEW_STATE_ABANDONED\x10\x04*\xec\x01\n\x0bRebindState\x12\x1c\n\x18REBIND_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14REBIND_STATE_PENDING\x10\x01\x12 \n\x1cREBIND_STATE_AWAITING_REVIEW\x10\x02\x12\x16\n\x12REBIND_STATE_READY\x10\x03\x12\x1a\n\x16REBIND_STATE_COMPLETED\x10\x04\x12\x1a\n\x16REBIND_STATE_CANCELLED\x10\x05\x12\x18\n\x14REBIND_STATE_EXPIRED\x10\x06\x12\x19\n\x15REBIND_STATE_REJECTED\x10\x07*\x9b\x01\n\nRebindStep\x12\x1b\n\x17REBIND_STEP_UNSPECIFIED\x10\x00\x12\x18\n\x14REBIND_STEP_IDENTITY\x10\x01\x12\x1e\n\x1aREBIND_STEP_OLD_PHONE_CODE\x10\x02\x12\x1e\n\x1aREBIND_STEP_NEW_PHONE_CODE\x10\x03\x12\x16\n\x12REBIND_STEP_REVIEW\x10\x04*x\n\x0cRiskDecision\x12\x1d\n\x19RISK_DECISION_UNSPECIFIED\x10\x00\x12\x17\n\x13RISK_DECISION_ALLOW\x10\x01\x12\x18\n\x14RISK_DECISION_REVIEW\x10\x02\x12\x16\n\x12RISK_DECISION_DENY\x10\x03*_\n\nCodeTarget\x12\x1b\n\x17\x43ODE_TARGET_UNSPECIFIED\x10\x00\x12\x19\n\x15\x43ODE_TARGET_OLD_PHONE\x10\x01\x12\x19\n\x15\x43ODE_TARGET_NEW_PHONE\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'phonebind.v1.resources_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ACCOUNTSTATE']._serialized_start=1393
-  _globals['_ACCOUNTSTATE']._serialized_end=1525
-  _globals['_REVIEWSTATE']._serialized_start=1528
-  _globals['_REVIEWSTATE']._serialized_end=1679
-  _globals['_REBINDSTATE']._serialized_start=1682
-  _globals['_REBINDSTATE']._serialized_end=1918
-  _globals['_REBINDSTEP']._serialized_start=1921
-  _globals['_REBINDSTEP']._serialized_end=2076
-  _globals['_RISKDECISION']._serialized_start=2078
-  _globals['_RISKDECISION']._serialized_end=2198
-  _globals['_CODETARGET']._serialized_start=2200
-  _globals['_CODETARGET']._serialized_end=2295
+  _globals['_ACCOUNTSTATE']._serialized_start=1584
+  _globals['_ACCOUNTSTATE']._serialized_end=1716
+  _globals['_REVIEWSTATE']._serialized_start=1719
+  _globals['_REVIEWSTATE']._serialized_end=1870
+  _globals['_REBINDSTATE']._serialized_start=1873
+  _globals['_REBINDSTATE']._serialized_end=2109
+  _globals['_REBINDSTEP']._serialized_start=2112
+  _globals['_REBINDSTEP']._serialized_end=2267
+  _globals['_RISKDECISION']._serialized_start=2269
+  _globals['_RISKDECISION']._serialized_end=2389
+  _globals['_CODETARGET']._serialized_start=2391
+  _globals['_CODETARGET']._serialized_end=2486
   _globals['_ACCOUNT']._serialized_start=80
   _globals['_ACCOUNT']._serialized_end=373
   _globals['_REBIND']._serialized_start=376
-  _globals['_REBIND']._serialized_end=958
-  _globals['_NOTICE']._serialized_start=960
-  _globals['_NOTICE']._serialized_end=996
-  _globals['_REVIEW']._serialized_start=999
-  _globals['_REVIEW']._serialized_end=1130
-  _globals['_RISKASSESSMENT']._serialized_start=1132
-  _globals['_RISKASSESSMENT']._serialized_end=1226
-  _globals['_BINDINGCHANGE']._serialized_start=1229
-  _globals['_BINDINGCHANGE']._serialized_end=1390
+  _globals['_REBIND']._serialized_end=984
+  _globals['_NOTICE']._serialized_start=986
+  _globals['_NOTICE']._serialized_end=1022
+  _globals['_REVIEW']._serialized_start=1025
+  _globals['_REVIEW']._serialized_end=1227
+  _globals['_APPROVAL']._serialized_start=1229
+  _globals['_APPROVAL']._serialized_end=1321
+  _globals['_RISKASSESSMENT']._serialized_start=1323
+  _globals['_RISKASSESSMENT']._serialized_end=1417
+  _globals['_BINDINGCHANGE']._serialized_start=1420
+  _globals['_BINDINGCHANGE']._serialized_end=1581
 # @@protoc_insertion_point(module_scope)

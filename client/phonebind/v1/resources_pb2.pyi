@@ -107,7 +107,7 @@ class Account(_message.Message):
     def __init__(self, account_id: _Optional[str] = ..., phone_masked: _Optional[str] = ..., holder_name_masked: _Optional[str] = ..., id_number_masked: _Optional[str] = ..., state: _Optional[_Union[AccountState, str]] = ..., bound_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., hold_until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class Rebind(_message.Message):
-    __slots__ = ("rebind_id", "account_id", "state", "new_phone_masked", "required_steps", "completed_steps", "risk", "create_time", "expire_time", "complete_time", "old_phone_lost", "attempts_left", "review", "update_time", "notices")
+    __slots__ = ("rebind_id", "account_id", "state", "new_phone_masked", "required_steps", "completed_steps", "risk", "create_time", "expire_time", "complete_time", "old_phone_lost", "attempts_left", "review", "update_time", "notices", "old_phone_masked")
     REBIND_ID_FIELD_NUMBER: _ClassVar[int]
     ACCOUNT_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -123,6 +123,7 @@ class Rebind(_message.Message):
     REVIEW_FIELD_NUMBER: _ClassVar[int]
     UPDATE_TIME_FIELD_NUMBER: _ClassVar[int]
     NOTICES_FIELD_NUMBER: _ClassVar[int]
+    OLD_PHONE_MASKED_FIELD_NUMBER: _ClassVar[int]
     rebind_id: str
     account_id: str
     state: RebindState
@@ -138,7 +139,8 @@ class Rebind(_message.Message):
     review: Review
     update_time: _timestamp_pb2.Timestamp
     notices: _containers.RepeatedCompositeFieldContainer[Notice]
-    def __init__(self, rebind_id: _Optional[str] = ..., account_id: _Optional[str] = ..., state: _Optional[_Union[RebindState, str]] = ..., new_phone_masked: _Optional[str] = ..., required_steps: _Optional[_Iterable[_Union[RebindStep, str]]] = ..., completed_steps: _Optional[_Iterable[_Union[RebindStep, str]]] = ..., risk: _Optional[_Union[RiskAssessment, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., complete_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., old_phone_lost: _Optional[bool] = ..., attempts_left: _Optional[int] = ..., review: _Optional[_Union[Review, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., notices: _Optional[_Iterable[_Union[Notice, _Mapping]]] = ...) -> None: ...
+    old_phone_masked: str
+    def __init__(self, rebind_id: _Optional[str] = ..., account_id: _Optional[str] = ..., state: _Optional[_Union[RebindState, str]] = ..., new_phone_masked: _Optional[str] = ..., required_steps: _Optional[_Iterable[_Union[RebindStep, str]]] = ..., completed_steps: _Optional[_Iterable[_Union[RebindStep, str]]] = ..., risk: _Optional[_Union[RiskAssessment, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., complete_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., old_phone_lost: _Optional[bool] = ..., attempts_left: _Optional[int] = ..., review: _Optional[_Union[Review, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., notices: _Optional[_Iterable[_Union[Notice, _Mapping]]] = ..., old_phone_masked: _Optional[str] = ...) -> None: ...
 
 class Notice(_message.Message):
     __slots__ = ("code", "text")
@@ -149,16 +151,30 @@ class Notice(_message.Message):
     def __init__(self, code: _Optional[str] = ..., text: _Optional[str] = ...) -> None: ...
 
 class Review(_message.Message):
-    __slots__ = ("state", "reviewer", "note", "decide_time")
+    __slots__ = ("state", "reviewer", "note", "decide_time", "approvals", "approvals_required")
     STATE_FIELD_NUMBER: _ClassVar[int]
     REVIEWER_FIELD_NUMBER: _ClassVar[int]
     NOTE_FIELD_NUMBER: _ClassVar[int]
     DECIDE_TIME_FIELD_NUMBER: _ClassVar[int]
+    APPROVALS_FIELD_NUMBER: _ClassVar[int]
+    APPROVALS_REQUIRED_FIELD_NUMBER: _ClassVar[int]
     state: ReviewState
     reviewer: str
     note: str
     decide_time: _timestamp_pb2.Timestamp
-    def __init__(self, state: _Optional[_Union[ReviewState, str]] = ..., reviewer: _Optional[str] = ..., note: _Optional[str] = ..., decide_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    approvals: _containers.RepeatedCompositeFieldContainer[Approval]
+    approvals_required: int
+    def __init__(self, state: _Optional[_Union[ReviewState, str]] = ..., reviewer: _Optional[str] = ..., note: _Optional[str] = ..., decide_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., approvals: _Optional[_Iterable[_Union[Approval, _Mapping]]] = ..., approvals_required: _Optional[int] = ...) -> None: ...
+
+class Approval(_message.Message):
+    __slots__ = ("reviewer", "note", "approve_time")
+    REVIEWER_FIELD_NUMBER: _ClassVar[int]
+    NOTE_FIELD_NUMBER: _ClassVar[int]
+    APPROVE_TIME_FIELD_NUMBER: _ClassVar[int]
+    reviewer: str
+    note: str
+    approve_time: _timestamp_pb2.Timestamp
+    def __init__(self, reviewer: _Optional[str] = ..., note: _Optional[str] = ..., approve_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class RiskAssessment(_message.Message):
     __slots__ = ("decision", "score", "reasons")

@@ -22,28 +22,46 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from phonebind.v1 import resources_pb2 as phonebind_dot_v1_dot_resources__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!phonebind/v1/review_service.proto\x12\x0cphonebind.v1\x1a\x1cphonebind/v1/resources.proto\"e\n\x12ListReviewsRequest\x12(\n\x05state\x18\x01 \x01(\x0e\x32\x19.phonebind.v1.ReviewState\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"U\n\x13ListReviewsResponse\x12%\n\x07rebinds\x18\x01 \x03(\x0b\x32\x14.phonebind.v1.Rebind\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"I\n\x14\x41pproveRebindRequest\x12\x11\n\trebind_id\x18\x01 \x01(\t\x12\x10\n\x08reviewer\x18\x02 \x01(\t\x12\x0c\n\x04note\x18\x03 \x01(\t\"=\n\x15\x41pproveRebindResponse\x12$\n\x06rebind\x18\x01 \x01(\x0b\x32\x14.phonebind.v1.Rebind\"J\n\x13RejectRebindRequest\x12\x11\n\trebind_id\x18\x01 \x01(\t\x12\x10\n\x08reviewer\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"<\n\x14RejectRebindResponse\x12$\n\x06rebind\x18\x01 \x01(\x0b\x32\x14.phonebind.v1.Rebind2\x94\x02\n\rReviewService\x12R\n\x0bListReviews\x12 .phonebind.v1.ListReviewsRequest\x1a!.phonebind.v1.ListReviewsResponse\x12X\n\rApproveRebind\x12\".phonebind.v1.ApproveRebindRequest\x1a#.phonebind.v1.ApproveRebindResponse\x12U\n\x0cRejectRebind\x12!.phonebind.v1.RejectRebindRequest\x1a\".phonebind.v1.RejectRebindResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!phonebind/v1/review_service.proto\x12\x0cphonebind.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1cphonebind/v1/resources.proto\"\xab\x01\n\x12ListReviewsRequest\x12(\n\x05state\x18\x01 \x01(\x0e\x32\x19.phonebind.v1.ReviewState\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\x30\n\treadiness\x18\x04 \x01(\x0e\x32\x1d.phonebind.v1.ReviewReadiness\x12\x12\n\naccount_id\x18\x05 \x01(\t\"\x80\x01\n\x13ListReviewsResponse\x12%\n\x07rebinds\x18\x01 \x03(\x0b\x32\x14.phonebind.v1.Rebind\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12)\n\x07reviews\x18\x03 \x03(\x0b\x32\x18.phonebind.v1.ReviewCase\"%\n\x10GetReviewRequest\x12\x11\n\trebind_id\x18\x01 \x01(\t\"=\n\x11GetReviewResponse\x12(\n\x06review\x18\x01 \x01(\x0b\x32\x18.phonebind.v1.ReviewCase\"\xfc\x02\n\nReviewCase\x12$\n\x06rebind\x18\x01 \x01(\x0b\x32\x14.phonebind.v1.Rebind\x12&\n\x07\x61\x63\x63ount\x18\x02 \x01(\x0b\x32\x15.phonebind.v1.Account\x12\x30\n\treadiness\x18\x03 \x01(\x0e\x32\x1d.phonebind.v1.ReviewReadiness\x12)\n\x07signals\x18\x04 \x03(\x0b\x32\x18.phonebind.v1.RiskSignal\x12\x1c\n\x14\x63hanges_last_30_days\x18\x05 \x01(\x05\x12\x1d\n\x15\x63hanges_last_365_days\x18\x06 \x01(\x05\x12\'\n\x05steps\x18\x07 \x03(\x0b\x32\x18.phonebind.v1.StepRecord\x12\x31\n\rwaiting_since\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x07waiting\x18\t \x01(\x0b\x32\x19.google.protobuf.Duration\"?\n\nRiskSignal\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\x05\x12\x13\n\x0b\x65xplanation\x18\x03 \x01(\t\"\x8c\x01\n\nStepRecord\x12&\n\x04step\x18\x01 \x01(\x0e\x32\x18.phonebind.v1.RebindStep\x12\x0e\n\x06method\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x31\n\rcomplete_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"M\n\x14\x41pproveRebindRequest\x12\x11\n\trebind_id\x18\x01 \x01(\t\x12\x14\n\x08reviewer\x18\x02 \x01(\tB\x02\x18\x01\x12\x0c\n\x04note\x18\x03 \x01(\t\"g\n\x15\x41pproveRebindResponse\x12$\n\x06rebind\x18\x01 \x01(\x0b\x32\x14.phonebind.v1.Rebind\x12(\n\x06review\x18\x02 \x01(\x0b\x32\x18.phonebind.v1.ReviewCase\"N\n\x13RejectRebindRequest\x12\x11\n\trebind_id\x18\x01 \x01(\t\x12\x14\n\x08reviewer\x18\x02 \x01(\tB\x02\x18\x01\x12\x0e\n\x06reason\x18\x03 \x01(\t\"f\n\x14RejectRebindResponse\x12$\n\x06rebind\x18\x01 \x01(\x0b\x32\x14.phonebind.v1.Rebind\x12(\n\x06review\x18\x02 \x01(\x0b\x32\x18.phonebind.v1.ReviewCase*y\n\x0fReviewReadiness\x12 \n\x1cREVIEW_READINESS_UNSPECIFIED\x10\x00\x12\x1a\n\x16REVIEW_READINESS_READY\x10\x01\x12(\n$REVIEW_READINESS_WAITING_ON_CUSTOMER\x10\x02\x32\xe2\x02\n\rReviewService\x12R\n\x0bListReviews\x12 .phonebind.v1.ListReviewsRequest\x1a!.phonebind.v1.ListReviewsResponse\x12L\n\tGetReview\x12\x1e.phonebind.v1.GetReviewRequest\x1a\x1f.phonebind.v1.GetReviewResponse\x12X\n\rApproveRebind\x12\".phonebind.v1.ApproveRebindRequest\x1a#.phonebind.v1.ApproveRebindResponse\x12U\n\x0cRejectRebind\x12!.phonebind.v1.RejectRebindRequest\x1a\".phonebind.v1.RejectRebindResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'phonebind.v1.review_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_LISTREVIEWSREQUEST']._serialized_start=81
-  _globals['_LISTREVIEWSREQUEST']._serialized_end=182
-  _globals['_LISTREVIEWSRESPONSE']._serialized_start=184
-  _globals['_LISTREVIEWSRESPONSE']._serialized_end=269
-  _globals['_APPROVEREBINDREQUEST']._serialized_start=271
-  _globals['_APPROVEREBINDREQUEST']._serialized_end=344
-  _globals['_APPROVEREBINDRESPONSE']._serialized_start=346
-  _globals['_APPROVEREBINDRESPONSE']._serialized_end=407
-  _globals['_REJECTREBINDREQUEST']._serialized_start=409
-  _globals['_REJECTREBINDREQUEST']._serialized_end=483
-  _globals['_REJECTREBINDRESPONSE']._serialized_start=485
-  _globals['_REJECTREBINDRESPONSE']._serialized_end=545
-  _globals['_REVIEWSERVICE']._serialized_start=548
-  _globals['_REVIEWSERVICE']._serialized_end=824
+  _globals['_APPROVEREBINDREQUEST'].fields_by_name['reviewer']._loaded_options = None
+  _globals['_APPROVEREBINDREQUEST'].fields_by_name['reviewer']._serialized_options = b'\030\001'
+  _globals['_REJECTREBINDREQUEST'].fields_by_name['reviewer']._loaded_options = None
+  _globals['_REJECTREBINDREQUEST'].fields_by_name['reviewer']._serialized_options = b'\030\001'
+  _globals['_REVIEWREADINESS']._serialized_start=1512
+  _globals['_REVIEWREADINESS']._serialized_end=1633
+  _globals['_LISTREVIEWSREQUEST']._serialized_start=147
+  _globals['_LISTREVIEWSREQUEST']._serialized_end=318
+  _globals['_LISTREVIEWSRESPONSE']._serialized_start=321
+  _globals['_LISTREVIEWSRESPONSE']._serialized_end=449
+  _globals['_GETREVIEWREQUEST']._serialized_start=451
+  _globals['_GETREVIEWREQUEST']._serialized_end=488
+  _globals['_GETREVIEWRESPONSE']._serialized_start=490
+  _globals['_GETREVIEWRESPONSE']._serialized_end=551
+  _globals['_REVIEWCASE']._serialized_start=554
+  _globals['_REVIEWCASE']._serialized_end=934
+  _globals['_RISKSIGNAL']._serialized_start=936
+  _globals['_RISKSIGNAL']._serialized_end=999
+  _globals['_STEPRECORD']._serialized_start=1002
+  _globals['_STEPRECORD']._serialized_end=1142
+  _globals['_APPROVEREBINDREQUEST']._serialized_start=1144
+  _globals['_APPROVEREBINDREQUEST']._serialized_end=1221
+  _globals['_APPROVEREBINDRESPONSE']._serialized_start=1223
+  _globals['_APPROVEREBINDRESPONSE']._serialized_end=1326
+  _globals['_REJECTREBINDREQUEST']._serialized_start=1328
+  _globals['_REJECTREBINDREQUEST']._serialized_end=1406
+  _globals['_REJECTREBINDRESPONSE']._serialized_start=1408
+  _globals['_REJECTREBINDRESPONSE']._serialized_end=1510
+  _globals['_REVIEWSERVICE']._serialized_start=1636
+  _globals['_REVIEWSERVICE']._serialized_end=1990
 # @@protoc_insertion_point(module_scope)

@@ -26,9 +26,21 @@ if _version_not_supported:
 
 
 class ReviewServiceStub:
-    """The risk-operations console's view: rebinds that need a human decision.
-    A rebind needs review when its old phone was lost or its risk assessment
-    said REVIEW; it cannot complete until approved.
+    """The risk-operations desk: rebinds that need a human decision, with what is
+    needed to decide them. A rebind needs review when its old phone was lost or
+    its risk assessment said REVIEW; it cannot complete until approved.
+
+    The reviewer recorded for a decision is the authenticated caller, never a
+    request field. A caller whose credential is marked `delegate` (a console)
+    may name the signed-in person it acts for in the request header
+    "x-phonebind-on-behalf-of: <person>" (1-64 of A-Z a-z 0-9 . _ @ -); the
+    caller is then "<caller>:<person>" (e.g. "console:alice") for the decision,
+    the audit trail and the logs. The header from a caller not marked
+    `delegate` is refused with PERMISSION_DENIED, a malformed one with
+    UNAUTHENTICATED; ErrorInfo metadata "header" names it.
+
+    Texts (signal explanations, step descriptions, notices) follow the call's
+    accept-language metadata (zh-CN by default, or en).
     """
 
     def __init__(self, channel):
@@ -41,6 +53,11 @@ class ReviewServiceStub:
                 '/phonebind.v1.ReviewService/ListReviews',
                 request_serializer=phonebind_dot_v1_dot_review__service__pb2.ListReviewsRequest.SerializeToString,
                 response_deserializer=phonebind_dot_v1_dot_review__service__pb2.ListReviewsResponse.FromString,
+                _registered_method=True)
+        self.GetReview = channel.unary_unary(
+                '/phonebind.v1.ReviewService/GetReview',
+                request_serializer=phonebind_dot_v1_dot_review__service__pb2.GetReviewRequest.SerializeToString,
+                response_deserializer=phonebind_dot_v1_dot_review__service__pb2.GetReviewResponse.FromString,
                 _registered_method=True)
         self.ApproveRebind = channel.unary_unary(
                 '/phonebind.v1.ReviewService/ApproveRebind',
@@ -55,28 +72,53 @@ class ReviewServiceStub:
 
 
 class ReviewServiceServicer:
-    """The risk-operations console's view: rebinds that need a human decision.
-    A rebind needs review when its old phone was lost or its risk assessment
-    said REVIEW; it cannot complete until approved.
+    """The risk-operations desk: rebinds that need a human decision, with what is
+    needed to decide them. A rebind needs review when its old phone was lost or
+    its risk assessment said REVIEW; it cannot complete until approved.
+
+    The reviewer recorded for a decision is the authenticated caller, never a
+    request field. A caller whose credential is marked `delegate` (a console)
+    may name the signed-in person it acts for in the request header
+    "x-phonebind-on-behalf-of: <person>" (1-64 of A-Z a-z 0-9 . _ @ -); the
+    caller is then "<caller>:<person>" (e.g. "console:alice") for the decision,
+    the audit trail and the logs. The header from a caller not marked
+    `delegate` is refused with PERMISSION_DENIED, a malformed one with
+    UNAUTHENTICATED; ErrorInfo metadata "header" names it.
+
+    Texts (signal explanations, step descriptions, notices) follow the call's
+    accept-language metadata (zh-CN by default, or en).
     """
 
     def ListReviews(self, request, context):
-        """Rebinds that need review, oldest first, filtered by review state.
+        """Rebinds that need review, oldest first, filtered by review state,
+        readiness and account.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetReview(self, request, context):
+        """One rebind that needs (or needed) review, with its context.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ApproveRebind(self, request, context):
-        """Approves the change. The rebind must be open, unexpired and have its
-        identity step done; it becomes READY once its codes are verified too.
+        """Approves the change as the calling reviewer. The rebind must be open,
+        unexpired and have its identity step done; it becomes READY once its
+        codes are verified too. When the policy asks for two reviewers (lost-phone
+        rebinds), the first approval is recorded and the REVIEW step stays
+        outstanding until a different reviewer approves; the same reviewer again
+        is refused with FAILED_PRECONDITION / ALREADY_APPROVED_BY_YOU.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def RejectRebind(self, request, context):
-        """Refuses the change; the rebind is closed as REJECTED.
+        """Refuses the change as the calling reviewer; the rebind is closed as
+        REJECTED. A reason is required.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -89,6 +131,11 @@ def add_ReviewServiceServicer_to_server(servicer, server):
                     servicer.ListReviews,
                     request_deserializer=phonebind_dot_v1_dot_review__service__pb2.ListReviewsRequest.FromString,
                     response_serializer=phonebind_dot_v1_dot_review__service__pb2.ListReviewsResponse.SerializeToString,
+            ),
+            'GetReview': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetReview,
+                    request_deserializer=phonebind_dot_v1_dot_review__service__pb2.GetReviewRequest.FromString,
+                    response_serializer=phonebind_dot_v1_dot_review__service__pb2.GetReviewResponse.SerializeToString,
             ),
             'ApproveRebind': grpc.unary_unary_rpc_method_handler(
                     servicer.ApproveRebind,
@@ -109,9 +156,21 @@ def add_ReviewServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class ReviewService:
-    """The risk-operations console's view: rebinds that need a human decision.
-    A rebind needs review when its old phone was lost or its risk assessment
-    said REVIEW; it cannot complete until approved.
+    """The risk-operations desk: rebinds that need a human decision, with what is
+    needed to decide them. A rebind needs review when its old phone was lost or
+    its risk assessment said REVIEW; it cannot complete until approved.
+
+    The reviewer recorded for a decision is the authenticated caller, never a
+    request field. A caller whose credential is marked `delegate` (a console)
+    may name the signed-in person it acts for in the request header
+    "x-phonebind-on-behalf-of: <person>" (1-64 of A-Z a-z 0-9 . _ @ -); the
+    caller is then "<caller>:<person>" (e.g. "console:alice") for the decision,
+    the audit trail and the logs. The header from a caller not marked
+    `delegate` is refused with PERMISSION_DENIED, a malformed one with
+    UNAUTHENTICATED; ErrorInfo metadata "header" names it.
+
+    Texts (signal explanations, step descriptions, notices) follow the call's
+    accept-language metadata (zh-CN by default, or en).
     """
 
     @staticmethod
@@ -131,6 +190,33 @@ class ReviewService:
             '/phonebind.v1.ReviewService/ListReviews',
             phonebind_dot_v1_dot_review__service__pb2.ListReviewsRequest.SerializeToString,
             phonebind_dot_v1_dot_review__service__pb2.ListReviewsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetReview(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/phonebind.v1.ReviewService/GetReview',
+            phonebind_dot_v1_dot_review__service__pb2.GetReviewRequest.SerializeToString,
+            phonebind_dot_v1_dot_review__service__pb2.GetReviewResponse.FromString,
             options,
             channel_credentials,
             insecure,

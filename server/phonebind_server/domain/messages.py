@@ -98,6 +98,10 @@ _USER_ERRORS: dict[str, dict[str, str]] = {
         "en": "This check is not needed for this change.",
     },
     "STEP_ALREADY_DONE": {"zh-CN": "此项验证已完成。", "en": "This check is already done."},
+    "ALREADY_APPROVED_BY_YOU": {
+        "zh-CN": "您已批准过此申请，需由另一位审核人批准。",
+        "en": "You already approved this change; another reviewer must approve it.",
+    },
     "NO_ACTIVE_CODE": {"zh-CN": "请先获取验证码。", "en": "Please request a code first."},
     "CODE_EXPIRED": {
         "zh-CN": "验证码已过期，请重新获取。",
@@ -166,6 +170,73 @@ _NOTICES: dict[str, dict[str, str]] = {
         "to sign in or receive codes.",
     },
 }
+
+
+# -- what a reviewer reads --------------------------------------------------------
+
+# Per risk signal, what it means for the change under review.
+_SIGNALS: dict[str, dict[str, str]] = {
+    "FREQUENT_CHANGES": {
+        "zh-CN": "该账户近期已多次更换绑定手机号。",
+        "en": "The account has changed its phone number several times recently.",
+    },
+    "NUMBER_RECENTLY_RELEASED": {
+        "zh-CN": "新手机号近期曾绑定其他账户，可能是运营商回收后重新放号的号码。",
+        "en": "The new number was bound to another account recently: it may be a recycled number.",
+    },
+    "VIRTUAL_OPERATOR": {
+        "zh-CN": "新手机号属于虚拟运营商号段，实名要求较弱。",
+        "en": "The new number is in a virtual operator's range, where identity checks are weaker.",
+    },
+    "OLD_PHONE_LOST": {
+        "zh-CN": "用户表示原手机号已丢失，无法用原手机号接收验证码。",
+        "en": "The user says the old phone is lost, so no code could reach the old number.",
+    },
+    "IN_COOL_OFF": {
+        "zh-CN": "账户仍处于上次更换后的安全冷静期内。",
+        "en": "The account is still inside the safety hold after its last change.",
+    },
+    "REGION_MISMATCH": {
+        "zh-CN": "新手机号归属地与身份证签发地所在省份不一致。",
+        "en": "The new number's region differs from the province that issued the ID card.",
+    },
+}
+
+_UNKNOWN_SIGNAL = {
+    "zh-CN": "风险信号 {code}。",
+    "en": "Risk signal {code}.",
+}
+
+# Per step method, how the step was done (masked numbers only).
+_STEP_METHODS: dict[str, dict[str, str]] = {
+    "KYC_MATCH": {
+        "zh-CN": "姓名和身份证号码与实名信息一致。",
+        "en": "The holder name and ID number matched the KYC record.",
+    },
+    "SMS_CODE_OLD_NUMBER": {
+        "zh-CN": "已输入发送至原手机号 {old_phone} 的验证码。",
+        "en": "The code sent to the old number {old_phone} was entered.",
+    },
+    "SMS_CODE_NEW_NUMBER": {
+        "zh-CN": "已输入发送至新手机号 {new_phone} 的验证码。",
+        "en": "The code sent to the new number {new_phone} was entered.",
+    },
+    "REVIEWER_APPROVAL": {
+        "zh-CN": "审核人 {reviewer} 已批准。",
+        "en": "Approved by the reviewer {reviewer}.",
+    },
+}
+
+
+def signal_explanation(code: str, language: str) -> str:
+    texts = _SIGNALS.get(code)
+    if texts is None:
+        return _UNKNOWN_SIGNAL[language].format(code=code)
+    return texts[language]
+
+
+def step_description(method: str, language: str, **values: str) -> str:
+    return _STEP_METHODS[method][language].format(**values)
 
 
 def user_message(reason: str, metadata: dict[str, str], language: str) -> str:

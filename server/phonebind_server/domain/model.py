@@ -117,6 +117,15 @@ class Account:
 
 
 @dataclass(frozen=True)
+class Approval:
+    """One reviewer's approval of a rebind."""
+
+    reviewer: str
+    note: str
+    at: datetime
+
+
+@dataclass(frozen=True)
 class Rebind:
     rebind_id: str
     account_id: str
@@ -131,9 +140,27 @@ class Rebind:
     expires_at: datetime
     updated_at: datetime
     completed_at: datetime | None = None
+    # The decision: the reviewer who approved last or rejected, and when.
     reviewer: str = ""
     review_note: str = ""
     reviewed_at: datetime | None = None
+    # The number bound when the rebind started, masked ("" for rebinds from
+    # before it was recorded).
+    old_phone_masked: str = ""
+    # When each completed step was done (steps done before times were kept
+    # have none).
+    step_times: tuple[tuple[Step, datetime], ...] = ()
+    # Every approval so far, oldest first (two for a two-reviewer rebind).
+    approvals: tuple[Approval, ...] = ()
+
+    def step_time(self, step: Step) -> datetime | None:
+        return next((at for done, at in self.step_times if done is step), None)
+
+    def with_step_done(self, step: Step, at: datetime) -> Rebind:
+        """The rebind with `step` completed at `at` (its state to be set by the caller)."""
+        completed = tuple(s for s in self.required if s in self.completed or s is step)
+        times = (*((s, t) for s, t in self.step_times if s is not step), (step, at))
+        return replace(self, completed=completed, step_times=times)
 
     @property
     def outstanding(self) -> tuple[Step, ...]:
@@ -153,6 +180,17 @@ class Rebind:
 
     def with_changes(self, **changes: object) -> Rebind:
         return replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class ReviewFacts:
+    """A rebind that needs review, its account and the account's recent
+    completed changes, as one read gives them."""
+
+    rebind: Rebind
+    account: Account
+    changes_30_days: int
+    changes_365_days: int
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,10 @@ class Policy:
     hold: timedelta = timedelta(hours=24)
     hold_old_phone_lost: timedelta = timedelta(hours=72)
 
+    # Different reviewers who must approve a lost-phone rebind (1 or 2): the
+    # four-eyes rule for the riskiest change, where no code reached the old number.
+    lost_phone_reviewers: int = 1
+
     allowed_regions: tuple[str, ...] = ("CN",)
     sms_language: str = "zh-CN"
     sms_signature: str = "phonebind"
@@ -52,7 +56,13 @@ class Policy:
         """The cool-off hold a completed change starts."""
         return self.hold_old_phone_lost if old_phone_lost else self.hold
 
+    def approvals_required(self, old_phone_lost: bool) -> int:
+        """How many different reviewers must approve a rebind that needs review."""
+        return self.lost_phone_reviewers if old_phone_lost else 1
+
     def __post_init__(self) -> None:
+        if self.lost_phone_reviewers not in (1, 2):
+            raise ValueError("lost_phone_reviewers must be 1 or 2")
         if not 6 <= self.code_length <= 10:
             raise ValueError("code_length must be 6 to 10 digits")
         if self.code_ttl > timedelta(minutes=10) or self.code_ttl <= timedelta(0):

@@ -28,6 +28,7 @@ from .model import (
     IdempotencyRecord,
     OutboundSms,
     Rebind,
+    ReviewFacts,
 )
 
 T = TypeVar("T")
@@ -99,15 +100,28 @@ class RebindRepository(Protocol):
         self,
         state: str,
         *,
+        readiness: str = "ANY",
+        account_id: str = "",
         now: datetime,
         max_failures: int,
+        windows: tuple[datetime, datetime],
         after: tuple[datetime, str] | None,
         limit: int,
-    ) -> Read[list[Rebind]]:
-        """Rebinds needing review in `state` (PENDING, APPROVED, REJECTED), oldest first.
+    ) -> Read[list[ReviewFacts]]:
+        """Rebinds needing review in `state` (PENDING, APPROVED, REJECTED), oldest
+        first, with their accounts and the accounts' changes completed since
+        each of `windows` (30 and 365 days back).
 
         PENDING leaves out what no reviewer can act on: expired rebinds, and
-        those locked by `max_failures` wrong answers."""
+        those locked by `max_failures` wrong answers; `readiness` READY keeps
+        those whose other steps are all done, WAITING those still waiting on
+        the customer. `account_id`: only that account's."""
+        ...
+
+    def review(
+        self, rebind_id: str, *, windows: tuple[datetime, datetime]
+    ) -> Read[ReviewFacts | None]:
+        """One rebind with the facts `reviews` gives."""
         ...
 
 

@@ -462,6 +462,7 @@ class RebindService:
                 state=RebindState.PENDING,
                 new_phone=self._vault.seal_phone(number),
                 old_phone_lost=old_phone_lost,
+                old_phone_masked=account.phone.masked,
                 required=tuple(required),
                 completed=(),
                 risk=risk,
@@ -896,10 +897,8 @@ class RebindService:
             )
 
     def _complete_step(self, tx: Tx, rebind: Rebind, step: Step, now: datetime) -> Rebind:
-        completed = tuple(s for s in rebind.required if s in rebind.completed or s == step)
-        updated = rebind.with_changes(
-            completed=completed, state=state_for(rebind.required, completed), updated_at=now
-        )
+        done = rebind.with_step_done(step, now)
+        updated = done.with_changes(state=state_for(done.required, done.completed), updated_at=now)
         tx.rebinds.save(updated)
         return updated
 

@@ -62,3 +62,8 @@ def assess(signals: RiskSignals, policy: Policy) -> RiskAssessment:
     else:
         decision = RiskDecision.ALLOW
     return RiskAssessment(decision=decision, score=score, reasons=tuple(reasons))
+
+
+def signal_weight(reason: str) -> int:
+    """What a signal adds to the score (0 for a code this version does not know)."""
+    return _WEIGHTS.get(reason, 0)

@@ -18,12 +18,26 @@ The credentials file (TOML):
     roles = ["kyc"]
     cert_subject = "CN=kyc-service"   # as the client certificate's subject
 
+    [[caller]]
+    name = "console"
+    roles = ["reviewer"]
+    token_sha256 = "<hex>"
+    delegate = true    # may act for a signed-in person (see below)
+
+A caller marked `delegate` (the reviewers' web console) may name the person it
+acts for in the header `x-phonebind-on-behalf-of: <person>` (1-64 of A-Z a-z
+0-9 . _ @ -). The call's caller is then "<caller>:<person>", e.g.
+"console:alice": the reviewer recorded for a decision, the caller of its
+audit events and of its log line. The header from any other caller is
+refused with PERMISSION_DENIED, a malformed one with UNAUTHENTICATED.
+
 `phonebind-server token --name NAME --roles r1,r2` prints a new token and its entry.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 import secrets
 import tomllib
 from collections.abc import Mapping, Sequence
@@ -55,7 +69,7 @@ RPC_ROLES: dict[str, frozenset[str]] = {
     },
     **{
         _REVIEW + name: frozenset({"reviewer"})
-        for name in ("ListReviews", "ApproveRebind", "RejectRebind")
+        for name in ("ListReviews", "GetReview", "ApproveRebind", "RejectRebind")
     },
     **{_AUDIT + name: frozenset({"auditor"}) for name in ("ListAuditEvents", "VerifyAuditChain")},
 }
@@ -67,6 +81,11 @@ PUBLIC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 # The audit trail's caller column holds this many characters.
 MAX_CALLER_NAME = 128
+
+# The header in which a delegating caller names the person it acts for.
+ON_BEHALF_OF = "x-phonebind-on-behalf-of"
+MAX_PERSON_NAME = 64
+_PERSON = re.compile(rf"[A-Za-z0-9._@-]{{1,{MAX_PERSON_NAME}}}")
 
 
 class CredentialsError(ValueError):
@@ -83,16 +102,28 @@ def check_caller_name(name: str) -> None:
         )
 
 
+def check_delegate_name(name: str) -> None:
+    """A delegate's "<name>:<person>" must fit where a caller's name goes."""
+    if len(name) + 1 + MAX_PERSON_NAME > MAX_CALLER_NAME:
+        raise CredentialsError(
+            f"caller {name[:MAX_CALLER_NAME]!r}: a delegate's name must leave room for a"
+            f" person's (at most {MAX_CALLER_NAME - 1 - MAX_PERSON_NAME} characters)"
+        )
+
+
 @dataclass(frozen=True)
 class Caller:
     name: str
     roles: frozenset[str]
+    # May name the person it acts for (x-phonebind-on-behalf-of).
+    delegate: bool = False
 
     def may_call(self, method: str) -> bool:
         return bool(RPC_ROLES.get(method, frozenset()) & self.roles)
 
 
-DEV_CALLER = Caller("dev-anonymous", ROLES)
+# Development mode: anyone, with every role, and a console may act for people.
+DEV_CALLER = Caller("dev-anonymous", ROLES, delegate=True)
 
 
 def token_digest(token: str) -> str:
@@ -139,6 +170,7 @@ class Credentials:
             roles = frozenset(entry.get("roles", []))
             digest = str(entry.get("token_sha256", "")).lower()
             subject = str(entry.get("cert_subject", ""))
+            delegate = entry.get("delegate", False)
             if not name:
                 raise CredentialsError("a caller has no name")
             check_caller_name(name)
@@ -150,7 +182,11 @@ class Credentials:
                 raise CredentialsError(f"caller {name}: token_sha256 must be 64 hex digits")
             if not digest and not subject:
                 raise CredentialsError(f"caller {name}: needs token_sha256 or cert_subject")
-            callers.append((Caller(name, roles), digest, subject))
+            if not isinstance(delegate, bool):
+                raise CredentialsError(f"caller {name}: delegate must be true or false")
+            if delegate:
+                check_delegate_name(name)
+            callers.append((Caller(name, roles, delegate), digest, subject))
         return cls(callers)
 
     def by_token(self, token: str) -> Caller | None:
@@ -175,11 +211,19 @@ def bearer_token(value: str) -> str | None:
 
 
 class AuthError(Exception):
-    def __init__(self, permission: bool, message: str, caller: str = "unauthenticated") -> None:
+    def __init__(
+        self,
+        permission: bool,
+        message: str,
+        caller: str = "unauthenticated",
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.permission = permission  # False: UNAUTHENTICATED, True: PERMISSION_DENIED
         self.message = message
         self.caller = caller
+        # ErrorInfo metadata, e.g. {"header": "x-phonebind-on-behalf-of"}.
+        self.metadata = dict(metadata or {})
 
 
 def authenticate(
@@ -190,12 +234,13 @@ def authenticate(
 ) -> Caller | None:
     """The caller of `method`, None for public methods; AuthError when refused.
 
-    Without credentials (development mode) everyone is DEV_CALLER.
+    Without credentials (development mode) everyone is DEV_CALLER. A delegate
+    that names a person (ON_BEHALF_OF) is returned as "<caller>:<person>".
     """
     if method.startswith(PUBLIC_PREFIXES):
         return None
     if credentials is None:
-        return DEV_CALLER
+        return on_behalf_of(DEV_CALLER, metadata)
     authorization = [value for key, value in metadata if key == "authorization"]
     if len(authorization) > 1:
         # A proxy that checks the first one would disagree with the service.
@@ -217,4 +262,25 @@ def authenticate(
         raise AuthError(
             True, f"caller {caller.name} may not call {method.rsplit('/', 1)[-1]}", caller.name
         )
-    return caller
+    return on_behalf_of(caller, metadata)
+
+
+def on_behalf_of(caller: Caller, metadata: Sequence[tuple[str, str | bytes]]) -> Caller:
+    """`caller`, or the person a delegate acts for as "<caller>:<person>"."""
+    named = [value for key, value in metadata if key == ON_BEHALF_OF]
+    if not named:
+        return caller
+    where = {"header": ON_BEHALF_OF}
+    if not caller.delegate:
+        raise AuthError(
+            True, f"caller {caller.name} may not act on behalf of others", caller.name, where
+        )
+    person = named[0]
+    if len(named) > 1 or not isinstance(person, str) or not _PERSON.fullmatch(person):
+        raise AuthError(
+            False,
+            f"{ON_BEHALF_OF} must be one value of 1-64 of A-Z a-z 0-9 . _ @ -",
+            caller.name,
+            where,
+        )
+    return Caller(f"{caller.name}:{person}", caller.roles)

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
-from google.protobuf import timestamp_pb2
+from google.protobuf import duration_pb2, timestamp_pb2
 
 from phonebind.v1 import resources_pb2 as pb
+from phonebind.v1 import review_service_pb2 as review_pb
 
 from ..domain import messages
 from ..domain.errors import Reason, invalid
 from ..domain.model import Account, BindingChange, CodeTarget, Rebind, RebindState, Standing, Step
 from ..domain.policy import Policy
-from ..domain.review import ReviewFilter, review_state
+from ..domain.review import Readiness, ReviewCase, ReviewFilter, review_state
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -72,7 +73,7 @@ def rebind(entity: Rebind, policy: Policy, language: str) -> pb.Rebind:
         complete_time=timestamp(entity.completed_at),
         old_phone_lost=entity.old_phone_lost,
         attempts_left=entity.attempts_left(policy.rebind_max_failures),
-        review=_review(entity, policy.rebind_max_failures),
+        review=_review(entity, policy),
         update_time=timestamp(entity.updated_at),
         notices=[
             pb.Notice(code=code, text=text)
@@ -83,6 +84,7 @@ def rebind(entity: Rebind, policy: Policy, language: str) -> pb.Rebind:
                 language=language,
             )
         ],
+        old_phone_masked=entity.old_phone_masked,
     )
 
 
@@ -94,8 +96,8 @@ _REVIEW_STATE = {
 }
 
 
-def _review(entity: Rebind, max_failures: int) -> pb.Review | None:
-    state = review_state(entity, max_failures)
+def _review(entity: Rebind, policy: Policy) -> pb.Review | None:
+    state = review_state(entity, policy.rebind_max_failures)
     if state is None:
         return None
     return pb.Review(
@@ -103,6 +105,77 @@ def _review(entity: Rebind, max_failures: int) -> pb.Review | None:
         reviewer=entity.reviewer,
         note=entity.review_note,
         decide_time=timestamp(entity.reviewed_at),
+        approvals=[
+            pb.Approval(reviewer=a.reviewer, note=a.note, approve_time=timestamp(a.at))
+            for a in entity.approvals
+        ],
+        approvals_required=policy.approvals_required(entity.old_phone_lost),
+    )
+
+
+def duration(value: timedelta | None) -> duration_pb2.Duration | None:
+    if value is None:
+        return None
+    result = duration_pb2.Duration()
+    result.FromTimedelta(value)
+    return result
+
+
+_READINESS = {
+    Readiness.READY: review_pb.REVIEW_READINESS_READY,
+    Readiness.WAITING: review_pb.REVIEW_READINESS_WAITING_ON_CUSTOMER,
+}
+
+
+def readiness(value: int) -> Readiness:
+    if value == review_pb.REVIEW_READINESS_UNSPECIFIED:
+        return Readiness.ANY
+    for ready, number in _READINESS.items():
+        if number == value:
+            return ready
+    raise invalid(
+        Reason.INVALID_ARGUMENT,
+        "readiness",
+        "readiness must be REVIEW_READINESS_READY or REVIEW_READINESS_WAITING_ON_CUSTOMER",
+    )
+
+
+def review_case(case: ReviewCase, policy: Policy, language: str) -> review_pb.ReviewCase:
+    entity = case.rebind
+    numbers = {
+        "old_phone": entity.old_phone_masked or case.account.phone.masked,
+        "new_phone": entity.new_phone.masked,
+        "reviewer": ", ".join(a.reviewer for a in entity.approvals) or entity.reviewer,
+    }
+    return review_pb.ReviewCase(
+        rebind=rebind(entity, policy, language),
+        account=account(case.account, case.as_of),
+        readiness=(
+            _READINESS[case.readiness]
+            if case.readiness is not None
+            else review_pb.REVIEW_READINESS_UNSPECIFIED
+        ),
+        signals=[
+            review_pb.RiskSignal(
+                code=code,
+                weight=weight,
+                explanation=messages.signal_explanation(code, language),
+            )
+            for code, weight in case.signals
+        ],
+        changes_last_30_days=case.changes_30_days,
+        changes_last_365_days=case.changes_365_days,
+        steps=[
+            review_pb.StepRecord(
+                step=_STEP[done.step],
+                method=done.method,
+                description=messages.step_description(done.method, language, **numbers),
+                complete_time=timestamp(done.at),
+            )
+            for done in case.steps
+        ],
+        waiting_since=timestamp(case.waiting_since),
+        waiting=duration(case.waiting),
     )
 
 

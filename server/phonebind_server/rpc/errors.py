@@ -31,6 +31,7 @@ STATUS_FOR_REASON: dict[Reason, grpc.StatusCode] = {
     Reason.STEP_REQUIRED: grpc.StatusCode.FAILED_PRECONDITION,
     Reason.STEP_NOT_REQUIRED: grpc.StatusCode.FAILED_PRECONDITION,
     Reason.STEP_ALREADY_DONE: grpc.StatusCode.FAILED_PRECONDITION,
+    Reason.ALREADY_APPROVED_BY_YOU: grpc.StatusCode.FAILED_PRECONDITION,
     Reason.NO_ACTIVE_CODE: grpc.StatusCode.FAILED_PRECONDITION,
     Reason.CODE_EXPIRED: grpc.StatusCode.FAILED_PRECONDITION,
     Reason.CODE_ATTEMPTS_EXHAUSTED: grpc.StatusCode.FAILED_PRECONDITION,
@@ -111,8 +112,10 @@ def to_status(error: DomainError, language: str = "zh-CN") -> grpc.Status:
 TRANSPORT_REASONS = frozenset({"UNAUTHENTICATED", "PERMISSION_DENIED", "INTERNAL"})
 
 
-def plain_status(code: grpc.StatusCode, message: str, reason: str) -> grpc.Status:
+def plain_status(
+    code: grpc.StatusCode, message: str, reason: str, metadata: dict[str, str] | None = None
+) -> grpc.Status:
     """A status for failures outside the domain (internal errors, auth)."""
-    info = error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN)
+    info = error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN, metadata=metadata or {})
     status = status_pb2.Status(code=code.value[0], message=message, details=[_pack(info)])
     return rpc_status.to_status(status)

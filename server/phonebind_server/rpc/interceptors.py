@@ -300,7 +300,9 @@ class ErrorStatus:
             except AuthError as error:
                 outcome = "PERMISSION_DENIED" if error.permission else "UNAUTHENTICATED"
                 exchange.outcome = exchange.status = outcome
-                status = plain_status(getattr(grpc.StatusCode, outcome), error.message, outcome)
+                status = plain_status(
+                    getattr(grpc.StatusCode, outcome), error.message, outcome, error.metadata
+                )
             except DomainError as error:
                 exchange.outcome = error.reason.value
                 exchange.status = STATUS_FOR_REASON[error.reason].name

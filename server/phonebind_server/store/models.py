@@ -61,9 +61,12 @@ class RebindRow(BaseModel):
     expires_at = UtcTimestampField()
     updated_at = UtcTimestampField()
     completed_at = UtcTimestampField(null=True)
-    reviewer = peewee.CharField(max_length=64)
+    reviewer = peewee.CharField(max_length=128)
     review_note = peewee.CharField(max_length=512)
     reviewed_at = UtcTimestampField(null=True)
+    old_phone_masked = peewee.CharField(max_length=32)
+    step_times = peewee.CharField(max_length=256)
+    approvals = peewee.TextField()
 
     class Meta:
         table_name = "rebinds"

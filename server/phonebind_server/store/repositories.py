@@ -17,6 +17,7 @@ import peewee
 from ..domain.audit import StoredEvent, account_chain, canonical_details
 from ..domain.model import (
     Account,
+    Approval,
     BindingChange,
     Challenge,
     ChallengeState,
@@ -25,6 +26,7 @@ from ..domain.model import (
     OutboundSms,
     Rebind,
     RebindState,
+    ReviewFacts,
     RiskAssessment,
     RiskDecision,
     SealedPhone,
@@ -32,6 +34,7 @@ from ..domain.model import (
 )
 from ..domain.ports import Read
 from ..tracing import current_traceparent
+from .fields import from_micros, to_micros
 from .query import Param, Query, values
 from .unit import REPOSITORIES, Known, SqlTx, StatementRead, every, exists, first, value
 
@@ -214,7 +217,38 @@ _REBIND_COLUMNS = (
     "reviewer",
     "review_note",
     "reviewed_at",
+    "old_phone_masked",
+    "step_times",
+    "approvals",
 )
+_REBIND_WIDTH = len(_REBIND_COLUMNS)
+
+
+def _step_times(text: str) -> tuple[tuple[Step, datetime], ...]:
+    times = []
+    for item in text.split(","):
+        if item:
+            step, _, micros = item.partition("=")
+            times.append((Step(step), from_micros(int(micros))))
+    return tuple(times)
+
+
+def _step_times_text(times: tuple[tuple[Step, datetime], ...]) -> str:
+    return ",".join(f"{step.value}={to_micros(at)}" for step, at in times)
+
+
+def _approvals(text: str) -> tuple[Approval, ...]:
+    return tuple(
+        Approval(item["reviewer"], item["note"], from_micros(int(item["at"])))
+        for item in json.loads(text or "[]")
+    )
+
+
+def _approvals_text(approvals: tuple[Approval, ...]) -> str:
+    return json.dumps(
+        [{"reviewer": a.reviewer, "note": a.note, "at": to_micros(a.at)} for a in approvals],
+        ensure_ascii=False,
+    )
 
 
 def _rebind_select(t: Any) -> peewee.ModelSelect:
@@ -244,6 +278,9 @@ def _rebind(row: tuple) -> Rebind:
         reviewer=row[17],
         review_note=row[18],
         reviewed_at=row[19],
+        old_phone_masked=row[20],
+        step_times=_step_times(row[21]),
+        approvals=_approvals(row[22]),
     )
 
 
@@ -269,10 +306,42 @@ def _rebind_values(rebind: Rebind) -> dict[str, Any]:
         "reviewer": rebind.reviewer,
         "review_note": rebind.review_note,
         "reviewed_at": rebind.reviewed_at,
+        "old_phone_masked": rebind.old_phone_masked,
+        "step_times": _step_times_text(rebind.step_times),
+        "approvals": _approvals_text(rebind.approvals),
     }
 
 
-def _reviews_query(state: str, paged: bool) -> Query:
+def _review_facts_select(t: Any) -> peewee.ModelSelect:
+    """A rebind's columns, its account's, and the account's completed changes
+    since Param("since_30") and Param("since_365"), in one statement."""
+    r, a = t.rebinds, t.accounts
+    counts = []
+    for window in ("since_30", "since_365"):
+        c = t.changes.alias(f"c_{window}")
+        counts.append(
+            c.select(peewee.fn.COUNT(c.seq))
+            .where((c.account_id == r.account_id) & (c.completed_at >= Param(window)))
+            .alias(f"changes_{window}")
+        )
+    return r.select(
+        *(getattr(r, name) for name in _REBIND_COLUMNS),
+        *(getattr(a, name) for name in _ACCOUNT_COLUMNS),
+        *counts,
+    ).join(a, on=(a.account_id == r.account_id))
+
+
+def _review_facts(row: tuple) -> ReviewFacts:
+    width = _REBIND_WIDTH + len(_ACCOUNT_COLUMNS)
+    return ReviewFacts(
+        rebind=_rebind(row[:_REBIND_WIDTH]),
+        account=_account(row[_REBIND_WIDTH:width]),
+        changes_30_days=int(row[width]),
+        changes_365_days=int(row[width + 1]),
+    )
+
+
+def _reviews_query(state: str, readiness: str, by_account: bool, paged: bool) -> Query:
     def build(t: Any) -> peewee.Query:
         r = t.rebinds
         needs_review = r.required_steps.contains(Step.REVIEW.value)
@@ -281,29 +350,47 @@ def _reviews_query(state: str, paged: bool) -> Query:
             where = (
                 needs_review
                 & ~reviewed
-                & r.state.in_(_OPEN)
                 & (r.expires_at > Param("now"))
                 & (r.failures < Param("max_failures"))
             )
+            # Every other step done: AWAITING_REVIEW; the customer's steps
+            # outstanding: PENDING.
+            where &= {
+                "ANY": r.state.in_(_OPEN),
+                "READY": r.state == RebindState.AWAITING_REVIEW.value,
+                "WAITING": r.state == RebindState.PENDING.value,
+            }[readiness]
         elif state == "APPROVED":
             where = needs_review & reviewed
         else:
             where = needs_review & (r.state == RebindState.REJECTED.value)
+        if by_account:
+            where &= r.account_id == Param("account_id")
         if paged:
             created = Param("after_created")
             where &= (r.created_at > created) | (
                 (r.created_at == created) & (r.rebind_id > Param("after_id"))
             )
         return (
-            _rebind_select(t).where(where).order_by(r.created_at, r.rebind_id).limit(Param("limit"))
+            _review_facts_select(t)
+            .where(where)
+            .order_by(r.created_at, r.rebind_id)
+            .limit(Param("limit"))
         )
 
-    return Query(f"rebinds.reviews.{state}.{paged}", build)
+    return Query(f"rebinds.reviews.{state}.{readiness}.{by_account}.{paged}", build)
 
 
 _REVIEWS = {
-    (state, paged): _reviews_query(state, paged)
-    for state in ("PENDING", "APPROVED", "REJECTED")
+    (state, readiness, by_account, paged): _reviews_query(state, readiness, by_account, paged)
+    for state, readiness in (
+        ("PENDING", "ANY"),
+        ("PENDING", "READY"),
+        ("PENDING", "WAITING"),
+        ("APPROVED", "ANY"),
+        ("REJECTED", "ANY"),
+    )
+    for by_account in (False, True)
     for paged in (False, True)
 }
 
@@ -318,6 +405,10 @@ class RebindRows:
         lambda t: _rebind_select(t).where(
             (t.rebinds.account_id == Param("account_id")) & t.rebinds.state.in_(_OPEN)
         ),
+    )
+    REVIEW = Query(
+        "rebinds.review",
+        lambda t: _review_facts_select(t).where(t.rebinds.rebind_id == Param("rebind_id")),
     )
     ADD = Query("rebinds.add", lambda t: t.rebinds.insert(values(t.rebinds, _REBIND_COLUMNS)))
     SAVE = Query(
@@ -346,16 +437,28 @@ class RebindRows:
         self,
         state: str,
         *,
+        readiness: str = "ANY",
+        account_id: str = "",
         now: datetime,
         max_failures: int,
+        windows: tuple[datetime, datetime],
         after: tuple[datetime, str] | None,
         limit: int,
-    ) -> Read[list[Rebind]]:
+    ) -> Read[list[ReviewFacts]]:
         params: dict[str, Any] = {"now": now, "max_failures": max_failures, "limit": limit}
+        params["since_30"], params["since_365"] = windows
+        if account_id:
+            params["account_id"] = account_id
         if after is not None:
             params["after_created"], params["after_id"] = after
-        query = _REVIEWS[(state, after is not None)]
-        return StatementRead(query, params, every(_rebind))
+        query = _REVIEWS[(state, readiness, bool(account_id), after is not None)]
+        return StatementRead(query, params, every(_review_facts))
+
+    def review(
+        self, rebind_id: str, *, windows: tuple[datetime, datetime]
+    ) -> Read[ReviewFacts | None]:
+        params = {"rebind_id": rebind_id, "since_30": windows[0], "since_365": windows[1]}
+        return StatementRead(self.REVIEW, params, first(_review_facts))
 
 
 # -- challenges ---------------------------------------------------------------------
