@@ -36,6 +36,7 @@ lint: install node_modules/.installed
 	$(BIN)/ruff check client/phonebind_client server tests bench scripts
 	$(BIN)/ruff format --check client/phonebind_client server tests bench scripts
 	$(BIN)/bandit -q -r server/phonebind_server -x server/phonebind_server/domain/cn_provinces.py
+	$(BIN)/mypy --config-file server/pyproject.toml server/phonebind_server/domain
 	node_modules/.bin/buf lint
 
 run: install
@@ -60,4 +61,4 @@ bench: install
 	$(PY) bench/run_bench.py $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) node_modules $(RUN_DIR) .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) node_modules $(RUN_DIR) .pytest_cache .ruff_cache .hypothesis .mypy_cache

@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field, replace
 from datetime import datetime
+from typing import Any
 
 
 class RebindState(enum.Enum):
@@ -97,7 +98,7 @@ class Account:
     # Rebinding (not the binding) is locked until then after identity failures.
     rebind_locked_until: datetime | None = None
 
-    def with_changes(self, **changes: object) -> Account:
+    def with_changes(self, **changes: Any) -> Account:
         return replace(self, **changes)
 
     def hold_at(self, now: datetime) -> datetime | None:
@@ -178,7 +179,7 @@ class Rebind:
     def locked(self, max_failures: int) -> bool:
         return self.failures >= max_failures
 
-    def with_changes(self, **changes: object) -> Rebind:
+    def with_changes(self, **changes: Any) -> Rebind:
         return replace(self, **changes)
 
 
@@ -206,7 +207,7 @@ class Challenge:
     expires_at: datetime
     resend_at: datetime
 
-    def with_changes(self, **changes: object) -> Challenge:
+    def with_changes(self, **changes: Any) -> Challenge:
         return replace(self, **changes)
 
 

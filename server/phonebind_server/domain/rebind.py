@@ -232,6 +232,7 @@ class RebindService:
                     try:
                         if key is None:
                             return work(tx, *tx.read(*reads(tx)))[0]
+                        loaded: list[Any]
                         record, *loaded = tx.read(
                             tx.requests.get(key.operation, key.account_id, key.request_id),
                             *reads(tx),
@@ -269,8 +270,8 @@ class RebindService:
                 refused = recheck.error
                 continue
             except Conflict as conflict:
-                if conflicts and (error := conflicts.get(conflict.constraint)):
-                    raise error() from None
+                if conflicts and (named := conflicts.get(conflict.constraint)):
+                    raise named() from None
                 continue
             if refusal is not None:
                 raise refusal
