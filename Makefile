@@ -12,7 +12,7 @@ RUN_DIR ?= var
 # Another address: `make run LISTEN=127.0.0.1:50052` (or PHONEBIND_LISTEN).
 LISTEN  ?= $(or $(PHONEBIND_LISTEN),127.0.0.1:50051)
 
-.PHONY: install proto lint run test bench clean
+.PHONY: install proto lint breaking run test bench clean
 
 install: $(VENV)/.installed
 
@@ -38,6 +38,13 @@ lint: install node_modules/.installed
 	$(BIN)/bandit -q -r server/phonebind_server -x server/phonebind_server/domain/cn_provinces.py
 	$(BIN)/mypy --config-file server/pyproject.toml server/phonebind_server/domain
 	node_modules/.bin/buf lint
+	sh scripts/buf-breaking.sh
+
+# Wire-breaking changes to the contract, against where this branch left main
+# (a clone of main: against its previous commit). BUF_BREAKING_AGAINST=<commit>
+# picks another base. Rules: buf.yaml `breaking`.
+breaking: node_modules/.installed
+	sh scripts/buf-breaking.sh
 
 run: install
 	mkdir -p $(RUN_DIR)
