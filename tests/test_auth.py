@@ -110,6 +110,75 @@ def test_missing_wrong_and_malformed_tokens_are_unauthenticated(guarded):
         assert (code, reason) == (grpc.StatusCode.UNAUTHENTICATED, "UNAUTHENTICATED")
 
 
+def test_two_authorization_headers_are_unauthenticated_whatever_their_order(guarded):
+    """A proxy that checks only the first header would disagree with a service
+    that took the last: neither is taken."""
+    method = "/phonebind.v1.BindingService/GetAccount"
+    good, bad = bearer(TOKENS["reader"]), bearer("pbt_not-a-real-token")
+    for metadata in [good + bad, bad + good, good + good]:
+        with pytest.raises(grpc.RpcError) as caught:
+            call(guarded.channel, method, metadata)
+        code, reason, details = error_details(caught.value)
+        assert (code, reason) == (grpc.StatusCode.UNAUTHENTICATED, "UNAUTHENTICATED")
+        assert details["ErrorInfo"].domain == "phonebind.v1"
+        assert "more than one authorization header" in caught.value.details()
+    # One of them alone is let in (the account does not exist).
+    with pytest.raises(grpc.RpcError) as caught:
+        call(guarded.channel, method, good)
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_a_certificate_subject_listed_twice_is_refused_like_a_token():
+    entry = {"roles": ["reader"], "cert_subject": "CN=reader-svc,O=bank"}
+    with pytest.raises(
+        CredentialsError, match="cert_subject 'CN=reader-svc,O=bank' is listed twice"
+    ):
+        Credentials.from_document(
+            {
+                "caller": [
+                    {**entry, "name": "reader-a"},
+                    # The same subject, spelled with spaces, for another caller.
+                    {**entry, "name": "reader-b", "cert_subject": "CN=reader-svc, O=bank"},
+                ]
+            }
+        )
+    token = {"roles": ["reader"], "token_sha256": token_digest(new_token())}
+    with pytest.raises(CredentialsError, match="token used twice"):
+        Credentials.from_document({"caller": [{**token, "name": "a"}, {**token, "name": "b"}]})
+
+
+def test_a_cert_subject_needs_mutual_tls_at_start_and_on_reload(
+    database_url, tmp_path, clock, secrets_seen, pki
+):
+    _, files = pki
+    entry = (
+        '\n[[caller]]\nname = "cert-reader"\nroles = ["reader"]\ncert_subject = "CN=reader-svc"\n'
+    )
+    with_subject = credentials_file(tmp_path, entry)
+    for tls in ({}, {"tls_cert": files["cert"], "tls_key": files["key"]}):
+        with pytest.raises(
+            CredentialsError, match="cert-reader have a cert_subject, which needs tls_client_ca"
+        ):
+            start_server(
+                database_url, tmp_path, clock, secrets_seen, credentials_file=with_subject, **tls
+            )
+    # A reload that brings in such a caller is refused; the callers in force stay.
+    (tmp_path / "callers.toml").unlink()
+    running = start_server(
+        database_url, tmp_path, clock, secrets_seen, credentials_file=credentials_file(tmp_path)
+    )
+    try:
+        credentials_file(tmp_path, entry)
+        assert running.app.reload() is False
+        with pytest.raises(grpc.RpcError) as caught:
+            call(
+                running.channel, "/phonebind.v1.BindingService/GetAccount", bearer(TOKENS["reader"])
+            )
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    finally:
+        running.stop()
+
+
 def test_an_unparseable_request_from_a_stranger_is_unauthenticated(guarded):
     raw = guarded.channel.unary_unary("/phonebind.v1.BindingService/CompleteRebind")
     with pytest.raises(grpc.RpcError) as caught:

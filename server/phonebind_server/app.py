@@ -190,9 +190,7 @@ class App:
         already open keep theirs)."""
         settings = self.settings
         try:
-            credentials = (
-                Credentials.load(settings.credentials_file) if settings.credentials_file else None
-            )
+            credentials = load_credentials(settings)
             tls = self.tls.read() if self.tls is not None else None
         except (CredentialsError, ConfigError) as error:
             log.error(
@@ -222,6 +220,23 @@ def _pem(name: str, path: str) -> bytes:
             return handle.read()
     except OSError as error:
         raise ConfigError(f"{name}: cannot read {path}: {error.strerror}") from None
+
+
+def load_credentials(settings: Settings) -> Credentials | None:
+    """The callers of the credentials file (None without one: development mode).
+
+    A caller known by its certificate's subject needs mutual TLS: without a
+    client CA no client certificate is asked for, and such a caller could
+    never be recognised."""
+    if not settings.credentials_file:
+        return None
+    credentials = Credentials.load(settings.credentials_file)
+    if credentials.certificate_callers and not settings.tls_client_ca:
+        raise CredentialsError(
+            f"callers {', '.join(credentials.certificate_callers)} have a cert_subject,"
+            " which needs tls_client_ca (mutual TLS)"
+        )
+    return credentials
 
 
 def tls_configuration(settings: Settings) -> tuple[grpc.ServerCertificateConfiguration, bool]:
@@ -340,6 +355,7 @@ async def create_server(
     With `tracing`, calls, store transactions and SMS deliveries make spans;
     `stop()` exports the last ones and shuts it down."""
     clock = clock or SystemClock()
+    credentials = load_credentials(settings)
     store = Store(
         settings.database_url,
         max_connections=settings.store_connections,
@@ -391,7 +407,6 @@ async def create_server(
     store.tracer = tracing.tracer if tracing is not None else None
     store.on_commit = dispatcher.express
     store.on_connection_cut = metrics.store_connections_cut.inc
-    credentials = Credentials.load(settings.credentials_file) if settings.credentials_file else None
     trail = AuditTrail(keys.audit_key)
     audit_log = AuditLog(
         store,

@@ -16,7 +16,8 @@ The credentials file (TOML):
     [[caller]]
     name = "kyc-service"
     roles = ["kyc"]
-    cert_subject = "CN=kyc-service"   # as the client certificate's subject
+    cert_subject = "CN=kyc-service"   # as the client certificate's subject;
+                                      # needs tls_client_ca (mutual TLS)
 
     [[caller]]
     name = "console"
@@ -147,7 +148,12 @@ class Credentials:
                     raise CredentialsError(f"caller {caller.name}: token used twice")
                 self._by_digest[digest] = caller
             if subject:
-                self._by_subject[_normal_subject(subject)] = caller
+                normal = _normal_subject(subject)
+                if normal in self._by_subject:
+                    raise CredentialsError(
+                        f"caller {caller.name}: cert_subject {normal!r} is listed twice"
+                    )
+                self._by_subject[normal] = caller
         self.callers = len({caller.name for caller, _, _ in callers})
 
     @classmethod
@@ -188,6 +194,11 @@ class Credentials:
                 check_delegate_name(name)
             callers.append((Caller(name, roles, delegate), digest, subject))
         return cls(callers)
+
+    @property
+    def certificate_callers(self) -> list[str]:
+        """The callers known by a client certificate's subject."""
+        return sorted({caller.name for caller in self._by_subject.values()})
 
     def by_token(self, token: str) -> Caller | None:
         # Looked up by digest: timing can at most hint at a digest's prefix, which
