@@ -1,0 +1,447 @@
+"""An in-memory store for the service-level tests: the domain's ports without a database.
+
+`FakeStore` is a unit of work over plain dictionaries. A transaction works on
+a copy of the committed state and swaps it in on commit, so a refusal that is
+rolled back leaves nothing behind, exactly as in the SQL stores. Uniqueness
+rules are checked on commit and raise the domain's `Conflict` with the same
+constraint names; a caller whose deadline passed gets `DeadlinePassed` unless
+the unit of work asked to commit anyway. Reads are thunks run in order by
+`Tx.read`, after the writes queued before them (which here apply at once).
+
+What it does not model: row locks and parallel transactions (every unit of
+work here runs alone) and statement counts. The end-to-end suite covers those
+on SQLite and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from typing import Any, Generic, TypeVar
+
+from phonebind_server.domain.audit import StoredEvent, account_chain
+from phonebind_server.domain.context import CallContext
+from phonebind_server.domain.model import (
+    OPEN_STATES,
+    Account,
+    BindingChange,
+    Challenge,
+    CodeTarget,
+    IdempotencyRecord,
+    OutboundSms,
+    Rebind,
+    RebindState,
+    ReviewFacts,
+    Step,
+)
+from phonebind_server.domain.ports import Conflict, DeadlinePassed, Read
+
+T = TypeVar("T")
+
+
+class Thunk(Read[T], Generic[T]):
+    """A read of the fake store: a function of the transaction's state."""
+
+    __slots__ = ("run",)
+
+    def __init__(self, run: Callable[[], T]) -> None:
+        self.run = run
+
+
+@dataclass
+class Tables:
+    """Everything the store keeps; entities are frozen, so a shallow copy of
+    each collection is a snapshot."""
+
+    accounts: dict[str, Account] = field(default_factory=dict)
+    rebinds: dict[str, Rebind] = field(default_factory=dict)
+    codes: dict[tuple[str, CodeTarget], Challenge] = field(default_factory=dict)
+    outbox: list[OutboundSms] = field(default_factory=list)
+    changes: list[tuple[int, BindingChange]] = field(default_factory=list)
+    refused_starts: list[tuple[str, datetime]] = field(default_factory=list)
+    identity_failures: list[tuple[str, str, datetime]] = field(default_factory=list)
+    events: list[StoredEvent] = field(default_factory=list)
+    # chain id -> (last chain_seq, last MAC, head MAC)
+    heads: dict[str, tuple[int, str, str]] = field(default_factory=dict)
+    requests: dict[tuple[str, str, str], IdempotencyRecord] = field(default_factory=dict)
+
+    def snapshot(self) -> Tables:
+        return Tables(**{name: copy.copy(value) for name, value in vars(self).items()})
+
+
+def _changes_since(t: Tables, account_id: str, since: datetime) -> int:
+    return sum(1 for _, c in t.changes if c.account_id == account_id and c.completed_at >= since)
+
+
+class _Accounts:
+    def __init__(self, t: Tables) -> None:
+        self._t = t
+
+    def get(self, account_id: str, *, lock: bool = False) -> Read[Account | None]:
+        return Thunk(lambda: self._t.accounts.get(account_id))
+
+    def owner_of(self, phone_index: str) -> Read[str | None]:
+        def owner() -> str | None:
+            found = (
+                a.account_id for a in self._t.accounts.values() if a.phone.index == phone_index
+            )
+            return next(found, None)
+
+        return Thunk(owner)
+
+    def of_rebind(self, rebind_id: str, *, lock: bool = False) -> Read[Account | None]:
+        def account() -> Account | None:
+            rebind = self._t.rebinds.get(rebind_id)
+            return None if rebind is None else self._t.accounts.get(rebind.account_id)
+
+        return Thunk(account)
+
+    def add(self, account: Account) -> None:
+        if account.account_id in self._t.accounts:
+            raise Conflict("account_id")
+        self._t.accounts[account.account_id] = account
+
+    def save(self, account: Account) -> None:
+        self._t.accounts[account.account_id] = account
+
+
+class _Rebinds:
+    def __init__(self, t: Tables) -> None:
+        self._t = t
+
+    def get(self, rebind_id: str) -> Read[Rebind | None]:
+        return Thunk(lambda: self._t.rebinds.get(rebind_id))
+
+    def open_of(self, account_id: str) -> Read[list[Rebind]]:
+        return Thunk(
+            lambda: [
+                r
+                for r in self._t.rebinds.values()
+                if r.account_id == account_id and r.state in OPEN_STATES
+            ]
+        )
+
+    def add(self, rebind: Rebind) -> None:
+        if rebind.rebind_id in self._t.rebinds:
+            raise Conflict("rebind_id")
+        self._t.rebinds[rebind.rebind_id] = rebind
+
+    def save(self, rebind: Rebind) -> None:
+        self._t.rebinds[rebind.rebind_id] = rebind
+
+    def _facts(self, rebind: Rebind, windows: tuple[datetime, datetime]) -> ReviewFacts:
+        return ReviewFacts(
+            rebind=rebind,
+            account=self._t.accounts[rebind.account_id],
+            changes_30_days=_changes_since(self._t, rebind.account_id, windows[0]),
+            changes_365_days=_changes_since(self._t, rebind.account_id, windows[1]),
+        )
+
+    def reviews(
+        self,
+        state: str,
+        *,
+        readiness: str = "ANY",
+        account_id: str = "",
+        now: datetime,
+        max_failures: int,
+        windows: tuple[datetime, datetime],
+        after: tuple[datetime, str] | None,
+        limit: int,
+    ) -> Read[list[ReviewFacts]]:
+        def wanted(r: Rebind) -> bool:
+            if Step.REVIEW not in r.required:
+                return False
+            reviewed = Step.REVIEW in r.completed
+            if state == "PENDING":
+                ready = {
+                    "ANY": r.state in OPEN_STATES,
+                    "READY": r.state is RebindState.AWAITING_REVIEW,
+                    "WAITING": r.state is RebindState.PENDING,
+                }[readiness]
+                keep = not reviewed and r.expires_at > now and r.failures < max_failures and ready
+            elif state == "APPROVED":
+                keep = reviewed
+            else:
+                keep = r.state is RebindState.REJECTED
+            if account_id and r.account_id != account_id:
+                return False
+            return keep and (after is None or (r.created_at, r.rebind_id) > after)
+
+        def run() -> list[ReviewFacts]:
+            found = sorted(
+                (r for r in self._t.rebinds.values() if wanted(r)),
+                key=lambda r: (r.created_at, r.rebind_id),
+            )
+            return [self._facts(r, windows) for r in found[:limit]]
+
+        return Thunk(run)
+
+    def review(
+        self, rebind_id: str, *, windows: tuple[datetime, datetime]
+    ) -> Read[ReviewFacts | None]:
+        def run() -> ReviewFacts | None:
+            rebind = self._t.rebinds.get(rebind_id)
+            return None if rebind is None else self._facts(rebind, windows)
+
+        return Thunk(run)
+
+
+class _Codes:
+    def __init__(self, t: Tables) -> None:
+        self._t = t
+
+    def get(self, rebind_id: str, target: CodeTarget) -> Read[Challenge | None]:
+        return Thunk(lambda: self._t.codes.get((rebind_id, target)))
+
+    def save(self, challenge: Challenge) -> None:
+        self._t.codes[(challenge.rebind_id, challenge.target)] = challenge
+
+
+class _Outbox:
+    def __init__(self, t: Tables) -> None:
+        self._t = t
+
+    def enqueue(self, message: OutboundSms) -> None:
+        if any(m.message_id == message.message_id for m in self._t.outbox):
+            raise Conflict("message")
+        self._t.outbox.append(message)
+
+    def sent_times(
+        self, phone_index: str, purpose: str, *, since: datetime
+    ) -> Read[list[datetime]]:
+        return Thunk(
+            lambda: sorted(
+                m.created_at
+                for m in self._t.outbox
+                if m.to.index == phone_index and m.purpose == purpose and m.created_at > since
+            )
+        )
+
+
+class _History:
+    def __init__(self, t: Tables) -> None:
+        self._t = t
+
+    def add(self, change: BindingChange) -> None:
+        if any(c.rebind_id == change.rebind_id for _, c in self._t.changes):
+            raise Conflict("binding_change")
+        self._t.changes.append((len(self._t.changes) + 1, change))
+
+    def page(
+        self, account_id: str, *, before_seq: int | None, limit: int
+    ) -> Read[list[tuple[int, BindingChange]]]:
+        def run() -> list[tuple[int, BindingChange]]:
+            mine = [
+                (seq, c)
+                for seq, c in reversed(self._t.changes)
+                if c.account_id == account_id and (before_seq is None or seq < before_seq)
+            ]
+            return mine[:limit]
+
+        return Thunk(run)
+
+    def counts(self, account_id: str, *, since: Sequence[datetime]) -> Read[tuple[int, ...]]:
+        return Thunk(lambda: tuple(_changes_since(self._t, account_id, s) for s in since))
+
+    def released_by_other(
+        self, phone_index: str, *, account_id: str, since: datetime
+    ) -> Read[bool]:
+        return Thunk(
+            lambda: any(
+                c.old_phone.index == phone_index
+                and c.account_id != account_id
+                and c.completed_at >= since
+                for _, c in self._t.changes
+            )
+        )
+
+
+class _Limits:
+    def __init__(self, t: Tables) -> None:
+        self._t = t
+
+    def start_times(self, account_id: str, *, since: datetime) -> Read[list[datetime]]:
+        def run() -> list[datetime]:
+            started = [
+                r.created_at
+                for r in self._t.rebinds.values()
+                if r.account_id == account_id and r.created_at > since
+            ]
+            refused = [at for a, at in self._t.refused_starts if a == account_id and at > since]
+            return sorted(started + refused)
+
+        return Thunk(run)
+
+    def refused_start(self, account_id: str, at: datetime) -> None:
+        self._t.refused_starts.append((account_id, at))
+
+    def identity_failure(self, account_id: str, rebind_id: str, at: datetime) -> None:
+        self._t.identity_failures.append((account_id, rebind_id, at))
+
+    def identity_failure_times(self, account_id: str, *, since: datetime) -> Read[list[datetime]]:
+        return Thunk(
+            lambda: sorted(
+                at for a, _, at in self._t.identity_failures if a == account_id and at > since
+            )
+        )
+
+    def serialize(self, key: str) -> None:
+        """Units of work here run one at a time: nothing to wait for."""
+
+
+class _Audit:
+    def __init__(self, t: Tables) -> None:
+        self._t = t
+
+    def head(self, chain_id: str) -> Read[tuple[int, str]]:
+        def run() -> tuple[int, str]:
+            seq, last, _ = self._t.heads.get(chain_id, (0, "", ""))
+            return seq, last
+
+        return Thunk(run)
+
+    def append(self, event: StoredEvent, head_mac: str) -> None:
+        self._t.events.append(replace(event, seq=len(self._t.events) + 1))
+        self._t.heads[event.chain_id] = (event.chain_seq, event.mac, head_mac)
+
+
+class _Requests:
+    def __init__(self, t: Tables) -> None:
+        self._t = t
+
+    def get(
+        self, operation: str, account_id: str, request_id: str
+    ) -> Read[IdempotencyRecord | None]:
+        return Thunk(lambda: self._t.requests.get((operation, account_id, request_id)))
+
+    def put(self, record: IdempotencyRecord) -> None:
+        key = (record.operation, record.account_id, record.request_id)
+        if key in self._t.requests:
+            raise Conflict("idempotency")
+        self._t.requests[key] = record
+
+
+class FakeTx:
+    """One unit of work of the fake store. Implements domain.ports.Tx."""
+
+    def __init__(self, call: CallContext, tables: Tables) -> None:
+        self.call = call
+        self.tables = tables
+        self.keep_if_caller_gone = False
+        self.accounts = _Accounts(tables)
+        self.rebinds = _Rebinds(tables)
+        self.codes = _Codes(tables)
+        self.outbox = _Outbox(tables)
+        self.history = _History(tables)
+        self.limits = _Limits(tables)
+        self.audit = _Audit(tables)
+        self.requests = _Requests(tables)
+        self.round_trips = 0
+
+    def read(self, *reads: Read[Any]) -> tuple[Any, ...]:
+        self.round_trips += 1
+        results = []
+        for read in reads:
+            if not isinstance(read, Thunk):
+                raise TypeError(f"not a read of this store: {read!r}")
+            results.append(read.run())
+        return tuple(results)
+
+    def one(self, read: Read[T], /) -> T:
+        return self.read(read)[0]  # type: ignore[no-any-return]
+
+    def commit_even_if_caller_gone(self) -> None:
+        self.keep_if_caller_gone = True
+
+
+def _check_unique(t: Tables) -> None:
+    """The uniqueness rules the SQL stores keep as constraints."""
+    phones = [a.phone.index for a in t.accounts.values()]
+    if len(phones) != len(set(phones)):
+        raise Conflict("phone")
+    open_accounts = [r.account_id for r in t.rebinds.values() if r.state in OPEN_STATES]
+    if len(open_accounts) != len(set(open_accounts)):
+        raise Conflict("open_rebind")
+
+
+class FakeStore:
+    """Implements domain.ports.Store in memory.
+
+    `conflicts_before_commit` makes the next commits fail with those
+    constraint names (a concurrent writer that won), one per commit.
+    `between_units` runs before each unit of work, to change the state behind
+    the domain's back as a concurrent caller would.
+    """
+
+    def __init__(self) -> None:
+        self.tables = Tables()
+        self.commits = 0
+        self.rollbacks = 0
+        self.units: list[FakeTx] = []
+        self.conflicts_before_commit: list[str] = []
+        self.between_units: Callable[[Tables], None] | None = None
+
+    @contextmanager
+    def transaction(self, call: CallContext, *, write: bool = True) -> Iterator[FakeTx]:
+        if self.between_units is not None:
+            self.between_units(self.tables)
+        tx = FakeTx(call, self.tables.snapshot())
+        self.units.append(tx)
+        try:
+            yield tx
+            if write:
+                if call.gone() and not tx.keep_if_caller_gone:
+                    raise DeadlinePassed("the caller stopped waiting before the commit")
+                if self.conflicts_before_commit:
+                    raise Conflict(self.conflicts_before_commit.pop(0))
+                _check_unique(tx.tables)
+        except BaseException:
+            self.rollbacks += 1
+            raise
+        if write:
+            self.tables = tx.tables
+            self.commits += 1
+
+    # -- the audit trail's reads ------------------------------------------------
+
+    def audit_events(
+        self,
+        *,
+        account_id: str = "",
+        rebind_id: str = "",
+        action: str = "",
+        since: datetime | None = None,
+        until: datetime | None = None,
+        after_seq: int | None = None,
+        limit: int = 100,
+    ) -> list[StoredEvent]:
+        found = [
+            e
+            for e in self.tables.events
+            if (not account_id or e.account_id == account_id)
+            and (not rebind_id or e.rebind_id == rebind_id)
+            and (not action or e.action == action)
+            and (since is None or e.at >= since)
+            and (until is None or e.at < until)
+            and (after_seq is None or e.seq > after_seq)
+        ]
+        return found[:limit]
+
+    def audit_snapshot(
+        self, account_id: str | None = None
+    ) -> tuple[list[tuple[str, list[StoredEvent], tuple[int, str, str] | None]], list[str]]:
+        heads = dict(self.tables.heads)
+        accounts = list(self.tables.accounts)
+        if account_id is not None:
+            chain = account_chain(account_id)
+            heads = {c: h for c, h in heads.items() if c == chain}
+            accounts = [a for a in accounts if a == account_id]
+        chains: dict[str, list[StoredEvent]] = {c: [] for c in heads}
+        for event in sorted(self.tables.events, key=lambda e: (e.chain_id, e.chain_seq)):
+            if account_id is None or event.chain_id in chains:
+                chains.setdefault(event.chain_id, []).append(event)
+        return [(c, chains[c], heads.get(c)) for c in sorted(chains)], accounts
