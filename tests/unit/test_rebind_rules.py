@@ -10,6 +10,8 @@ from service_world import NEW, OLD, OTHER_ID, World, beijing, refused
 from phonebind_server.domain.errors import Reason
 from phonebind_server.domain.model import RebindState, RiskDecision, Standing, Step
 from phonebind_server.domain.policy import Policy
+from phonebind_server.domain.review import ReviewFilter
+from phonebind_server.domain.status import ReviewStatus, rebind_status
 
 TICK = timedelta(microseconds=1)
 
@@ -434,3 +436,27 @@ def test_history_pages_newest_first():
     assert [c.new_phone.masked for c in rest.changes] == ["138****0002"]
     assert rest.next_cursor is None
     refused(Reason.INVALID_ARGUMENT, lambda: w.service.list_history(w.call, "a-1", -1, None))
+
+
+# -- what a reader is told ----------------------------------------------------------
+
+
+def test_a_rebinds_status_follows_from_the_policy():
+    w = World(Policy(lost_phone_reviewers=2, rebind_max_failures=4))
+    w.register("a-1", beijing(1))
+    plain = w.start("a-1", beijing(2))
+    status = rebind_status(plain, w.policy)
+    assert (status.attempts_left, status.hold, status.review) == (4, w.policy.hold, None)
+    assert [code for code, _ in status.notices("en")] == ["COOL_OFF_HOLD", "OLD_NUMBER_NOTIFIED"]
+    assert "24" in status.notices("en")[0][1]
+    lost = w.start("a-1", beijing(3), lost=True)
+    refused(Reason.IDENTITY_MISMATCH, lambda: w.identity("a-1", lost.rebind_id, "李四"))
+    status = rebind_status(w.service.get_rebind(w.call, "a-1", lost.rebind_id), w.policy)
+    assert (status.attempts_left, status.hold) == (3, w.policy.hold_old_phone_lost)
+    assert status.review == ReviewStatus(ReviewFilter.PENDING, 2)
+    assert status.notices("en")[0][0] == "REVIEW_IN_PROGRESS"
+    # Past its lifetime: no notices, and a review no one can decide any more.
+    w.advance(w.policy.rebind_ttl)
+    expired = w.service.get_rebind(w.call, "a-1", lost.rebind_id)
+    status = rebind_status(expired, w.policy)
+    assert status.notices("en") == () and status.review == ReviewStatus(ReviewFilter.ABANDONED, 2)

@@ -13,6 +13,7 @@ from phonebind.v1 import resources_pb2
 from ..domain.context import CallContext
 from ..domain.model import Account, Rebind
 from ..domain.rebind import RebindService
+from ..domain.status import rebind_status
 from . import convert
 from .pagination import PageTokens
 from .services import RunInStore
@@ -28,7 +29,7 @@ class BindingServicer:
         return convert.account(entity, self._service.now())
 
     def _rebind(self, entity: Rebind, call: CallContext) -> resources_pb2.Rebind:
-        return convert.rebind(entity, self._service.policy, call.language)
+        return convert.rebind(entity, rebind_status(entity, self._service.policy), call.language)
 
     async def RegisterAccount(self, request: api.RegisterAccountRequest, call: CallContext):
         account = await self._run(

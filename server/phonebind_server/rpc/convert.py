@@ -12,8 +12,8 @@ from phonebind.v1 import review_service_pb2 as review_pb
 from ..domain import messages
 from ..domain.errors import Reason, invalid
 from ..domain.model import Account, BindingChange, CodeTarget, Rebind, RebindState, Standing, Step
-from ..domain.policy import Policy
-from ..domain.review import Readiness, ReviewCase, ReviewFilter, review_state
+from ..domain.review import Readiness, ReviewCase, ReviewFilter
+from ..domain.status import RebindStatus
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -55,7 +55,8 @@ _TARGET = {
 }
 
 
-def rebind(entity: Rebind, policy: Policy, language: str) -> pb.Rebind:
+def rebind(entity: Rebind, status: RebindStatus, language: str) -> pb.Rebind:
+    """`status`: what the domain tells of it beyond its fields (`rebind_status`)."""
     return pb.Rebind(
         rebind_id=entity.rebind_id,
         account_id=entity.account_id,
@@ -72,18 +73,10 @@ def rebind(entity: Rebind, policy: Policy, language: str) -> pb.Rebind:
         expire_time=timestamp(entity.expires_at),
         complete_time=timestamp(entity.completed_at),
         old_phone_lost=entity.old_phone_lost,
-        attempts_left=entity.attempts_left(policy.rebind_max_failures),
-        review=_review(entity, policy),
+        attempts_left=status.attempts_left,
+        review=_review(entity, status),
         update_time=timestamp(entity.updated_at),
-        notices=[
-            pb.Notice(code=code, text=text)
-            for code, text in messages.rebind_notices(
-                is_open=entity.state.is_open,
-                needs_review=entity.needs_review,
-                hold=policy.hold_for(entity.old_phone_lost),
-                language=language,
-            )
-        ],
+        notices=[pb.Notice(code=code, text=text) for code, text in status.notices(language)],
         old_phone_masked=entity.old_phone_masked,
     )
 
@@ -96,12 +89,11 @@ _REVIEW_STATE = {
 }
 
 
-def _review(entity: Rebind, policy: Policy) -> pb.Review | None:
-    state = review_state(entity, policy.rebind_max_failures)
-    if state is None:
+def _review(entity: Rebind, status: RebindStatus) -> pb.Review | None:
+    if status.review is None:
         return None
     return pb.Review(
-        state=_REVIEW_STATE[state],
+        state=_REVIEW_STATE[status.review.state],
         reviewer=entity.reviewer,
         note=entity.review_note,
         decide_time=timestamp(entity.reviewed_at),
@@ -109,7 +101,7 @@ def _review(entity: Rebind, policy: Policy) -> pb.Review | None:
             pb.Approval(reviewer=a.reviewer, note=a.note, approve_time=timestamp(a.at))
             for a in entity.approvals
         ],
-        approvals_required=policy.approvals_required(entity.old_phone_lost),
+        approvals_required=status.review.approvals_required,
     )
 
 
@@ -140,7 +132,8 @@ def readiness(value: int) -> Readiness:
     )
 
 
-def review_case(case: ReviewCase, policy: Policy, language: str) -> review_pb.ReviewCase:
+def review_case(case: ReviewCase, status: RebindStatus, language: str) -> review_pb.ReviewCase:
+    """`status`: the case's rebind's (`rebind_status`)."""
     entity = case.rebind
     numbers = {
         "old_phone": entity.old_phone_masked or case.account.phone.masked,
@@ -148,7 +141,7 @@ def review_case(case: ReviewCase, policy: Policy, language: str) -> review_pb.Re
         "reviewer": ", ".join(a.reviewer for a in entity.approvals) or entity.reviewer,
     }
     return review_pb.ReviewCase(
-        rebind=rebind(entity, policy, language),
+        rebind=rebind(entity, status, language),
         account=account(case.account, case.as_of),
         readiness=(
             _READINESS[case.readiness]

@@ -14,6 +14,7 @@ from phonebind.v1 import review_service_pb2 as api
 from ..domain.context import CallContext
 from ..domain.policy import Policy
 from ..domain.review import ReviewCase, ReviewDesk
+from ..domain.status import rebind_status
 from . import convert
 from .pagination import PageTokens
 from .services import RunInStore
@@ -33,7 +34,8 @@ class ReviewServicer:
         self._run = run
 
     def _case(self, case: ReviewCase, call: CallContext) -> api.ReviewCase:
-        return convert.review_case(case, self._policy, call.language)
+        status = rebind_status(case.rebind, self._policy)
+        return convert.review_case(case, status, call.language)
 
     async def ListReviews(self, request: api.ListReviewsRequest, call: CallContext):
         state = convert.review_filter(request.state)
