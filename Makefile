@@ -11,15 +11,17 @@ PROTOS  = $(wildcard protos/phonebind/v1/*.proto)
 RUN_DIR ?= var
 # Another address: `make run LISTEN=127.0.0.1:50052` (or PHONEBIND_LISTEN).
 LISTEN  ?= $(or $(PHONEBIND_LISTEN),127.0.0.1:50051)
+# Where `make console` serves the reviewers' web console.
+CONSOLE_LISTEN ?= 127.0.0.1:8080
 
-.PHONY: install proto lint breaking run test bench clean
+.PHONY: install proto lint breaking run console browser test bench clean
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: client/pyproject.toml server/pyproject.toml requirements-dev.txt constraints.txt
+$(VENV)/.installed: client/pyproject.toml server/pyproject.toml console/pyproject.toml requirements-dev.txt constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e ./client -e ./server -r requirements-dev.txt
+	$(PY) -m pip install --quiet -c constraints.txt -e ./client -e ./server -e ./console -r requirements-dev.txt
 	touch $@
 
 node_modules/.installed: package.json package-lock.json
@@ -33,9 +35,10 @@ proto: install
 		--grpc_python_out=client $(PROTOS)
 
 lint: install node_modules/.installed
-	$(BIN)/ruff check client/phonebind_client server tests bench scripts
-	$(BIN)/ruff format --check client/phonebind_client server tests bench scripts
+	$(BIN)/ruff check client/phonebind_client server console tests bench scripts
+	$(BIN)/ruff format --check client/phonebind_client server console tests bench scripts
 	$(BIN)/bandit -q -r server/phonebind_server -x server/phonebind_server/domain/cn_provinces.py
+	$(BIN)/bandit -q -r console/phonebind_console
 	$(BIN)/mypy --config-file server/pyproject.toml server/phonebind_server/domain
 	node_modules/.bin/buf lint
 	sh scripts/buf-breaking.sh
@@ -53,12 +56,22 @@ run: install
 		--database-url sqlite:///$(abspath $(RUN_DIR))/phonebind.db \
 		--sms-gateway file:$(abspath $(RUN_DIR))/sms.jsonl
 
+# The reviewers' web console in development mode, beside `make run`'s server:
+# sign in as anyone at http://$(CONSOLE_LISTEN).
+console: install
+	$(BIN)/phonebind-console --dev --target $(LISTEN) --listen $(CONSOLE_LISTEN)
+
 # promtool, which the tests of deploy/prometheus run: from PATH, or unpacked
 # from Debian's prometheus package with apt-get (scripts/install-promtool.sh).
 $(BIN)/promtool: | $(VENV)/.installed
 	sh scripts/install-promtool.sh $@
 
-test: install lint $(BIN)/promtool
+# Headless Chromium, its driver and CJK fonts for the console's browser tests
+# (Debian packages, installed with apt-get when missing).
+browser:
+	sh scripts/install-browser.sh
+
+test: install lint $(BIN)/promtool browser
 	$(BIN)/pytest
 
 # Fresh servers (SQLite; PostgreSQL with 1 and 2 workers) under phonebind-load;
