@@ -330,8 +330,10 @@ def test_config_show_prints_every_setting_its_source_and_no_secret(tmp_path):
         for table, text in zip(("server", "policy"), result.stdout.split("[policy]"), strict=True)
         for match in re.finditer(r"^(\w+) = .*  # (.+)$", text, re.MULTILINE)
     }
-    server_names = [f.name for f in dataclasses.fields(Settings) if f.name != "policy"]
+    # Every setting but dev, which is shown as a comment: no file may set it.
+    server_names = [f.name for f in dataclasses.fields(Settings) if f.name not in ("policy", "dev")]
     assert list(shown["server"]) == server_names
+    assert "\n# dev = false  # default; only --dev sets it\n" in result.stdout
     assert list(shown["policy"]) == [f.name for f in dataclasses.fields(Policy)]
 
     config = env["PHONEBIND_CONFIG"]
@@ -422,7 +424,7 @@ def test_serve_and_config_show_help_list_every_variable_with_its_default():
     for command in (("serve",), ("config", "show")):
         listed = help_of(*command)
         for item in dataclasses.fields(Settings):
-            if item.name == "policy":
+            if item.name in ("policy", "dev"):
                 continue
             variable = "PHONEBIND_" + item.name.upper()
             if item.name in FILE_SETTINGS:
@@ -432,7 +434,8 @@ def test_serve_and_config_show_help_list_every_variable_with_its_default():
             assert "PHONEBIND_POLICY_" + item.name.upper() in listed
         assert listed["PHONEBIND_LISTEN"] == f"default {defaults.listen}"
         assert listed["PHONEBIND_STORE_CONNECTIONS"] == f"default {defaults.store_connections}"
-        assert listed["PHONEBIND_DEV"] == "default off"
+        # Development mode is the --dev flag only: no variable turns it on.
+        assert "PHONEBIND_DEV" not in listed
         assert listed["PHONEBIND_INDEX_KEY[_FILE]"] == "default unset (secret)"
         assert listed["PHONEBIND_POLICY_CODE_TTL"] == "default 5m"
         assert listed["PHONEBIND_POLICY_VIRTUAL_OPERATOR_PREFIXES"] == (

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import base64
+import json
 import os
 import subprocess
 import sys
 
 import pytest
+from support import Serve
 
 from phonebind_server.config import ConfigError, load
 from phonebind_server.devcerts import write_dev_certs
@@ -112,6 +114,58 @@ def test_dev_mode_listens_on_loopback_only():
     with pytest.raises(ConfigError, match="loopback"):
         load({"dev": True, "listen": "0.0.0.0:50051"}, env={})
     assert load({"dev": True, "listen": "[::1]:0"}, env={}).dev
+
+
+@pytest.mark.parametrize("value", ["1", "true", "0"])
+def test_development_mode_is_never_read_from_the_environment(safe, value):
+    """Only --dev turns it on; a variable that could reach a production host
+    unseen is refused, whatever it says, instead of opening the service."""
+    with pytest.raises(ConfigError) as caught:
+        load(env={**safe, "PHONEBIND_DEV": value})
+    assert str(caught.value) == (
+        "PHONEBIND_DEV is set: development mode is turned on only by the --dev flag"
+        " of the command line; unset it"
+    )
+
+
+def test_development_mode_is_never_read_from_the_config_file(safe, tmp_path):
+    path = tmp_path / "phonebind.toml"
+    path.write_text('[server]\ndev = true\nlisten = "127.0.0.1:50051"\n', encoding="utf-8")
+    with pytest.raises(ConfigError, match="turned on only by the --dev flag") as caught:
+        load(env={**safe, "PHONEBIND_CONFIG": str(path)})
+    assert str(caught.value).startswith(f"{path}: ")
+    assert "remove `dev` from [server]" in str(caught.value)
+    # The flag, and only the flag, turns it on.
+    assert load({"dev": True}, env={}).dev
+
+
+def test_serve_refuses_dev_from_the_environment_and_says_why(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PHONEBIND_")}
+    binary = os.path.join(os.path.dirname(sys.executable), "phonebind-server")
+    run = subprocess.run(
+        [binary, "serve", "--listen", "127.0.0.1:0"],
+        env={**env, "PHONEBIND_DEV": "1", "PHONEBIND_DATABASE_URL": f"sqlite:///{tmp_path}/d.db"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 2
+    assert run.stderr.strip() == (
+        "phonebind-server: PHONEBIND_DEV is set: development mode is turned on only by the"
+        " --dev flag of the command line; unset it"
+    )
+
+
+def test_dev_mode_says_so_loudly_when_it_starts(tmp_path):
+    server = Serve(f"sqlite:///{tmp_path}/d.db", tmp_path, str(tmp_path / "sms.jsonl")).start()
+    try:
+        lines = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
+    finally:
+        assert server.stop() == 0
+    loud = [line for line in lines if "DEVELOPMENT MODE (--dev)" in line["message"]]
+    assert len(loud) == 1
+    assert loud[0]["level"] == "WARNING"
+    assert "ANYONE who reaches the port is a caller with every role" in loud[0]["message"]
 
 
 def test_mutual_tls_needs_tls(safe):

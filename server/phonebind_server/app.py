@@ -487,6 +487,15 @@ async def create_server(
         asyncio.create_task(app._watch_store(store_up), name="health"),
         asyncio.create_task(app._chores(), name="chores"),
     ]
+    if settings.dev:
+        log.warning(
+            "DEVELOPMENT MODE (--dev): %s; development keys where none are set; reflection on;"
+            " migrations on start. Never run it where anyone else can reach the port",
+            "callers from credentials_file"
+            if credentials is not None
+            else "ANYONE who reaches the port is a caller with every role",
+            extra={"dev": True},
+        )
     log.info(
         "phonebind serving",
         extra={

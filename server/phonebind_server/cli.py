@@ -65,7 +65,9 @@ def _parser() -> argparse.ArgumentParser:
             "--dev",
             action="store_const",
             const=True,
-            help="development mode: reflection on, development keys, file/log gateways",
+            help="development mode, turned on only by this flag: anonymous callers with every role"
+            " (without credentials_file), reflection, development keys, migrations on start;"
+            " loopback only",
         )
 
     migrate = commands.add_parser(
@@ -283,7 +285,8 @@ def _default_text(value: object) -> str:
 def settings_help(names: Sequence[str] | None) -> str:
     """The environment variables of `names` (None: every setting), with defaults."""
     defaults = Settings()
-    server = [f.name for f in dataclasses.fields(Settings) if f.name != "policy"]
+    # Development mode is a flag only (--dev), never a variable.
+    server = [f.name for f in dataclasses.fields(Settings) if f.name not in ("policy", "dev")]
     rows = [("PHONEBIND_CONFIG", "TOML file of [server] and [policy] keys, as --config")]
     for name in server if names is None else names:
         variable = env_name(name)
@@ -369,7 +372,11 @@ def _config_show(settings: Settings, flags: dict[str, object]) -> int:
     print("# the settings `phonebind-server serve` would run with; secrets redacted")
     print("[server]")
     for item in dataclasses.fields(Settings):
-        if item.name != "policy":
+        if item.name == "dev":
+            # A comment: the output stays a file `serve` reads, and a file never
+            # turns development mode on.
+            print(f"# dev = {_toml_value(settings.dev)}  # {sources['dev']}; only --dev sets it")
+        elif item.name != "policy":
             value = shown(item.name, getattr(settings, item.name))
             print(f"{item.name} = {_toml_value(value)}  # {sources[item.name]}")
     print()

@@ -33,6 +33,12 @@ class ConfigError(ValueError):
     """A setting is missing, malformed or unsafe; the message says which."""
 
 
+# Development mode opens the service to anonymous callers with every role. A
+# variable or a file key can reach a production host unseen (an inherited
+# environment, a copied file), so only the command line turns it on.
+_DEV_ONLY_BY_FLAG = "development mode is turned on only by the --dev flag of the command line"
+
+
 def _dev_key(purpose: str) -> str:
     return base64.b64encode(hashlib.sha256(f"phonebind-dev-{purpose}".encode()).digest()).decode()
 
@@ -216,10 +222,15 @@ def load(
                 document = tomllib.load(handle)
         except (OSError, tomllib.TOMLDecodeError) as error:
             raise ConfigError(f"cannot read config file {path}: {error}") from None
-        settings = _apply(settings, with_setting_files(document.get("server", {}), path), path)
+        server_table = document.get("server", {})
+        if isinstance(server_table, Mapping) and "dev" in server_table:
+            raise ConfigError(f"{path}: {_DEV_ONLY_BY_FLAG}; remove `dev` from [server]")
+        settings = _apply(settings, with_setting_files(server_table, path), path)
         policy = _apply(policy, document.get("policy", {}), path)
 
-    server_names = {f.name for f in dataclasses.fields(Settings)} - {"policy"}
+    if ENV_PREFIX + "DEV" in env:
+        raise ConfigError(f"{ENV_PREFIX}DEV is set: {_DEV_ONLY_BY_FLAG}; unset it")
+    server_names = {f.name for f in dataclasses.fields(Settings)} - {"policy", "dev"}
     policy_names = {f.name for f in dataclasses.fields(Policy)}
     from_env = {
         name: env[ENV_PREFIX + name.upper()]
@@ -234,7 +245,9 @@ def load(
         if ENV_PREFIX + "POLICY_" + name.upper() in env
     }
     policy = _apply(policy, policy_env, "environment")
-    settings = _apply(settings, {k: v for k, v in flags.items() if k in server_names}, "flags")
+    settings = _apply(
+        settings, {k: v for k, v in flags.items() if k in server_names | {"dev"}}, "flags"
+    )
 
     if settings.dev:
         settings = dataclasses.replace(
