@@ -201,3 +201,56 @@ def test_migrate_needs_only_the_database(tmp_path):
     assert run.returncode == 0, run.stderr
     every = [version for version, _ in migrate.available()]
     assert f"applied migrations: {every}" in run.stdout
+
+
+WEAK_KEYS = {
+    "all zeros": bytes(32),
+    "one byte repeated": b"\xff" * 32,
+    "a short pattern repeated": b"0123456789abcdef" * 2,
+    "few distinct bytes": bytes([1, 2, 3, 4, 5, 6, 7, 8] * 3 + [8, 7, 6, 5, 4, 3, 2, 1]),
+}
+
+
+@pytest.mark.parametrize(
+    "variable",
+    ["PHONEBIND_INDEX_KEY", "PHONEBIND_CODE_KEY", "PHONEBIND_AUDIT_KEY", "PHONEBIND_SEAL_KEYS"],
+)
+@pytest.mark.parametrize("weak", sorted(WEAK_KEYS))
+def test_production_refuses_a_trivially_weak_key_naming_its_setting(safe, variable, weak):
+    encoded = base64.b64encode(WEAK_KEYS[weak]).decode()
+    value = f"k1:{encoded}" if variable == "PHONEBIND_SEAL_KEYS" else encoded
+    with pytest.raises(ConfigError) as caught:
+        load(env={**safe, variable: value})
+    name = variable.removeprefix("PHONEBIND_").lower()
+    assert f"{name} is a trivially weak key" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        ("PHONEBIND_INDEX_KEY", "PHONEBIND_CODE_KEY"),
+        ("PHONEBIND_INDEX_KEY", "PHONEBIND_AUDIT_KEY"),
+        ("PHONEBIND_CODE_KEY", "PHONEBIND_AUDIT_KEY"),
+    ],
+)
+def test_production_refuses_one_key_in_two_settings_naming_both(safe, first, second):
+    with pytest.raises(ConfigError) as caught:
+        load(env={**safe, second: safe[first]})
+    names = [v.removeprefix("PHONEBIND_").lower() for v in (first, second)]
+    assert f"{names[0]} and {names[1]} hold the same key" in str(caught.value)
+
+
+def test_the_same_key_for_index_code_and_audit_is_refused_once_per_pair(safe):
+    shared = safe["PHONEBIND_INDEX_KEY"]
+    with pytest.raises(ConfigError) as caught:
+        load(env={**safe, "PHONEBIND_CODE_KEY": shared, "PHONEBIND_AUDIT_KEY": shared})
+    message = str(caught.value)
+    assert "index_key and code_key hold the same key" in message
+    assert "index_key and audit_key hold the same key" in message
+    assert "code_key and audit_key hold the same key" in message
+
+
+def test_random_keys_are_never_judged_weak():
+    from phonebind_server.config import weak_key
+
+    assert not any(weak_key(os.urandom(32)) for _ in range(2000))

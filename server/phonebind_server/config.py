@@ -349,12 +349,51 @@ def check(settings: Settings) -> None:
     if settings.uses_dev_keys():
         names = ", ".join(settings.dev_keys_in_use())
         problems.append(f"development keys are configured (set {names})")
+    problems.extend(_weak_key_problems(settings))
     if settings.sms_gateway == "log" or settings.sms_gateway.startswith("file:"):
         problems.append("the file and log SMS gateways are for development only")
     if settings.sms_gateway.startswith("http://") and not _loopback(settings.sms_gateway):
         problems.append("the http SMS gateway needs https:// unless the provider is on loopback")
     if problems:
         raise ConfigError("refusing to start outside --dev: " + "; ".join(problems))
+
+
+def _key_values(settings: Settings) -> dict[str, list[bytes]]:
+    """Each key setting's keys as bytes (every id of a setting that has ids)."""
+    found: dict[str, list[bytes]] = {}
+    for name in SECRET_SETTINGS:
+        value: str = getattr(settings, name)
+        for item in filter(None, (item.strip() for item in value.split(","))):
+            try:
+                key = base64.b64decode(item.rpartition(":")[2], validate=True)
+            except ValueError:
+                continue  # reported as not base64 where the key is used
+            found.setdefault(name, []).append(key)
+    return found
+
+
+def weak_key(key: bytes) -> bool:
+    """A key no random generator would make: a byte pattern of at most 16 bytes
+    repeated (all zeros, "abcabc…"), or at most 8 distinct byte values."""
+    periodic = any(key == (key[:period] * len(key))[: len(key)] for period in range(1, 17))
+    return periodic or len(set(key)) <= 8
+
+
+def _weak_key_problems(settings: Settings) -> list[str]:
+    """Trivially weak keys, and one key in two settings: a key shared by the
+    blind index, the code MACs and the audit MACs makes one leak expose all three."""
+    keys = _key_values(settings)
+    problems = [
+        f"{name} is a trivially weak key (make one with: head -c 32 /dev/urandom | base64)"
+        for name, values in keys.items()
+        if any(weak_key(key) for key in values)
+    ]
+    names = list(keys)
+    for i, name in enumerate(names):
+        for other in names[i + 1 :]:
+            if set(keys[name]) & set(keys[other]):
+                problems.append(f"{name} and {other} hold the same key; give each its own")
+    return problems
 
 
 def _check_health_listen(settings: Settings) -> None:
