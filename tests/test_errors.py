@@ -225,18 +225,38 @@ def test_invalid_id_number_names_the_field_and_is_not_an_attempt(server):
 # -- idempotency ------------------------------------------------------------------------
 
 
-def test_request_id_reused_at_register(server):
+def test_register_is_no_identity_oracle(server):
+    """Whatever a kyc caller guesses, the answer is the same: the first call's
+    account under its request_id, ACCOUNT_EXISTS under any other (or none)."""
     pb = server.api
-    pb.register("loan-1", PHONE_A, request_id="reg-1")
-    details = fails_unchanged(
-        server,
-        lambda: pb.register("loan-1", PHONE_B, request_id="reg-1"),
-        INVALID,
-        "REQUEST_ID_REUSED",
-    )
-    assert field_violations(details) == ["request_id"]
-    # The same parameters are a replay, not an error.
-    assert pb.register("loan-1", PHONE_A, request_id="reg-1").phone_masked == "138****8000"
+    first = pb.register("loan-1", PHONE_A, request_id="reg-1")
+    before = server.snapshot()
+    other_id = make_id_number()
+    guesses = [
+        {},  # the record's very name, ID number and number
+        {"phone": PHONE_B},  # the record's name and ID number, another number
+        {"name": "李四"},
+        {"id_number": other_id},
+        {"name": "李四", "id_number": other_id, "phone": PHONE_B},
+    ]
+
+    def register(guess: dict[str, str], request_id: str):
+        args = {"name": HOLDER, "id_number": ID_NUMBER, "phone": PHONE_A, **guess}
+        return pb.register("loan-1", args.pop("phone"), request_id=request_id, **args)
+
+    # Under the first request_id: always the first answer, right guess or wrong.
+    assert [register(guess, "reg-1") for guess in guesses] == [first] * len(guesses)
+    # Under another request_id or none: always the same refusal.
+    refusals = set()
+    for guess in guesses:
+        for request_id in ("reg-2", ""):
+            with pytest.raises(grpc.RpcError) as caught:
+                register(guess, request_id)
+            code, reason, details = error_details(caught.value)
+            refusals.add((code, reason, caught.value.details(), repr(details)))
+    assert len(refusals) == 1
+    assert next(iter(refusals))[:2] == (grpc.StatusCode.ALREADY_EXISTS, "ACCOUNT_EXISTS")
+    assert server.snapshot() == before
 
 
 @pytest.mark.parametrize(

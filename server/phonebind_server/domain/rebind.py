@@ -301,9 +301,10 @@ class RebindService:
         name_hash = self._vault.name_hash(name)
         id_hash = self._vault.id_number_hash(id_norm)
         phone_index = self._vault.phone_index(number.e164)
-        key = Idempotency.of(
-            "RegisterAccount", account_id, request_id, name_hash, id_hash, phone_index
-        )
+        # The request_id alone makes a replay, whatever the fields: were the
+        # fields compared, a known request_id would tell (answer, or
+        # REQUEST_ID_REUSED) whether a guessed name or ID number is the record's.
+        key = Idempotency.of("RegisterAccount", account_id, request_id)
 
         def work(
             tx: Tx, existing: Account | None, owner: str | None
