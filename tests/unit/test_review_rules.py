@@ -140,3 +140,19 @@ def test_decided_lists_and_paging():
         Reason.INVALID_ARGUMENT,
         lambda: w.desk.list(w.call, ReviewFilter.REJECTED, 0, None, readiness=Readiness.READY),
     )
+
+
+def test_a_decision_runs_in_the_unit_of_work_wrapper():
+    """A decision that loses a race runs again; a refused one leaves nothing."""
+    w = World()
+    rebind = lost_phone_rebind(w)
+    events = len(w.store.tables.events)
+    w.store.conflicts_before_commit = ["unknown"]
+    case = w.desk.approve(w.as_reviewer("rev-1"), rebind.rebind_id, "")
+    assert Step.REVIEW in case.rebind.completed and w.store.conflicts_before_commit == []
+    assert len(w.store.tables.events) == events + 1  # the first run's event was rolled back
+    refused(
+        Reason.STEP_ALREADY_DONE,
+        lambda: w.desk.approve(w.as_reviewer("rev-2"), rebind.rebind_id, ""),
+    )
+    assert len(w.store.tables.events) == events + 1

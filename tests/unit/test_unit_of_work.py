@@ -14,7 +14,7 @@ from service_world import HOLDER, ID_NUMBER, NEW, OLD, OTHER_ID, World, beijing,
 from phonebind_server.domain.errors import Reason
 from phonebind_server.domain.model import RebindState
 from phonebind_server.domain.ports import DeadlinePassed
-from phonebind_server.domain.rebind import CONFLICT_RUNS
+from phonebind_server.domain.unit_of_work import CONFLICT_RUNS
 
 # -- idempotent replay --------------------------------------------------------------
 

@@ -11,8 +11,6 @@ caller still waits: that is how the attempt counts.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import secrets
 import uuid
 from collections.abc import Callable, Mapping
@@ -41,18 +39,15 @@ from .model import (
 from .phone import PhoneNumber, is_virtual_operator, parse_phone, province_code
 from .pii import Vault
 from .policy import Policy
-from .ports import Clock, Conflict, Read, Store, Tx
+from .ports import Clock, Read, Store, Tx
 from .risk import RiskSignals, assess
+from .unit_of_work import CommitThenRaise, Idempotency, run_unit
 
 _ID_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:-")
 _TOKEN_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
 _REBIND_PREFIX = "rb_"
 MAX_PAGE_SIZE = 100
 DEFAULT_PAGE_SIZE = 20
-# A unit of work that lost a race on a uniqueness rule runs again, this often
-# at most; each run sees what the winner committed.
-CONFLICT_RUNS = 3
-
 T = TypeVar("T")
 
 
@@ -73,41 +68,6 @@ class Completion:
 class HistoryPage:
     changes: list[BindingChange]
     next_cursor: int | None
-
-
-@dataclass(frozen=True)
-class Idempotency:
-    """A call's request_id, and what the call asked (AIP-155): a repeat with the
-    same request_id answers as the first did; with other parameters it is refused."""
-
-    operation: str
-    account_id: str
-    request_id: str
-    fingerprint: str
-
-    @classmethod
-    def of(cls, operation: str, account_id: str, request_id: str, *parts: object) -> Idempotency:
-        digest = hashlib.sha256(
-            json.dumps([operation, account_id, *parts], ensure_ascii=True).encode()
-        ).hexdigest()
-        return cls(operation, account_id, request_id, digest)
-
-
-class CommitThenRaise(Exception):
-    """Raised by a unit of work whose refusal must be committed (a counted wrong
-    answer, a counted start): the unit commits, then `error` reaches the caller."""
-
-    def __init__(self, error: DomainError) -> None:
-        super().__init__(error.reason.value)
-        self.error = error
-
-
-class _RecheckThenRefuse(Exception):
-    """A keyed unit's refusal, rolled back; its request_id is read once more."""
-
-    def __init__(self, error: DomainError) -> None:
-        super().__init__(error.reason.value)
-        self.error = error
 
 
 def check_account_id(value: str, field: str = "account_id") -> str:
@@ -211,74 +171,16 @@ class RebindService:
         replay: Callable[..., T] | None = None,
         conflicts: Mapping[str, Callable[[], DomainError]] | None = None,
     ) -> T:
-        """Runs `work(tx, *results of reads(tx))` in one transaction.
-
-        With a `key` (a call that carried a request_id), its idempotency record
-        is read in the same round trip as `reads`: a known request_id answers
-        `replay(tx, record, *results)` instead (refused if it came with other
-        parameters), and a new one is remembered with what `work` returns
-        beside its answer. A uniqueness conflict named in `conflicts` becomes
-        that error; any other runs the unit again, up to CONFLICT_RUNS times.
-
-        A keyed call that `work` refuses reads its record once more before
-        answering: a twin call with the same request_id may have committed
-        while this one waited for its lock, and then this one is its replay.
-        """
-        refused: DomainError | None = None
-        for _ in range(CONFLICT_RUNS + 1):
-            refusal: DomainError | None = None
-            try:
-                with self._store.transaction(call) as tx:
-                    try:
-                        if key is None:
-                            return work(tx, *tx.read(*reads(tx)))[0]
-                        loaded: list[Any]
-                        record, *loaded = tx.read(
-                            tx.requests.get(key.operation, key.account_id, key.request_id),
-                            *reads(tx),
-                        )
-                        if record is not None:
-                            if record.fingerprint != key.fingerprint:
-                                raise invalid(
-                                    Reason.REQUEST_ID_REUSED,
-                                    "request_id",
-                                    "request_id was already used for a different request",
-                                )
-                            if replay is None:
-                                raise TypeError("a unit of work with a key needs its replay")
-                            return replay(tx, record, *loaded)
-                        if refused is not None:
-                            raise refused
-                        try:
-                            answer, remembered = work(tx, *loaded)
-                        except DomainError as error:
-                            raise _RecheckThenRefuse(error) from error  # rolls back
-                        tx.requests.put(
-                            IdempotencyRecord(
-                                key.operation,
-                                key.account_id,
-                                key.request_id,
-                                key.fingerprint,
-                                dict(remembered),
-                                self._clock.now(),
-                            )
-                        )
-                        return answer
-                    except CommitThenRaise as committed:
-                        refusal = committed.error
-            except _RecheckThenRefuse as recheck:
-                refused = recheck.error
-                continue
-            except Conflict as conflict:
-                if conflicts and (named := conflicts.get(conflict.constraint)):
-                    raise named() from None
-                continue
-            if refusal is not None:
-                raise refusal
-        raise DomainError(
-            Reason.STORE_UNAVAILABLE,
-            "concurrent changes to this account kept conflicting; retry",
-            retry_after=timedelta(milliseconds=100),
+        """`work` in the one wrapper of every use case (see `run_unit`)."""
+        return run_unit(
+            self._store,
+            self._clock,
+            call,
+            work,
+            reads=reads,
+            key=key,
+            replay=replay,
+            conflicts=conflicts,
         )
 
     # -- accounts ---------------------------------------------------------------

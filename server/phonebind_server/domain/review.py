@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import enum
 import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -40,6 +41,7 @@ from .rebind import (
     still_open,
 )
 from .risk import signal_weight
+from .unit_of_work import run_unit
 
 
 class ReviewFilter(enum.Enum):
@@ -241,12 +243,33 @@ class ReviewDesk:
             )
         return review_case(facts, self._policy, now)
 
-    def _locked(self, tx: Tx, rebind_id: str, now: datetime) -> Rebind:
-        """The rebind, reviewable, with its account locked first (the lock order)."""
-        _account, rebind = tx.read(
-            tx.accounts.of_rebind(rebind_id, lock=True), tx.rebinds.get(rebind_id)
+    def _decide(
+        self,
+        call: CallContext,
+        rebind_id: str,
+        decide: Callable[[Tx, Rebind, datetime], None],
+    ) -> ReviewCase:
+        """Runs `decide` on the reviewable rebind, with its account locked first
+        (the lock order), in the wrapper every use case runs in, and answers
+        the case as it then stands."""
+        now = self._clock.now()
+
+        def work(
+            tx: Tx, _account: Account | None, row: Rebind | None
+        ) -> tuple[ReviewCase, dict[str, str]]:
+            decide(tx, self._reviewable(row, now), now)
+            return self._case(tx, rebind_id, now), {}
+
+        return run_unit(
+            self._store,
+            self._clock,
+            call,
+            work,
+            reads=lambda tx: (
+                tx.accounts.of_rebind(rebind_id, lock=True),
+                tx.rebinds.get(rebind_id),
+            ),
         )
-        return self._reviewable(rebind, now)
 
     def approve(self, call: CallContext, rebind_id: str, note: str) -> ReviewCase:
         """Approves as the calling reviewer. With two reviewers required, the
@@ -254,9 +277,8 @@ class ReviewDesk:
         check_rebind_id(rebind_id)
         note = _check_text(note, "note", required=False, limit=500)
         reviewer = call.caller
-        now = self._clock.now()
-        with self._store.transaction(call) as tx:
-            rebind = self._locked(tx, rebind_id, now)
+
+        def approve(tx: Tx, rebind: Rebind, now: datetime) -> None:
             if Step.IDENTITY not in rebind.completed:
                 raise DomainError(
                     Reason.STEP_REQUIRED,
@@ -286,16 +308,16 @@ class ReviewDesk:
                 action = "REVIEW_APPROVED"
             tx.rebinds.save(approved)
             self._record(tx, approved, action, reviewer, now)
-            return self._case(tx, rebind_id, now)
+
+        return self._decide(call, rebind_id, approve)
 
     def reject(self, call: CallContext, rebind_id: str, reason: str) -> ReviewCase:
         """Rejects as the calling reviewer; the reason is required."""
         check_rebind_id(rebind_id)
         reason = _check_text(reason, "reason", required=True, limit=500)
         reviewer = call.caller
-        now = self._clock.now()
-        with self._store.transaction(call) as tx:
-            rebind = self._locked(tx, rebind_id, now)
+
+        def reject(tx: Tx, rebind: Rebind, now: datetime) -> None:
             rejected = rebind.with_changes(
                 state=RebindState.REJECTED,
                 reviewer=reviewer,
@@ -305,7 +327,8 @@ class ReviewDesk:
             )
             tx.rebinds.save(rejected)
             self._record(tx, rejected, "REVIEW_REJECTED", reviewer, now)
-            return self._case(tx, rebind_id, now)
+
+        return self._decide(call, rebind_id, reject)
 
     def _required(self, rebind: Rebind) -> int:
         return self._policy.approvals_required(rebind.old_phone_lost)
