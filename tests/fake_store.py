@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from phonebind_server.domain.audit import StoredEvent, account_chain
 from phonebind_server.domain.context import CallContext
@@ -37,7 +37,21 @@ from phonebind_server.domain.model import (
     ReviewFacts,
     Step,
 )
-from phonebind_server.domain.ports import Conflict, DeadlinePassed, Read
+from phonebind_server.domain.ports import (
+    AccountRepository,
+    AuditRepository,
+    CodeRepository,
+    Conflict,
+    DeadlinePassed,
+    HistoryRepository,
+    LimitRepository,
+    OutboxRepository,
+    Read,
+    RebindRepository,
+    RequestRepository,
+    Store,
+    Tx,
+)
 
 T = TypeVar("T")
 
@@ -332,14 +346,14 @@ class FakeTx:
         self.call = call
         self.tables = tables
         self.keep_if_caller_gone = False
-        self.accounts = _Accounts(tables)
-        self.rebinds = _Rebinds(tables)
-        self.codes = _Codes(tables)
-        self.outbox = _Outbox(tables)
-        self.history = _History(tables)
-        self.limits = _Limits(tables)
-        self.audit = _Audit(tables)
-        self.requests = _Requests(tables)
+        self.accounts: AccountRepository = _Accounts(tables)
+        self.rebinds: RebindRepository = _Rebinds(tables)
+        self.codes: CodeRepository = _Codes(tables)
+        self.outbox: OutboxRepository = _Outbox(tables)
+        self.history: HistoryRepository = _History(tables)
+        self.limits: LimitRepository = _Limits(tables)
+        self.audit: AuditRepository = _Audit(tables)
+        self.requests: RequestRepository = _Requests(tables)
         self.round_trips = 0
 
     def read(self, *reads: Read[Any]) -> tuple[Any, ...]:
@@ -386,7 +400,7 @@ class FakeStore:
         self.between_units: Callable[[Tables], None] | None = None
 
     @contextmanager
-    def transaction(self, call: CallContext, *, write: bool = True) -> Iterator[FakeTx]:
+    def transaction(self, call: CallContext, *, write: bool = True) -> Iterator[Tx]:
         if self.between_units is not None:
             self.between_units(self.tables)
         tx = FakeTx(call, self.tables.snapshot())
@@ -445,3 +459,9 @@ class FakeStore:
             if account_id is None or event.chain_id in chains:
                 chains.setdefault(event.chain_id, []).append(event)
         return [(c, chains[c], heads.get(c)) for c in sorted(chains)], accounts
+
+
+if TYPE_CHECKING:
+    # `make lint` type-checks this file: the fake keeps up with the ports.
+    def _implements_the_ports(store: FakeStore, tx: FakeTx) -> tuple[Store, Tx]:
+        return store, tx
