@@ -354,10 +354,8 @@ class FakeTx:
         self.limits: LimitRepository = _Limits(tables)
         self.audit: AuditRepository = _Audit(tables)
         self.requests: RequestRepository = _Requests(tables)
-        self.round_trips = 0
 
     def read(self, *reads: Read[Any]) -> tuple[Any, ...]:
-        self.round_trips += 1
         results = []
         for read in reads:
             if not isinstance(read, Thunk):
@@ -387,36 +385,26 @@ class FakeStore:
 
     `conflicts_before_commit` makes the next commits fail with those
     constraint names (a concurrent writer that won), one per commit.
-    `between_units` runs before each unit of work, to change the state behind
-    the domain's back as a concurrent caller would.
     """
 
     def __init__(self) -> None:
         self.tables = Tables()
         self.commits = 0
-        self.rollbacks = 0
         self.units: list[FakeTx] = []
         self.conflicts_before_commit: list[str] = []
-        self.between_units: Callable[[Tables], None] | None = None
 
     @contextmanager
     def transaction(self, call: CallContext, *, write: bool = True) -> Iterator[Tx]:
-        if self.between_units is not None:
-            self.between_units(self.tables)
         tx = FakeTx(call, self.tables.snapshot())
         self.units.append(tx)
-        try:
-            yield tx
-            if write:
-                if call.gone() and not tx.keep_if_caller_gone:
-                    raise DeadlinePassed("the caller stopped waiting before the commit")
-                if self.conflicts_before_commit:
-                    raise Conflict(self.conflicts_before_commit.pop(0))
-                _check_unique(tx.tables)
-        except BaseException:
-            self.rollbacks += 1
-            raise
+        # An exception out of the unit leaves self.tables as they were: a rollback.
+        yield tx
         if write:
+            if call.gone() and not tx.keep_if_caller_gone:
+                raise DeadlinePassed("the caller stopped waiting before the commit")
+            if self.conflicts_before_commit:
+                raise Conflict(self.conflicts_before_commit.pop(0))
+            _check_unique(tx.tables)
             self.tables = tx.tables
             self.commits += 1
 
