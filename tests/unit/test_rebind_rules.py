@@ -240,8 +240,8 @@ def test_code_send_and_resend_cooldown_on_the_clock():
     w.send("a-1", rebind.rebind_id, OLD)
     # A new code replaces the old one: the old one no longer works.
     second = w.last_code(beijing(1))
-    if first != second:
-        refused(Reason.CODE_MISMATCH, lambda: w.verify("a-1", rebind.rebind_id, OLD, first))
+    assert first != second
+    refused(Reason.CODE_MISMATCH, lambda: w.verify("a-1", rebind.rebind_id, OLD, first))
     done = w.verify("a-1", rebind.rebind_id, OLD, second)
     assert Step.OLD_PHONE_CODE in done.completed
 
