@@ -105,3 +105,23 @@ def test_scrapes_do_not_keep_database_connections(database_url, tmp_path, clock,
         assert running.api.register("m-3", "13800138903").phone_masked == "138****8903"
     finally:
         running.stop()
+
+
+def test_store_statements_are_counted_per_call_while_calls_overlap(measured):
+    """Each GetAccount is one statement, however many run at once: on PostgreSQL
+    calls' units of work interleave on the loop, and none may count another's."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from phonebind.v1 import binding_service_pb2 as api
+
+    pb = measured.api
+    pb.register("m-2", "13800138902")
+    request = api.GetAccountRequest(account_id="m-2")
+    before = scrape(measured)
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda _: pb.stub.GetAccount(request, timeout=10), range(400)))
+    after = scrape(measured)
+    method = "/phonebind.v1.BindingService/GetAccount"
+    for counter in ("phonebind_store_statements_total", "phonebind_store_round_trips_total"):
+        key = f'{counter}{{method="{method}"}}'
+        assert after[key] - before.get(key, 0.0) == 400, counter

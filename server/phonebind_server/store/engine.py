@@ -90,6 +90,12 @@ class Session:
     """One unit of work's hold on the database: a connection (PostgreSQL) or
     the process's one connection inside BEGIN (SQLite)."""
 
+    # This unit of work's statements (BEGIN and COMMIT included) and round
+    # trips (batches), for the per-RPC figures: counted on the session, since
+    # other calls' units of work run meanwhile on PostgreSQL.
+    statements: int
+    round_trips: int
+
     def run(self, statements: Sequence[Statement], want: Sequence[int]) -> list[list[tuple]]:
         """Runs `statements` in order, in one round trip; the rows of those at
         the indices in `want`."""
@@ -158,17 +164,21 @@ def _busy(error: sqlite3.OperationalError) -> bool:
 
 
 class SqliteSession(Session):
-    __slots__ = ("_connection", "_engine", "_open")
+    __slots__ = ("_connection", "_engine", "_open", "round_trips", "statements")
 
     def __init__(self, engine: SqliteEngine, connection: sqlite3.Connection, open_: bool) -> None:
         self._engine = engine
         self._connection = connection
         self._open = open_
+        self.statements = 1 if open_ else 0  # BEGIN
+        self.round_trips = 0
 
     def run(self, statements: Sequence[Statement], want: Sequence[int]) -> list[list[tuple]]:
         engine = self._engine
         engine.statements += len(statements)
         engine.round_trips += 1
+        self.statements += len(statements)
+        self.round_trips += 1
         execute = self._connection.execute
         rows: dict[int, list[tuple]] = {}
         try:
@@ -193,6 +203,7 @@ class SqliteSession(Session):
                 if statements:
                     self.run(statements, ())
                 self._connection.execute("COMMIT")
+                self.statements += 1
                 self._engine.commits += 1
         finally:
             if self._connection.in_transaction:
@@ -280,7 +291,7 @@ class SqliteEngine(Engine):
 
 
 class PostgresSession(Session):
-    __slots__ = ("_begin", "_call", "_connection", "_engine", "broken")
+    __slots__ = ("_begin", "_call", "_connection", "_engine", "broken", "round_trips", "statements")
 
     def __init__(self, engine: PostgresEngine, connection: Any, call: CallContext, begin: str):
         self._engine = engine
@@ -288,6 +299,8 @@ class PostgresSession(Session):
         self._call = call
         self._begin = begin  # sent with the first batch ("" in autocommit)
         self.broken = False
+        self.statements = 0
+        self.round_trips = 0
 
     def _timeout(self) -> float:
         """How long a batch may go unanswered before its connection is shut:
@@ -449,6 +462,8 @@ class PostgresEngine(Engine):
     ) -> list[list[tuple]]:
         self.statements += len(statements)
         self.round_trips += 1
+        session.statements += len(statements)
+        session.round_trips += 1
         connection = session.connection
         work = asyncio.ensure_future(self._send(connection, statements, want))
         ends = time.monotonic() + timeout

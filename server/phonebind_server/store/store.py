@@ -560,8 +560,7 @@ class Transaction:
     With tracing on, a transaction made within a traced span (an RPC's, an SMS
     delivery's) is a span of its own, its child."""
 
-    __slots__ = ("_call", "_round_trips", "_session", "_snapshot", "_span", "_statements",
-                 "_store", "_tx", "_write")  # fmt: skip
+    __slots__ = ("_call", "_session", "_snapshot", "_span", "_store", "_tx", "_write")
 
     def __init__(self, store: Store, call: CallContext, write: bool, snapshot: bool) -> None:
         self._store = store
@@ -578,7 +577,6 @@ class Transaction:
             self._end_span(StoreUnavailable)
             raise StoreUnavailable("the database did not answer the last health check")
         engine = store.engine
-        self._statements, self._round_trips = engine.statements, engine.round_trips
         try:
             self._session = engine.session(self._call, write=self._write, snapshot=self._snapshot)
         except BaseException as error:
@@ -635,8 +633,8 @@ class Transaction:
                 # Else the connection is gone; nothing was committed.
             finally:
                 engine.release(session)
-                store.statements[call.method] += engine.statements - self._statements
-                store.round_trips[call.method] += engine.round_trips - self._round_trips
+                store.statements[call.method] += session.statements
+                store.round_trips[call.method] += session.round_trips
         if committed and tx.messages and store.on_commit is not None:
             store.on_commit(tx.messages)
 
