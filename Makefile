@@ -71,13 +71,19 @@ $(BIN)/promtool: | $(VENV)/.installed
 browser:
 	sh scripts/install-browser.sh
 
-test: install lint $(BIN)/promtool browser
+test: install lint $(BIN)/promtool $(BIN)/h2load browser
 	$(BIN)/pytest
 
-# Fresh servers (SQLite; PostgreSQL with 1 and 2 workers) under phonebind-load;
-# writes docs/benchmarks.md, .json and the latency plot. BENCH_ARGS=--quick for a
-# smoke run; PostgreSQL from PHONEBIND_BENCH_DATABASE_URL (default: local `test`).
-bench: install
+# h2load, which `make bench` drives GetAccount and the reference server with:
+# from PATH, or unpacked from Debian's nghttp2-client package (scripts/install-h2load.sh).
+$(BIN)/h2load: | $(VENV)/.installed
+	sh scripts/install-h2load.sh $@
+
+# Fresh servers (SQLite; PostgreSQL with 1 and 2 workers; both in production
+# mode) against a bare grpc.aio health server, with h2load and phonebind-load;
+# writes docs/benchmarks.md and .json. BENCH_ARGS=--quick for a smoke run;
+# PostgreSQL from PHONEBIND_BENCH_DATABASE_URL (default: local `test`).
+bench: install $(BIN)/h2load
 	$(PY) bench/run_bench.py $(BENCH_ARGS)
 
 clean:

@@ -1195,6 +1195,9 @@ def summarize(
         "warmup_s": opts.warmup,
         "rate": opts.rate,
         "elapsed_s": round(elapsed, 3),
+        # The measured window on the system's monotonic clock (time.monotonic()
+        # of any process on this machine), to match other processes' samples.
+        "window_monotonic": [round(start, 6), round(end, 6)],
         "operations": {
             "unit": "flow" if opts.scenario == "flow" else "call",
             "started": ops + failed,
