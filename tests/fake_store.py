@@ -18,11 +18,17 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from phonebind_server.domain.audit import StoredEvent, account_chain
+from phonebind_server.domain.audit import (
+    REGISTRY,
+    AuditSnapshot,
+    RegisteredChain,
+    StoredEvent,
+    account_chain,
+)
 from phonebind_server.domain.context import CallContext
 from phonebind_server.domain.model import (
     OPEN_STATES,
@@ -80,6 +86,8 @@ class Tables:
     events: list[StoredEvent] = field(default_factory=list)
     # chain id -> (last chain_seq, last MAC, head MAC)
     heads: dict[str, tuple[int, str, str]] = field(default_factory=dict)
+    # The chain registry, in ordinal order.
+    registry: list[RegisteredChain] = field(default_factory=list)
     requests: dict[tuple[str, str, str], IdempotencyRecord] = field(default_factory=dict)
 
     def snapshot(self) -> Tables:
@@ -318,9 +326,18 @@ class _Audit:
 
         return Thunk(run)
 
+    def next_seq(self) -> Read[int]:
+        return Thunk(lambda: len(self._t.events) + 1)
+
     def append(self, event: StoredEvent, head_mac: str) -> None:
-        self._t.events.append(replace(event, seq=len(self._t.events) + 1))
+        self._t.events.append(event)
         self._t.heads[event.chain_id] = (event.chain_seq, event.mac, head_mac)
+
+    def register(self, row: RegisteredChain, head_mac: str) -> None:
+        if any(r.ordinal == row.ordinal or r.chain_id == row.chain_id for r in self._t.registry):
+            raise Conflict("audit_chains")
+        self._t.registry.append(row)
+        self._t.heads[REGISTRY] = (row.ordinal, row.mac, head_mac)
 
 
 class _Requests:
@@ -433,20 +450,27 @@ class FakeStore:
         ]
         return found[:limit]
 
-    def audit_snapshot(
-        self, account_id: str | None = None
-    ) -> tuple[list[tuple[str, list[StoredEvent], tuple[int, str, str] | None]], list[str]]:
+    def audit_snapshot(self, account_id: str | None = None) -> AuditSnapshot:
         heads = dict(self.tables.heads)
+        registry_head = heads.pop(REGISTRY, None)
         accounts = list(self.tables.accounts)
+        registry = list(self.tables.registry)
         if account_id is not None:
             chain = account_chain(account_id)
             heads = {c: h for c, h in heads.items() if c == chain}
             accounts = [a for a in accounts if a == account_id]
+            registry = [r for r in registry if r.chain_id == chain]
         chains: dict[str, list[StoredEvent]] = {c: [] for c in heads}
         for event in sorted(self.tables.events, key=lambda e: (e.chain_id, e.chain_seq)):
             if account_id is None or event.chain_id in chains:
                 chains.setdefault(event.chain_id, []).append(event)
-        return [(c, chains[c], heads.get(c)) for c in sorted(chains)], accounts
+        return AuditSnapshot(
+            chains=[(c, chains[c], heads.get(c)) for c in sorted(chains)],
+            account_ids=accounts,
+            registry=registry,
+            registry_head=registry_head,
+            whole=account_id is None,
+        )
 
 
 if TYPE_CHECKING:

@@ -70,7 +70,7 @@ class World:
         self.clock = FakeClock()
         self.store = FakeStore()
         self.vault = Vault(KEYS)
-        self.trail = AuditTrail(KEYS.audit_key)
+        self.trail = AuditTrail(KEYS.audit_keys, KEYS.audit_key_id)
         # Codes from a seeded generator: the same codes every run.
         draws = random.Random(20260301)
         self.service = RebindService(
@@ -146,8 +146,7 @@ class World:
         return self.complete(account_id, rebind.rebind_id)
 
     def audit_report(self) -> ChainReport:
-        chains, accounts = self.store.audit_snapshot()
-        return self.trail.verify(chains, accounts)
+        return self.trail.verify(self.store.audit_snapshot())
 
     def actions(self, account_id: str) -> list[str]:
         return [e.action for e in self.store.audit_events(account_id=account_id, limit=1000)]

@@ -569,16 +569,20 @@ def test_the_deployment_serves_one_worker_with_grpc_probes_on_the_health_port():
     assert schema["args"] == ["migrate", "status"]
 
 
-def test_the_migration_job_sees_the_database_url_and_no_key():
+def test_the_migration_job_sees_the_database_url_and_the_audit_key_only():
     spec = pod_spec("Job/phonebind-migrate")
     (migrate,) = spec["containers"]
     assert migrate["args"] == ["migrate"]
     assert "envFrom" not in migrate
     assert migrate["env"] == [
-        {"name": "PHONEBIND_DATABASE_URL_FILE", "value": "/etc/phonebind/keys/database_url"}
+        {"name": "PHONEBIND_DATABASE_URL_FILE", "value": "/etc/phonebind/keys/database_url"},
+        {"name": "PHONEBIND_AUDIT_KEY_FILE", "value": "/etc/phonebind/keys/audit_key"},
     ]
     (keys,) = [v for v in spec["volumes"] if "secret" in v]
-    assert keys["secret"]["items"] == [{"key": "database_url", "path": "database_url"}]
+    assert keys["secret"]["items"] == [
+        {"key": "database_url", "path": "database_url"},
+        {"key": "audit_key", "path": "audit_key"},
+    ]
 
 
 def test_service_budget_and_policy_select_the_server_pods_and_its_ports():

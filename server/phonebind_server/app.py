@@ -366,7 +366,7 @@ async def create_server(
         session_settings=settings.store_session_settings,
     )
     if migrate:
-        store.migrate()
+        store.migrate(settings.audit_keys)
     missing = store.pending_migrations()
     if missing:
         raise RuntimeError(
@@ -407,7 +407,7 @@ async def create_server(
     store.tracer = tracing.tracer if tracing is not None else None
     store.on_commit = dispatcher.express
     store.on_connection_cut = metrics.store_connections_cut.inc
-    trail = AuditTrail(keys.audit_key)
+    trail = AuditTrail(keys.audit_keys, keys.audit_key_id)
     audit_log = AuditLog(
         store,
         trail,

@@ -40,6 +40,7 @@ from .rpc.auth import (
     new_token,
     token_digest,
 )
+from .store.migrate import MigrationError
 
 if TYPE_CHECKING:
     from .store.store import Store
@@ -220,7 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "audit":
             return _audit_verify(settings, args.account_id or "")
         return _serve(settings, migrate=bool(getattr(args, "migrate", False) or settings.dev))
-    except ConfigError as error:  # a tool that needs keys the settings lack
+    except (ConfigError, MigrationError) as error:  # a tool that needs keys the settings lack
         print(f"phonebind-server: {error}", file=sys.stderr)
         return 2
     except StoreUnavailable as error:
@@ -235,7 +236,7 @@ def _unreachable(error: StoreUnavailable) -> int:
 def _migrate(settings: Settings) -> int:
     from .store.store import Store
 
-    applied = Store(settings.database_url).migrate()
+    applied = Store(settings.database_url).migrate(settings.audit_keys)
     print(f"applied migrations: {applied or 'none pending'}")
     return 0
 
@@ -455,7 +456,8 @@ def _audit_verify(settings: Settings, account_id: str) -> int:
     from .store.store import Store
 
     store = Store(settings.database_url)
-    trail = AuditTrail(settings.keys().audit_key)
+    keys = settings.keys()
+    trail = AuditTrail(keys.audit_keys, keys.audit_key_id)
     report = _in_store(store, AuditLog(store, trail, SystemClock()).verify, INTERNAL, account_id)
     for problem in report.problems:
         print(f"BROKEN {problem}")

@@ -25,6 +25,8 @@ from .domain.pii import Keys
 from .domain.policy import Policy
 
 ENV_PREFIX = "PHONEBIND_"
+# The id of the audit key.
+AUDIT_KEY_ID = "k1"
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -120,6 +122,11 @@ class Settings:
             )
         except ValueError as error:
             raise ConfigError(str(error)) from None
+
+    def audit_keys(self) -> tuple[dict[str, bytes], str]:
+        """The audit keys by id and the id of the one that MACs new records; what
+        `migrate` needs to MAC an existing audit trail again."""
+        return {AUDIT_KEY_ID: _key_bytes("audit_key", self.audit_key)}, AUDIT_KEY_ID
 
     def http_secret(self) -> bytes:
         """The http SMS gateway's signing secret (empty when unset)."""

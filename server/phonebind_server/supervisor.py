@@ -38,7 +38,7 @@ def supervise(settings: Settings, *, migrate: bool) -> int:
     if migrate:
         from .store.store import Store
 
-        Store(settings.database_url).migrate()
+        Store(settings.database_url).migrate(settings.audit_keys)
     return _supervise(settings)
 
 

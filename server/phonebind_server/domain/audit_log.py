@@ -193,5 +193,4 @@ class AuditLog:
     def verify(self, call: CallContext, account_id: str = "") -> ChainReport:
         if account_id:
             check_account_id(account_id)
-        chains, account_ids = self._store.audit_snapshot(account_id or None)
-        return self._trail.verify(chains, account_ids)
+        return self._trail.verify(self._store.audit_snapshot(account_id or None))

@@ -31,6 +31,13 @@ class Keys:
     seal_keys: dict[str, bytes]
     active_seal_key: str
     audit_key: bytes
+    # The id recorded with every audit MAC made with audit_key.
+    audit_key_id: str = "k1"
+
+    @property
+    def audit_keys(self) -> dict[str, bytes]:
+        """The audit keys by id."""
+        return {self.audit_key_id: self.audit_key}
 
     def __post_init__(self) -> None:
         for name, key in [

@@ -18,7 +18,7 @@ from contextlib import AbstractContextManager
 from datetime import datetime
 from typing import Any, Generic, Protocol, TypeVar, overload
 
-from .audit import StoredEvent
+from .audit import AuditSnapshot, RegisteredChain, StoredEvent
 from .context import CallContext
 from .model import (
     Account,
@@ -184,8 +184,17 @@ class AuditRepository(Protocol):
         ends; a new chain is (0, "")."""
         ...
 
+    def next_seq(self) -> Read[int]:
+        """The global `seq` the next event appended gets."""
+        ...
+
     def append(self, event: StoredEvent, head_mac: str) -> None:
         """Adds the event and moves its chain's head to it."""
+        ...
+
+    def register(self, row: RegisteredChain, head_mac: str) -> None:
+        """Adds a chain to the chain registry and moves the registry's head to it
+        (read and locked before with `head(REGISTRY)`)."""
         ...
 
 
@@ -261,10 +270,9 @@ class Store(Protocol):
         limit: int = 100,
     ) -> list[StoredEvent]: ...
 
-    def audit_snapshot(
-        self, account_id: str | None = None
-    ) -> tuple[list[tuple[str, list[StoredEvent], tuple[int, str, str] | None]], list[str]]:
-        """All chains (or one account's) and the account ids, from one snapshot."""
+    def audit_snapshot(self, account_id: str | None = None) -> AuditSnapshot:
+        """All chains (or one account's), the account ids and the chain registry,
+        from one snapshot."""
         ...
 
 

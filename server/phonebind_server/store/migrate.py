@@ -10,6 +10,7 @@ import importlib
 import logging
 import pkgutil
 import re
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 
 import peewee
@@ -43,8 +44,14 @@ def pending(db: peewee.Database) -> list[int]:
     return [version for version, _ in available() if version not in done]
 
 
-def migrate(db: peewee.Database) -> list[int]:
-    """Applies what is pending; returns the versions it applied."""
+AuditKeys = Callable[[], tuple[Mapping[str, bytes], str]]
+
+
+def migrate(db: peewee.Database, audit_keys: AuditKeys | None = None) -> list[int]:
+    """Applies what is pending; returns the versions it applied. `audit_keys()`
+    gives the audit keys by id and the active id to a migration that MACs
+    existing audit records (one whose module sets NEEDS_AUDIT_KEY); it asks only
+    when there are such records, so a new database needs no key."""
     dialect = "postgresql" if is_postgres(db) else "sqlite"
     done: list[int] = []
     with db.atomic(**({} if is_postgres(db) else {"lock_type": "IMMEDIATE"})):
@@ -59,7 +66,10 @@ def migrate(db: peewee.Database) -> list[int]:
             if version in already:
                 continue
             module = importlib.import_module(f"{migrations.__name__}.{name}")
-            module.upgrade(db, dialect)
+            if getattr(module, "NEEDS_AUDIT_KEY", False):
+                module.upgrade(db, dialect, audit_keys or _no_keys)
+            else:
+                module.upgrade(db, dialect)
             db.execute_sql(
                 "INSERT INTO schema_migrations (version, name, applied_at) VALUES (%s, %s, %s)"
                 if is_postgres(db)
@@ -69,6 +79,14 @@ def migrate(db: peewee.Database) -> list[int]:
             log.info("applied migration", extra={"version": version, "migration": name})
             done.append(version)
     return done
+
+
+class MigrationError(RuntimeError):
+    """A migration cannot run on this database; the message says why."""
+
+
+def _no_keys() -> tuple[Mapping[str, bytes], str]:
+    raise MigrationError("audit_key is not set")
 
 
 def expected_version() -> int:

@@ -176,9 +176,23 @@ class AuditEventRow(BaseModel):
     details = peewee.TextField()
     prev_mac = peewee.CharField(max_length=64)
     mac = peewee.CharField(max_length=64)
+    key_id = peewee.CharField(max_length=32)
 
     class Meta:
         table_name = "audit_events"
+
+
+class AuditChainRow(BaseModel):
+    """The chain registry: one row per chain, MAC-chained in the order chains began."""
+
+    ordinal = peewee.BigIntegerField(primary_key=True)
+    chain_id = peewee.CharField(max_length=80, unique=True)
+    key_id = peewee.CharField(max_length=32)
+    prev_mac = peewee.CharField(max_length=64)
+    mac = peewee.CharField(max_length=64)
+
+    class Meta:
+        table_name = "audit_chains"
 
 
 class AuditHeadRow(BaseModel):
@@ -206,6 +220,7 @@ class Tables:
     refused_starts: type[RefusedStartRow]
     audit_events: type[AuditEventRow]
     audit_heads: type[AuditHeadRow]
+    audit_chains: type[AuditChainRow]
 
 
 def bind(database: peewee.Database) -> Tables:
@@ -227,6 +242,7 @@ def bind(database: peewee.Database) -> Tables:
         refused_starts=bound(RefusedStartRow),
         audit_events=bound(AuditEventRow),
         audit_heads=bound(AuditHeadRow),
+        audit_chains=bound(AuditChainRow),
     )
 
 
@@ -241,6 +257,7 @@ ALL_MODELS: list[type[BaseModel]] = [
     RefusedStartRow,
     AuditEventRow,
     AuditHeadRow,
+    AuditChainRow,
 ]
 
 

@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 import peewee
 
-from ..domain.audit import StoredEvent, account_chain, canonical_details
+from ..domain.audit import REGISTRY, RegisteredChain, StoredEvent, account_chain, canonical_details
 from ..domain.model import (
     Account,
     Approval,
@@ -35,6 +35,7 @@ from ..domain.model import (
 from ..domain.ports import Read
 from ..tracing import current_traceparent
 from .fields import from_micros, to_micros
+from .models import is_postgres
 from .query import Param, Query, values
 from .unit import REPOSITORIES, Known, SqlTx, StatementRead, every, exists, first, value
 
@@ -822,6 +823,8 @@ class LimitRows:
 # -- audit --------------------------------------------------------------------------
 
 _EVENT_COLUMNS = (
+    "seq",
+    "key_id",
     "chain_id",
     "chain_seq",
     "at",
@@ -868,6 +871,25 @@ class AuditRows:
     INSERT = Query(
         "audit.insert", lambda t: t.audit_events.insert(values(t.audit_events, _EVENT_COLUMNS))
     )
+    # The seq is taken before the insert, for the event's MAC to cover it.
+    NEXT_SEQ = Query(
+        "audit.next_seq",
+        lambda t: (
+            peewee.Select(
+                # The sequence BIGSERIAL made for audit_events.seq (m0003).
+                columns=[peewee.SQL("nextval('audit_events_seq_seq')")]
+            )
+            if is_postgres(t.database)
+            # SQLite's write transactions are serial: the next seq is the last one's + 1.
+            else t.audit_events.select(peewee.fn.COALESCE(peewee.fn.MAX(t.audit_events.seq), 0) + 1)
+        ),
+    )
+    REGISTER = Query(
+        "audit.register",
+        lambda t: t.audit_chains.insert(
+            values(t.audit_chains, ("ordinal", "chain_id", "key_id", "prev_mac", "mac"))
+        ),
+    )
     MOVE_ACCOUNT_HEAD = Query(
         "audit.move_account_head",
         lambda t: t.accounts.update(
@@ -909,11 +931,39 @@ class AuditRows:
             remember,
         )
 
+    def next_seq(self) -> Read[int]:
+        return StatementRead(self.NEXT_SEQ, {}, lambda c, rows: int(rows[0][0]))
+
+    def register(self, row: RegisteredChain, head_mac: str) -> None:
+        tx = self._tx
+        tx.write(
+            self.REGISTER,
+            {
+                "ordinal": row.ordinal,
+                "chain_id": row.chain_id,
+                "key_id": row.key_id,
+                "prev_mac": row.prev_mac,
+                "mac": row.mac,
+            },
+        )
+        tx.write(
+            self.MOVE_SHARED_HEAD,
+            {
+                "chain_id": REGISTRY,
+                "audit_seq": row.ordinal,
+                "audit_mac": row.mac,
+                "audit_head_mac": head_mac,
+            },
+        )
+        tx.heads[REGISTRY] = (row.ordinal, row.mac)
+
     def append(self, event: StoredEvent, head_mac: str) -> None:
         tx = self._tx
         tx.write(
             self.INSERT,
             {
+                "seq": event.seq,
+                "key_id": event.key_id,
                 "chain_id": event.chain_id,
                 "chain_seq": event.chain_seq,
                 "at": event.at,

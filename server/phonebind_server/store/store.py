@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import peewee
 from playhouse.pwasyncio import greenlet_spawn
 
-from ..domain.audit import StoredEvent, account_chain
+from ..domain.audit import REGISTRY, AuditSnapshot, RegisteredChain, StoredEvent, account_chain
 from ..domain.context import INTERNAL, CallContext
 from ..domain.errors import DomainError
 from ..domain.model import OutboundSms
@@ -28,7 +28,7 @@ from ..domain.pii import Vault
 from ..domain.ports import DeadlinePassed, StoreUnavailable
 from . import repositories  # noqa: F401 - the unit of work's repositories
 from .engine import Answer, Engine, PostgresEngine, SqliteEngine, WriteLockBusy
-from .migrate import history, migrate, pending
+from .migrate import AuditKeys, history, migrate, pending
 from .models import Tables, bind
 from .query import Param, Query
 from .unit import Compiler, SqlTx, every, value
@@ -171,14 +171,16 @@ class Store:
             )
         return database
 
-    def migrate(self) -> list[int]:
+    def migrate(self, audit_keys: AuditKeys | None = None) -> list[int]:
         """Applies pending migrations (on a connection of its own, synchronously:
-        it runs at start and from the command line)."""
+        it runs at start and from the command line). `audit_keys()`: the audit
+        keys by id and the active id, for a migration that MACs existing audit
+        records."""
         database = self._migration_database()
         try:
             with _unreachable_as(StoreUnavailable):
                 database.connect()
-                return migrate(database)
+                return migrate(database, audit_keys)
         finally:
             database.close()
 
@@ -510,11 +512,10 @@ class Store:
         with self.transaction(write=False) as tx:
             return tx.one(tx_read(query, params, every(_event)))
 
-    def audit_snapshot(
-        self, account_id: str | None = None
-    ) -> tuple[list[tuple[str, list[StoredEvent], tuple[int, str, str] | None]], list[str]]:
+    def audit_snapshot(self, account_id: str | None = None) -> AuditSnapshot:
         """Every chain (or one account's) with its events in chain order and its head
-        (seq, last MAC, head MAC), and the account ids, all from one snapshot."""
+        (seq, last MAC, head MAC), the account ids and the chain registry (one
+        account's: its chain's row), all from one snapshot."""
         one = account_id is not None
 
         def accounts(t: Tables) -> peewee.Query:
@@ -532,26 +533,42 @@ class Store:
             query = e.select(*_EVENT_FIELDS(e)).order_by(e.chain_id, e.chain_seq)
             return query.where(e.chain_id == Param("chain_id")) if one else query
 
+        def registry(t: Tables) -> peewee.Query:
+            c = t.audit_chains
+            query = c.select(c.ordinal, c.chain_id, c.key_id, c.prev_mac, c.mac).order_by(c.ordinal)
+            return query.where(c.chain_id == Param("chain_id")) if one else query
+
         params: dict[str, Any] = {}
         if one:
             params = {"account_id": account_id, "chain_id": account_chain(account_id or "")}
         with self.transaction(write=False, snapshot=True) as tx:
-            account_rows, head_rows, event_rows = tx.read(
+            account_rows, head_rows, event_rows, registry_rows = tx.read(
                 tx_read(Query(f"audit.snapshot.accounts.{one}", accounts), params, every(tuple)),
                 tx_read(Query(f"audit.snapshot.heads.{one}", shared_heads), params, every(tuple)),
                 tx_read(Query(f"audit.snapshot.events.{one}", events), params, every(_event)),
+                tx_read(
+                    Query(f"audit.snapshot.registry.{one}", registry),
+                    params,
+                    every(lambda row: RegisteredChain(int(row[0]), *row[1:])),
+                ),
             )
         heads: dict[str, tuple[int, str, str]] = {
             chain: (int(seq), last, mac) for chain, seq, last, mac in head_rows
         }
+        registry_head = heads.pop(REGISTRY, None)
         for account, seq, last, mac in account_rows:
             if seq:  # an account whose chain has events keeps its head on its row
                 heads[account_chain(account)] = (int(seq), last, mac)
         chains: dict[str, list[StoredEvent]] = {chain: [] for chain in heads}
         for event in event_rows:
             chains.setdefault(event.chain_id, []).append(event)
-        ordered = [(chain, chains[chain], heads.get(chain)) for chain in sorted(chains)]
-        return ordered, [row[0] for row in account_rows]
+        return AuditSnapshot(
+            chains=[(chain, chains[chain], heads.get(chain)) for chain in sorted(chains)],
+            account_ids=[row[0] for row in account_rows],
+            registry=registry_rows,
+            registry_head=registry_head,
+            whole=not one,
+        )
 
 
 class Transaction:
@@ -668,6 +685,7 @@ def _EVENT_FIELDS(e: Any) -> list[peewee.Field]:
         e.details,
         e.prev_mac,
         e.mac,
+        e.key_id,
     ]
 
 
@@ -689,6 +707,7 @@ def _event(row: tuple) -> StoredEvent:
         details=json.loads(row[11]),
         prev_mac=row[12],
         mac=row[13],
+        key_id=row[14],
     )
 
 
