@@ -1107,6 +1107,13 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {row['target']} | {names.get(row['configuration'], row['configuration'])} "
             f"| {_num(row['value'], 3)} | {row['result']} |"
         )
+    if any(row["result"] == "NOT MET" for row in report["targets"]):
+        out += [
+            "",
+            "For each target not met, where the time goes (py-spy profiles of GetAccount "
+            "and of flows on both backends, and of the reference) and the redesign that "
+            "would meet it: [`bench/profile.md`](../bench/profile.md).",
+        ]
     out += [
         "",
         "## Results",
