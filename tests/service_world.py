@@ -9,6 +9,7 @@ import re
 import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from fake_store import FakeStore
@@ -62,19 +63,39 @@ class FakeClock:
             self._now += delta
 
 
-class World:
-    """The rebind service and the review desk over one fake store."""
+def _direct(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    return fn(*args, **kwargs)
 
-    def __init__(self, policy: Policy | None = None) -> None:
+
+class World:
+    """The rebind service and the review desk over one fake store.
+
+    With `store` and `run` (which runs store code as `Store.run` does), the
+    same over a real store: what the helpers below do then goes through `run`.
+    """
+
+    def __init__(
+        self,
+        policy: Policy | None = None,
+        store: Any = None,
+        run: Callable[..., Any] = _direct,
+    ) -> None:
         self.policy = policy or Policy()
         self.clock = FakeClock()
-        self.store = FakeStore()
+        self.store: FakeStore = store if store is not None else FakeStore()
+        self.run = run
         self.vault = Vault(KEYS)
         self.trail = AuditTrail(KEYS.audit_keys, KEYS.audit_key_id)
         # Codes from a seeded generator: the same codes every run.
         draws = random.Random(20260301)
+        self.drawn: list[int] = []
+
+        def draw(below: int) -> int:
+            self.drawn.append(draws.randrange(below))
+            return self.drawn[-1]
+
         self.service = RebindService(
-            self.store, self.vault, self.policy, self.clock, self.trail, draws.randrange
+            self.store, self.vault, self.policy, self.clock, self.trail, draw
         )
         self.desk = ReviewDesk(self.store, self.policy, self.clock, self.trail)
         self.call = CallContext(caller="lending-app", method="/phonebind.v1.BindingService/Test")
@@ -88,24 +109,28 @@ class World:
     # -- the use cases, with the defaults of a well-behaved caller -----------------
 
     def register(self, account_id: str, phone: str, id_number: str = ID_NUMBER) -> Account:
-        return self.service.register_account(self.call, account_id, HOLDER, id_number, phone)
+        return self.run(
+            self.service.register_account, self.call, account_id, HOLDER, id_number, phone
+        )
 
     def start(self, account_id: str, new_phone: str, *, lost: bool = False, **kw: str) -> Rebind:
-        return self.service.start_rebind(self.call, account_id, new_phone, lost, **kw)
+        return self.run(self.service.start_rebind, self.call, account_id, new_phone, lost, **kw)
 
     def identity(
         self, account_id: str, rebind_id: str, name: str = HOLDER, id_number: str = ID_NUMBER
     ) -> Rebind:
-        return self.service.verify_identity(self.call, account_id, rebind_id, name, id_number)
+        return self.run(
+            self.service.verify_identity, self.call, account_id, rebind_id, name, id_number
+        )
 
     def send(self, account_id: str, rebind_id: str, target: CodeTarget, **kw: str):
-        return self.service.send_code(self.call, account_id, rebind_id, target, **kw)
+        return self.run(self.service.send_code, self.call, account_id, rebind_id, target, **kw)
 
     def verify(self, account_id: str, rebind_id: str, target: CodeTarget, code: str) -> Rebind:
-        return self.service.verify_code(self.call, account_id, rebind_id, target, code)
+        return self.run(self.service.verify_code, self.call, account_id, rebind_id, target, code)
 
     def complete(self, account_id: str, rebind_id: str, **kw: str) -> Completion:
-        return self.service.complete_rebind(self.call, account_id, rebind_id, **kw)
+        return self.run(self.service.complete_rebind, self.call, account_id, rebind_id, **kw)
 
     # -- what reached the outbox ---------------------------------------------------
 
