@@ -14,7 +14,7 @@ LISTEN  ?= $(or $(PHONEBIND_LISTEN),127.0.0.1:50051)
 # Where `make console` serves the reviewers' web console.
 CONSOLE_LISTEN ?= 127.0.0.1:8080
 
-.PHONY: install proto lint breaking run console browser test bench clean
+.PHONY: install proto lint breaking run console console-screenshots browser test bench clean
 
 install: $(VENV)/.installed
 
@@ -73,6 +73,10 @@ browser:
 
 test: install lint $(BIN)/promtool $(BIN)/h2load browser
 	$(BIN)/pytest
+
+# docs/console-queue.png and docs/console-detail.png, from the browser tests.
+console-screenshots: install browser
+	PHONEBIND_CONSOLE_SCREENSHOTS=docs $(BIN)/pytest -q tests/test_console_browser.py -k "sqlite and approves"
 
 # h2load, which `make bench` drives GetAccount and the reference server with:
 # from PATH, or unpacked from Debian's nghttp2-client package (scripts/install-h2load.sh).
