@@ -5,6 +5,7 @@ languages and the trusted-proxy rule."""
 from __future__ import annotations
 
 import ipaddress
+import json
 import pathlib
 import re
 import subprocess
@@ -30,6 +31,7 @@ from console_support import (
 from fake_oidc import FakeOidcProvider
 from phonebind_console import ConfigError, ConsoleConfig, OidcConfig, create_app, i18n
 from phonebind_console.config import check
+from support import Serve, free_port, wait_until
 
 from phonebind_client import PhonebindClient, ReviewState
 from phonebind_server.devcerts import write_dev_certs
@@ -480,3 +482,93 @@ def test_the_command_refuses_to_start_in_production_without_settings(tmp_path):
         env={"PATH": "/usr/bin:/bin"},
     )
     assert bad.returncode == 2 and "not an address or CIDR block" in bad.stderr
+
+
+def test_two_reviewers_when_the_policy_asks_for_them(database_url, tmp_path, clock, secrets_seen):
+    running = start_phonebind(
+        database_url,
+        tmp_path,
+        clock,
+        secrets_seen,
+        env={"PHONEBIND_POLICY_LOST_PHONE_REVIEWERS": "2"},
+    )
+    running.api = app_api(running)
+    try:
+        rebind_id = lost_phone(running.api, "acct-two", "13800138571", "13900139571")
+        app = dev_console(running)
+        alice, bob = sign_in_dev(app, "alice"), sign_in_dev(app, "bob")
+        page = f"/reviews/{rebind_id}"
+        alice.submit(page, f"{page}/approve", {"note": "ID photo matches"})
+        mine = alice.get(page).get_data(as_text=True)
+        assert 'id="approved-by-me"' in mine and 'id="approve-form"' not in mine
+        assert "Decision (1/2)" in page_text(mine)
+        # Still in the queue, for someone else's approval.
+        assert rebind_id in bob.text("/queue")
+        again = alice.post(f"{page}/approve", {"csrf_token": alice.csrf(page), "note": ""})
+        assert again.status_code == 303
+        assert "ALREADY_APPROVED_BY_YOU" in alice.text(page)
+        bob.submit(page, f"{page}/approve", {"note": ""})
+        done = bob.text(page)
+        assert "approved by console:alice" in done and "approved by console:bob" in done
+        assert "Ready to complete" in done
+        assert rebind_id not in alice.text("/queue")
+    finally:
+        running.stop()
+
+
+def test_the_command_serves_the_console_beside_a_development_server(tmp_path, secrets_seen):
+    """What `make console` starts: phonebind-console --dev against `make run`'s server."""
+    (tmp_path / "var").mkdir()
+    server = Serve(
+        f"sqlite:///{tmp_path}/var/phonebind.db",
+        tmp_path,
+        f"{tmp_path}/var/sms.jsonl",
+        secrets=secrets_seen,
+    ).start()
+    port = free_port()
+    log_path = tmp_path / "console.log"
+    secrets_seen.watch_log(log_path)
+    with open(log_path, "w", encoding="utf-8") as log:
+        console = subprocess.Popen(
+            [
+                str(BIN / "phonebind-console"),
+                "--dev",
+                "--target",
+                server.address,
+                "--listen",
+                f"127.0.0.1:{port}",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={"PATH": "/usr/bin:/bin"},
+        )
+    try:
+        url = f"http://127.0.0.1:{port}"
+
+        def answers() -> bool:
+            try:
+                return requests.get(url + "/healthz", timeout=2).status_code == 200
+            except requests.ConnectionError:
+                assert console.poll() is None, log_path.read_text()
+                return False
+
+        wait_until(answers, 30, "the console answers")
+        web = requests.Session()
+        form = web.get(url + "/login", headers={"Accept-Language": "en"}, timeout=10)
+        token = re.search(r'name="csrf_token" type="hidden" value="([^"]+)"', form.text)
+        assert token and "Development mode" in form.text
+        queue = web.post(
+            url + "/login",
+            data={"csrf_token": token.group(1), "person": "dev"},
+            headers={"Accept-Language": "en"},
+            timeout=10,
+        )
+        assert queue.url == url + "/queue" and "Signed in as" in queue.text
+        assert "Nothing here." in queue.text  # the queue came from phonebind
+    finally:
+        console.terminate()
+        console.wait(30)
+        server.kill()
+    lines = [json.loads(line) for line in log_path.read_text().splitlines() if line]
+    signed_in = [line for line in lines if line["message"] == "signed in"]
+    assert [(line["person"], line["method"]) for line in signed_in] == [("dev", "dev")]
