@@ -20,7 +20,7 @@ from phonebind_server.domain.context import CallContext
 from phonebind_server.domain.errors import DomainError, Reason
 from phonebind_server.domain.model import Account, CodeTarget, Rebind, RebindState
 from phonebind_server.domain.phone import parse_phone
-from phonebind_server.domain.pii import Keys, Vault
+from phonebind_server.domain.pii import OUTBOX_TEXT, Keys, Vault
 from phonebind_server.domain.policy import Policy
 from phonebind_server.domain.rebind import Completion, RebindService
 from phonebind_server.domain.review import ReviewDesk
@@ -139,7 +139,7 @@ class World:
         number = parse_phone(phone, allowed_regions=self.policy.allowed_regions, field="phone")
         index = self.vault.phone_index(number.e164)
         return [
-            self.vault.unseal(m.sealed_text)
+            self.vault.unseal(m.sealed_text, OUTBOX_TEXT.at(m.message_id))
             for m in self.store.tables.outbox
             if m.to.index == index and m.purpose == purpose
         ]

@@ -5,15 +5,20 @@ from __future__ import annotations
 import base64
 import glob
 import os
+import sqlite3
 import subprocess
 import sys
 
+import grpc
 import psycopg
+import pytest
 from conftest import TABLES, start_server
-from support import NEW, OLD, e164, rows
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from support import NEW, OLD, e164, error_details, rows
 
 from phonebind.v1 import review_service_pb2 as rapi
 from phonebind.v1 import review_service_pb2_grpc as rapi_grpc
+from phonebind_server.domain.pii import OUTBOX_TEXT, OUTBOX_TO, SEALED_COLUMNS, SealError, Vault
 
 NAME = "欧阳娜娜"
 PHONES = ["13800138801", "13900139801", "13700137801"]
@@ -118,9 +123,10 @@ def test_rotate_keys_reencrypts_everything_and_the_old_key_can_go(
     # Without the old key nothing can be re-encrypted; it says which key is missing.
     missing = refused(PHONEBIND_SEAL_KEYS=f"k2:{new_key}")
     assert missing.returncode == 1
-    assert "a value is sealed with an unknown key 'k1'; add that key to seal_keys" in (
+    assert "values are sealed with an unknown key 'k1'; add that key to seal_keys" in (
         missing.stderr
     )
+    assert "nothing was re-encrypted" in missing.stderr
     for batch in ("0", "-1", "many"):
         assert refused("--batch", batch).returncode == 2
 
@@ -133,13 +139,13 @@ def test_rotate_keys_reencrypts_everything_and_the_old_key_can_go(
     )
     assert rotate.returncode == 0, rotate.stderr
     assert "accounts.phone_sealed: 1 re-encrypted" in rotate.stdout
-    assert "every sealed value now uses key k2" in rotate.stdout
+    assert "every sealed value now uses key k2 and opens with it" in rotate.stdout
 
     # With only the new key, the server still reaches the bound number.
     running = start_server(database_url, tmp_path, clock, secrets_seen, seal_keys=f"k2:{new_key}")
     try:
         sealed = database_text(running)
-        assert "v1:k1:" not in sealed and "v1:k2:" in sealed
+        assert "v2:k1:" not in sealed and "v2:k2:" in sealed and "v1:" not in sealed
         pb = running.api
         rebind = pb.start("rest-1", "13600136801")
         # The bound number is PHONES[1] (the lost-phone change was approved, never
@@ -151,3 +157,154 @@ def test_rotate_keys_reencrypts_everything_and_the_old_key_can_go(
         assert len(pb.inbox.wait_for(bound, before + 1, "REBIND_CODE")) == before + 1
     finally:
         running.stop()
+
+
+# -- sealed values are bound to their row (table, column, row key) ---------------------
+
+
+def write(url: str, sql: str, *params: object) -> None:
+    """One committed statement; `?` is the placeholder on both backends."""
+    if url.startswith("sqlite"):
+        connection = sqlite3.connect(url.removeprefix("sqlite:///"), timeout=10)
+        try:
+            with connection:
+                connection.execute(sql, params)
+        finally:
+            connection.close()
+        return
+    with psycopg.connect(url, autocommit=True) as connection:
+        connection.execute(sql.replace("?", "%s"), params)
+
+
+def test_a_number_copied_from_another_account_does_not_open(server, caplog):
+    """Someone who can write to the database copies another account's sealed
+    number into a victim's row: the victim's code must not go to that number."""
+    pb = server.api
+    pb.register("victim", PHONES[0])
+    pb.register("other", PHONES[1])
+    (others,) = rows(
+        server.database_url, "SELECT phone_sealed FROM accounts WHERE account_id = ?", "other"
+    )
+    write(
+        server.database_url,
+        "UPDATE accounts SET phone_sealed = ? WHERE account_id = ?",
+        others[0],
+        "victim",
+    )
+
+    rebind = pb.start("victim", PHONES[2])
+    before = server.snapshot()
+    with pytest.raises(grpc.RpcError) as caught:
+        pb.send("victim", rebind.rebind_id, OLD)
+    code, reason, _ = error_details(caught.value)
+    assert (code, reason) == (grpc.StatusCode.INTERNAL, "INTERNAL")
+    # Nothing was queued or counted, and the other account's number got nothing.
+    assert server.snapshot() == before
+    assert pb.inbox.to(e164(PHONES[1]), "REBIND_CODE") == []
+    # The log says which value does not open, where, and why; never a number.
+    logged = "\n".join(r.getMessage() + str(r.exc_info and r.exc_info[1]) for r in caplog.records)
+    assert (
+        "accounts.phone_sealed of row 'victim': does not open under key 'dev1': the value was"
+        " altered or moved from another row" in logged
+    )
+    # The other account's own value still opens in its own row.
+    other_rebind = pb.start("other", PHONES[2])
+    pb.send("other", other_rebind.rebind_id, OLD)
+    assert len(pb.inbox.wait_for(e164(PHONES[1]), 1, "REBIND_CODE")) == 1
+
+
+def seal_v1(key_id: str, key: bytes, plaintext: str) -> str:
+    """A value as sealed before values were bound to their row (the key id only)."""
+    nonce = os.urandom(12)
+    sealed = AESGCM(key).encrypt(nonce, plaintext.encode(), key_id.encode())
+    return f"v1:{key_id}:{base64.urlsafe_b64encode(nonce + sealed).decode()}"
+
+
+def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    binary = os.path.join(os.path.dirname(sys.executable), "phonebind-server")
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("PHONEBIND_")}
+    run = subprocess.run(
+        [binary, *args], env={**clean, **env}, capture_output=True, text=True, timeout=120
+    )
+    assert "Traceback" not in run.stderr
+    return run
+
+
+def test_m0014_binds_every_earlier_sealed_value_to_its_row(
+    database_url, tmp_path, clock, secrets_seen
+):
+    seal_key = os.urandom(32)
+    keys = {
+        "PHONEBIND_INDEX_KEY": key(),
+        "PHONEBIND_CODE_KEY": key(),
+        "PHONEBIND_AUDIT_KEY": key(),
+        "PHONEBIND_SEAL_KEYS": f"k1:{base64.b64encode(seal_key).decode()}",
+    }
+    settings = {name.removeprefix("PHONEBIND_").lower(): value for name, value in keys.items()}
+    running = start_server(database_url, tmp_path, clock, secrets_seen, **settings)
+    try:
+        run_flows(running)
+        # One message waiting, its text still in clear as before texts were sealed.
+        pb = running.api
+        waiting = pb.start("rest-1", "13600136801")
+        vault = Vault(running.app.settings.keys())
+    finally:
+        running.stop()
+
+    # The database as the previous version left it: every value sealed as v1.
+    plaintexts = {}
+    for column in SEALED_COLUMNS:
+        select = f"SELECT {column.row_key}, {column.column} FROM {column.table}"
+        for row, token in rows(database_url, select):
+            if not token:
+                continue  # an erased outbox text
+            plaintext = vault.unseal(token, column.at(row))
+            plaintexts[(column, row)] = plaintext
+            write(
+                database_url,
+                f"UPDATE {column.table} SET {column.column} = ? WHERE {column.row_key} = ?",
+                seal_v1("k1", seal_key, plaintext),
+                row,
+            )
+    write(
+        database_url,
+        "INSERT INTO sms_outbox (message_id, to_index, to_sealed, to_masked, purpose, text,"
+        " state, attempts, created_at, next_attempt_at, last_error, account_id, rebind_id)"
+        " VALUES ('m-clear', 'i', ?, '136****6801', 'REBIND_CODE', ?, 'DEAD', 0, 0, 0, '',"
+        " 'rest-1', ?)",
+        seal_v1("k1", seal_key, "+8613600136801"),
+        "【phonebind】a text queued in clear",
+        waiting.rebind_id,
+    )
+    plaintexts[(OUTBOX_TO, "m-clear")] = "+8613600136801"
+    plaintexts[(OUTBOX_TEXT, "m-clear")] = "【phonebind】a text queued in clear"
+    write(database_url, "DELETE FROM schema_migrations WHERE version = 14")
+    assert {column for column, _ in plaintexts} == set(SEALED_COLUMNS)
+
+    # Without the keys it says what it needs and changes nothing.
+    refused = cli("migrate", env={"PHONEBIND_DATABASE_URL": database_url})
+    assert refused.returncode == 2
+    assert "migration 14 reseals the sealed values of accounts.phone_sealed and needs the keys" in (
+        refused.stderr
+    )
+    assert all(
+        token.startswith("v1:k1:")
+        for (token,) in rows(database_url, "SELECT phone_sealed FROM accounts")
+    )
+
+    done = cli("migrate", env={"PHONEBIND_DATABASE_URL": database_url, **keys})
+    assert done.returncode == 0, done.stderr
+    assert "applied migrations: [14]" in done.stdout
+    for (column, row), plaintext in plaintexts.items():
+        select = f"SELECT {column.column} FROM {column.table} WHERE {column.row_key} = ?"
+        ((token,),) = rows(database_url, select, row)
+        assert token.startswith("v2:k1:")
+        assert vault.unseal(token, column.at(row)) == plaintext
+        # Bound to its own row: it opens nowhere else.
+        with pytest.raises(SealError, match="moved from another row"):
+            vault.unseal(token, column.at(row + "x"))
+    assert "v1:" not in database_text_of(database_url)
+
+
+def database_text_of(url: str) -> str:
+    return repr([rows(url, f"SELECT * FROM {table}") for table in TABLES])

@@ -569,20 +569,29 @@ def test_the_deployment_serves_one_worker_with_grpc_probes_on_the_health_port():
     assert schema["args"] == ["migrate", "status"]
 
 
-def test_the_migration_job_sees_the_database_url_and_the_audit_key_only():
+def test_the_migration_job_sees_the_database_url_and_the_keys_only():
+    """A migration that reseals stored values (m0014) needs the keys; the SMS
+    secret, the TLS key and the callers it never sees."""
     spec = pod_spec("Job/phonebind-migrate")
     (migrate,) = spec["containers"]
     assert migrate["args"] == ["migrate"]
     assert "envFrom" not in migrate
+    names = ("database_url", "index_key", "code_key", "seal_keys", "audit_key")
+    data = configmap()
     assert migrate["env"] == [
-        {"name": "PHONEBIND_DATABASE_URL_FILE", "value": "/etc/phonebind/keys/database_url"},
-        {"name": "PHONEBIND_AUDIT_KEY_FILE", "value": "/etc/phonebind/keys/audit_key"},
+        *(
+            {"name": env_name(name) + "_FILE", "value": data[env_name(name) + "_FILE"]}
+            for name in names
+        ),
+        {
+            "name": "PHONEBIND_ACTIVE_SEAL_KEY",
+            "valueFrom": {
+                "configMapKeyRef": {"name": "phonebind", "key": "PHONEBIND_ACTIVE_SEAL_KEY"}
+            },
+        },
     ]
     (keys,) = [v for v in spec["volumes"] if "secret" in v]
-    assert keys["secret"]["items"] == [
-        {"key": "database_url", "path": "database_url"},
-        {"key": "audit_key", "path": "audit_key"},
-    ]
+    assert keys["secret"]["items"] == [{"key": name, "path": name} for name in names]
 
 
 def test_service_budget_and_policy_select_the_server_pods_and_its_ports():

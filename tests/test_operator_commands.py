@@ -448,6 +448,12 @@ def test_each_tool_help_lists_the_variables_it_reads():
         "PHONEBIND_CONFIG": "TOML file of [server] and [policy] keys, as --config",
         "PHONEBIND_DATABASE_URL[_FILE]": f"default {Settings().database_url}",
         "PHONEBIND_LOG_LEVEL": "default INFO",
+        # Read only when a migration reseals stored values (m0014).
+        "PHONEBIND_INDEX_KEY[_FILE]": "default unset (secret)",
+        "PHONEBIND_CODE_KEY[_FILE]": "default unset (secret)",
+        "PHONEBIND_SEAL_KEYS[_FILE]": "default unset (secret)",
+        "PHONEBIND_ACTIVE_SEAL_KEY": "default unset",
+        "PHONEBIND_AUDIT_KEY[_FILE]": "default unset (secret)",
     }
     assert "PHONEBIND_AUDIT_KEY[_FILE]" in help_of("audit", "verify")
     rotate = help_of("rotate-keys")

@@ -519,7 +519,7 @@ def test_provider_down_then_back_delivers_when_it_returns(sms_server, provider):
     assert row["last_error"] == "GatewayError: connection refused"
     # While it waits, the text is sealed like a number: its code is not in the table.
     sealed = str(row["text"])
-    assert sealed.startswith("v1:")
+    assert sealed.startswith("v2:")
     run_retry(sms_server, key, 2)  # still down: a second refusal
     retry_scheduled(sms_server, key, 3)
     provider.start()  # the same port
@@ -583,10 +583,10 @@ def test_a_message_that_cannot_be_unsealed_is_dead_lettered_not_retried(sms_serv
     retry_scheduled(sms_server, key, 1)
     if sms_server.database_url.startswith("sqlite:"):
         connection = sqlite3.connect(sms_server.database_url[len("sqlite:///") :], timeout=10)
-        damage = "UPDATE sms_outbox SET text = 'v1:k-gone:AAAA' WHERE message_id = ?"
+        damage = "UPDATE sms_outbox SET text = 'v2:k-gone:AAAA' WHERE message_id = ?"
     else:
         connection = psycopg.connect(sms_server.database_url)
-        damage = "UPDATE sms_outbox SET text = 'v1:k-gone:AAAA' WHERE message_id = %s"
+        damage = "UPDATE sms_outbox SET text = 'v2:k-gone:AAAA' WHERE message_id = %s"
     with connection:
         connection.cursor().execute(damage, (key,))
     connection.close()
@@ -594,7 +594,10 @@ def test_a_message_that_cannot_be_unsealed_is_dead_lettered_not_retried(sms_serv
     other = queue_code(sms_server, 12)
     run_retry(sms_server, key, 1)
     row = wait_row(sms_server.database_url, lambda r: r["state"] == "DEAD", key)
-    assert row["last_error"] == "cannot open the sealed message: ValueError"
+    assert row["last_error"] == (
+        f"cannot open the sealed message: sms_outbox.text of row {key!r}:"
+        " sealed with an unknown key 'k-gone'"
+    )
     assert row["text"] == ""
     provider.wait_sent([other])
     assert provider.requests_for(key) == []

@@ -366,7 +366,7 @@ async def create_server(
         session_settings=settings.store_session_settings,
     )
     if migrate:
-        store.migrate(settings.audit_keys)
+        store.migrate(settings.audit_keys, lambda: Vault(settings.keys()))
     missing = store.pending_migrations()
     if missing:
         raise RuntimeError(

@@ -49,6 +49,10 @@ log = logging.getLogger("phonebind.cli")
 T = TypeVar("T")
 
 
+# The keys, which a migration that reseals stored values reads.
+_KEY_SETTINGS = ("index_key", "code_key", "seal_keys", "active_seal_key", "audit_key")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="phonebind-server", description=__doc__)
     parser.add_argument("--version", action=_Version)
@@ -105,7 +109,8 @@ def _parser() -> argparse.ArgumentParser:
 
     rotate = commands.add_parser(
         "rotate-keys",
-        help="re-encrypt every sealed number under active_seal_key, in small transactions",
+        help="re-encrypt every sealed value under active_seal_key, in small transactions;"
+        " every value is opened before and after, and exit 1 on any that does not open",
     )
     common(rotate)
     rotate.add_argument("--batch", type=_positive, default=500, help="rows per transaction")
@@ -141,8 +146,8 @@ def _parser() -> argparse.ArgumentParser:
 
     _describe_settings(
         {
-            "migrate": (migrate, ("database_url", "log_level")),
-            "rotate-keys": (rotate, ("database_url", "log_level", "seal_keys", "active_seal_key")),
+            "migrate": (migrate, ("database_url", "log_level", *_KEY_SETTINGS)),
+            "rotate-keys": (rotate, ("database_url", "log_level", *_KEY_SETTINGS)),
             "audit verify": (verify, ("database_url", "log_level", "audit_key")),
             "serve": (serve, None),
             "config show": (show, None),
@@ -234,9 +239,13 @@ def _unreachable(error: StoreUnavailable) -> int:
 
 
 def _migrate(settings: Settings) -> int:
+    from .domain.pii import Vault
     from .store.store import Store
 
-    applied = Store(settings.database_url).migrate(settings.audit_keys)
+    # The keys are read only if a migration has records to MAC or values to reseal.
+    applied = Store(settings.database_url).migrate(
+        settings.audit_keys, lambda: Vault(settings.keys())
+    )
     print(f"applied migrations: {applied or 'none pending'}")
     return 0
 
@@ -420,29 +429,88 @@ def _token(name: str, roles_text: str, delegate: bool = False) -> int:
 
 
 def _rotate_keys(settings: Settings, batch: int) -> int:
-    """Runs beside live servers: they read every configured key and write with the active one."""
-    from .domain.pii import Vault
+    """Runs beside live servers: they read every configured key and write with the active one.
+
+    Nothing is judged by a value's prefix. Every value is opened first, so a
+    mistyped key (one that does not open what the servers sealed with it) or a
+    missing one stops the run before anything is written; each new value is
+    opened before it is written; and at the end every value is opened again."""
+    from collections import Counter
+
+    from .domain.pii import SEALED_COLUMNS, Vault
     from .store.store import Store
 
     vault = Vault(settings.keys())
     store = Store(settings.database_url)
+    active = vault.active_key
 
-    def rotate() -> int:
-        for table, column in Store.SEALED_COLUMNS:
-            total = 0
-            name = f"{getattr(store.tables, table)._meta.table_name}.{column}"
-            try:
-                while done := store.reseal_batch(table, column, vault, batch):
-                    total += done
-            except ValueError as error:  # a value under a key the settings lack
+    def check_all() -> tuple[Counter[str], Counter[str]]:
+        """How many values open under each key id ("v1:<id>" for unbound
+        ones), and how many do not under each key id."""
+        opened: Counter[str] = Counter()
+        failed: Counter[str] = Counter()
+        for column in SEALED_COLUMNS:
+            after, bad = "", []
+            while True:
+                last, ok, failures = store.check_sealed(column, vault, after=after, limit=batch)
+                opened.update(ok)
+                bad += failures
+                if last == after:
+                    break
+                after = last
+            failed.update(key_id for key_id, _ in bad)
+            if bad:
                 print(
-                    f"phonebind-server: {name}: a value is {error};"
-                    f" add that key to seal_keys and run again ({total} re-encrypted so far)",
+                    f"phonebind-server: {column.table}.{column.column}: {len(bad)} values do"
+                    f" not open, such as {bad[0][1]}",
                     file=sys.stderr,
                 )
-                return 1
-            print(f"{name}: {total} re-encrypted")
-        print(f"every sealed value now uses key {settings.keys().active_seal_key}")
+        return opened, failed
+
+    def explain(failed: Counter[str]) -> None:
+        for key_id, count in sorted(failed.items()):
+            if key_id in vault.key_ids:
+                print(
+                    f"phonebind-server: key {key_id!r} does not open {count} values sealed"
+                    " under it: it is not the key that sealed them (mistyped?), or they"
+                    " were altered",
+                    file=sys.stderr,
+                )
+            else:
+                print(
+                    f"phonebind-server: {count} values are sealed with an unknown key"
+                    f" {key_id[:32]!r}; add that key to seal_keys and run again",
+                    file=sys.stderr,
+                )
+
+    def rotate() -> int:
+        _, failed = check_all()
+        if failed:
+            explain(failed)
+            print("phonebind-server: nothing was re-encrypted", file=sys.stderr)
+            return 1
+        for column in SEALED_COLUMNS:
+            total = 0
+            while done := store.reseal_batch(column, vault, batch):
+                total += done
+            print(f"{column.table}.{column.column}: {total} re-encrypted")
+        opened, failed = check_all()
+        if failed:
+            explain(failed)
+            return 1
+        others = {key_id: n for key_id, n in opened.items() if key_id != active}
+        if others:
+            # Sealed meanwhile by a server that still writes with another key.
+            print(
+                "phonebind-server: values are still sealed under other keys"
+                f" ({', '.join(f'{k}: {n}' for k, n in sorted(others.items()))}): is every"
+                f" server's active_seal_key {active!r}? Run again once it is",
+                file=sys.stderr,
+            )
+            return 1
+        print(
+            f"every sealed value now uses key {active} and opens with it ({opened[active]} checked)"
+        )
         return 0
 
     return _in_store(store, rotate)

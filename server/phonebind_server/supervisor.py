@@ -36,9 +36,10 @@ def supervise(settings: Settings, *, migrate: bool) -> int:
         print(f"phonebind-server: cannot listen on {settings.listen}: {problem}", file=sys.stderr)
         return 2
     if migrate:
+        from .domain.pii import Vault
         from .store.store import Store
 
-        Store(settings.database_url).migrate(settings.audit_keys)
+        Store(settings.database_url).migrate(settings.audit_keys, lambda: Vault(settings.keys()))
     return _supervise(settings)
 
 

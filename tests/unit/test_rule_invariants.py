@@ -18,6 +18,7 @@ from service_world import HOLDER, ID_NUMBER, NEW, OLD, OTHER_ID, World, beijing
 from phonebind_server.domain.errors import DomainError, Reason
 from phonebind_server.domain.messages import PURPOSE_REBIND_CODE
 from phonebind_server.domain.model import ChallengeState, CodeTarget, RebindState, Step
+from phonebind_server.domain.pii import OUTBOX_TEXT
 from phonebind_server.domain.policy import Policy
 from phonebind_server.domain.rebind import effective
 
@@ -73,7 +74,7 @@ class Walk:
         if rebind is not None:
             phone = t.accounts[account_id].phone if to is OLD else rebind.new_phone
             texts = [
-                self.w.vault.unseal(m.sealed_text)
+                self.w.vault.unseal(m.sealed_text, OUTBOX_TEXT.at(m.message_id))
                 for m in t.outbox
                 if m.to.index == phone.index and m.purpose == PURPOSE_REBIND_CODE
             ]
@@ -196,7 +197,11 @@ class Walk:
             changes = [c for _, c in t.changes if c.account_id == account_id]
             if changes:
                 last = changes[-1]
-                assert account.phone == last.new_phone
+                # The same number; each row keeps its own sealing, bound to it.
+                assert (account.phone.index, account.phone.masked) == (
+                    last.new_phone.index,
+                    last.new_phone.masked,
+                )
                 assert account.hold_until is not None
                 assert account.hold_until >= last.completed_at + POLICY.hold_for(
                     last.old_phone_lost

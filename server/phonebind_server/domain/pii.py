@@ -4,6 +4,12 @@ Phone numbers are sealed with AES-256-GCM (so the service can still text them)
 and indexed with an HMAC blind index (so uniqueness and lookups work without
 decrypting). Names and ID numbers are only ever compared, so they are kept as
 HMACs. Every key carries an id; sealed values name the key that sealed them.
+
+A sealed value is bound to its place: the AES-GCM associated data holds the
+key id, the table, the column and the row's key, so a value copied into
+another row (or column) does not open there. Sealed values read
+"v2:<key id>:<base64 of nonce + ciphertext>"; "v1:" values, bound to the key
+id only, are opened only to reseal them (migration m0014, rotate-keys).
 """
 
 from __future__ import annotations
@@ -13,13 +19,69 @@ import hashlib
 import hmac
 import os
 from dataclasses import dataclass
+from typing import NamedTuple
 
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from .model import SealedPhone
 from .phone import PhoneNumber
 
-_SEAL_VERSION = "v1"
+_SEAL_VERSION = "v2"
+# Sealed before values were bound to their place: associated data is the key id.
+_UNBOUND_VERSION = "v1"
+
+
+class SealError(ValueError):
+    """A sealed value does not open: its key is not configured, or the value
+    was altered or moved from another place. Names no personal data."""
+
+
+class SealedColumn(NamedTuple):
+    """A column that holds sealed values, and the column of its row's key."""
+
+    table: str
+    column: str
+    row_key: str
+
+    def at(self, row: str) -> SealPlace:
+        return SealPlace(self.table, self.column, row)
+
+
+@dataclass(frozen=True)
+class SealPlace:
+    """Where a sealed value is kept: table, column and the row's key."""
+
+    table: str
+    column: str
+    row: str
+
+    def associated_data(self, key_id: str) -> bytes:
+        parts = ("phonebind-seal", _SEAL_VERSION, key_id, self.table, self.column, self.row)
+        return "\x00".join(parts).encode()
+
+    def __str__(self) -> str:
+        # Row keys are account, rebind and message ids: no personal data.
+        return f"{self.table}.{self.column} of row {self.row[:80]!r}"
+
+
+# Every sealed column of the schema, with the key that names its row (a
+# change's rebind_id and a message's message_id are unique, and known before
+# the row is written, unlike its seq).
+ACCOUNT_PHONE = SealedColumn("accounts", "phone_sealed", "account_id")
+REBIND_NEW_PHONE = SealedColumn("rebinds", "new_phone_sealed", "rebind_id")
+CHANGE_OLD_PHONE = SealedColumn("binding_changes", "old_phone_sealed", "rebind_id")
+CHANGE_NEW_PHONE = SealedColumn("binding_changes", "new_phone_sealed", "rebind_id")
+OUTBOX_TO = SealedColumn("sms_outbox", "to_sealed", "message_id")
+OUTBOX_TEXT = SealedColumn("sms_outbox", "text", "message_id")
+SEALED_COLUMNS = (
+    ACCOUNT_PHONE,
+    REBIND_NEW_PHONE,
+    CHANGE_OLD_PHONE,
+    CHANGE_NEW_PHONE,
+    OUTBOX_TO,
+    OUTBOX_TEXT,
+)
 
 
 @dataclass(frozen=True)
@@ -72,36 +134,79 @@ class Vault:
     def id_number_hash(self, normalized_id_number: str) -> str:
         return self._mac("id_number", normalized_id_number)
 
-    def seal_phone(self, phone: PhoneNumber) -> SealedPhone:
+    def seal_phone(self, phone: PhoneNumber, place: SealPlace) -> SealedPhone:
         return SealedPhone(
-            index=self.phone_index(phone.e164), sealed=self.seal(phone.e164), masked=phone.masked()
+            index=self.phone_index(phone.e164),
+            sealed=self.seal(phone.e164, place),
+            masked=phone.masked(),
         )
 
-    def seal(self, plaintext: str) -> str:
+    def move_phone(self, phone: SealedPhone, source: SealPlace, target: SealPlace) -> SealedPhone:
+        """`phone`, kept at `source`, sealed anew for `target`."""
+        return SealedPhone(
+            index=phone.index,
+            sealed=self.seal(self.unseal(phone.sealed, source), target),
+            masked=phone.masked,
+        )
+
+    def seal(self, plaintext: str, place: SealPlace) -> str:
         kid = self._keys.active_seal_key
         nonce = os.urandom(12)
-        ciphertext = self._ciphers[kid].encrypt(nonce, plaintext.encode(), kid.encode())
+        ciphertext = self._ciphers[kid].encrypt(
+            nonce, plaintext.encode(), place.associated_data(kid)
+        )
         return f"{_SEAL_VERSION}:{kid}:{base64.urlsafe_b64encode(nonce + ciphertext).decode()}"
+
+    @property
+    def active_key(self) -> str:
+        return self._keys.active_seal_key
+
+    @property
+    def key_ids(self) -> frozenset[str]:
+        """The ids of the seal keys configured."""
+        return frozenset(self._ciphers)
 
     @property
     def active_prefix(self) -> str:
         """How every value sealed under the active key begins."""
         return f"{_SEAL_VERSION}:{self._keys.active_seal_key}:"
 
-    SEALED_PREFIX = f"{_SEAL_VERSION}:"
-    """How every sealed value begins, whatever its key."""
+    SEALED_PREFIXES = (f"{_SEAL_VERSION}:", f"{_UNBOUND_VERSION}:")
+    """How every sealed value begins, whatever its key and version."""
 
-    def reseal(self, token: str) -> str:
-        """The same plaintext sealed under the active key."""
-        return self.seal(self.unseal(token))
+    @staticmethod
+    def key_id(token: str) -> str:
+        """The id of the key that sealed `token` (no secret)."""
+        return token.split(":", 2)[1] if token.count(":") >= 2 else ""
 
-    def unseal(self, token: str) -> str:
-        version, kid, payload = token.split(":", 2)
-        if version != _SEAL_VERSION or kid not in self._ciphers:
+    def reseal(self, token: str, place: SealPlace) -> tuple[str, str]:
+        """The value at `place` sealed under the active key, bound to `place`,
+        and its plaintext (to check the new value against). Opens an unbound
+        "v1:" value too: resealing is how such values are bound."""
+        plaintext = self.unseal(token, place, unbound_too=True)
+        return self.seal(plaintext, place), plaintext
+
+    def unseal(self, token: str, place: SealPlace, *, unbound_too: bool = False) -> str:
+        version, kid, payload = [*token.split(":", 2), "", ""][:3]
+        versions = (_SEAL_VERSION, _UNBOUND_VERSION) if unbound_too else (_SEAL_VERSION,)
+        if version not in versions:
+            raise SealError(
+                f"{place}: an unbound v1 value; run `phonebind-server migrate`"
+                if version == _UNBOUND_VERSION
+                else f"{place}: not a sealed value"
+            )
+        if kid not in self._ciphers:
             # The key id is no secret; it tells the operator which key is missing.
-            raise ValueError(f"sealed with an unknown key {kid[:32]!r}")
-        raw = base64.urlsafe_b64decode(payload)
-        return self._ciphers[kid].decrypt(raw[:12], raw[12:], kid.encode()).decode()
+            raise SealError(f"{place}: sealed with an unknown key {kid[:32]!r}")
+        associated = place.associated_data(kid) if version == _SEAL_VERSION else kid.encode()
+        try:
+            raw = base64.urlsafe_b64decode(payload)
+            return self._ciphers[kid].decrypt(raw[:12], raw[12:], associated).decode()
+        except (InvalidTag, ValueError):
+            raise SealError(
+                f"{place}: does not open under key {kid[:32]!r}: the value was altered or"
+                " moved from another row, or the key is not the one that sealed it"
+            ) from None
 
     def code_mac(self, rebind_id: str, target: str, code: str) -> str:
         message = f"code\x00{rebind_id}\x00{target}\x00{code}".encode()

@@ -37,7 +37,16 @@ from .model import (
     Step,
 )
 from .phone import PhoneNumber, is_virtual_operator, parse_phone, province_code
-from .pii import Vault
+from .pii import (
+    ACCOUNT_PHONE,
+    CHANGE_NEW_PHONE,
+    CHANGE_OLD_PHONE,
+    OUTBOX_TEXT,
+    OUTBOX_TO,
+    REBIND_NEW_PHONE,
+    SealPlace,
+    Vault,
+)
 from .policy import Policy
 from .ports import Clock, Read, Store, Tx
 from .risk import RiskSignals, assess
@@ -219,7 +228,7 @@ class RebindService:
                 raise _phone_in_use()
             account = Account(
                 account_id=account_id,
-                phone=self._vault.seal_phone(number),
+                phone=self._vault.seal_phone(number, ACCOUNT_PHONE.at(account_id)),
                 holder_name_hash=name_hash,
                 holder_name_masked=identity.mask_name(name),
                 id_number_hash=id_hash,
@@ -360,11 +369,12 @@ class RebindService:
             required.append(Step.NEW_PHONE_CODE)
             if risk.decision is RiskDecision.REVIEW:
                 required.append(Step.REVIEW)
+            new_rebind_id = _REBIND_PREFIX + secrets.token_urlsafe(16)
             rebind = Rebind(
-                rebind_id=_REBIND_PREFIX + secrets.token_urlsafe(16),
+                rebind_id=new_rebind_id,
                 account_id=account_id,
                 state=RebindState.PENDING,
-                new_phone=self._vault.seal_phone(number),
+                new_phone=self._vault.seal_phone(number, REBIND_NEW_PHONE.at(new_rebind_id)),
                 old_phone_lost=old_phone_lost,
                 old_phone_masked=account.phone.masked,
                 required=tuple(required),
@@ -497,7 +507,10 @@ class RebindService:
                     metadata={"retry_after_seconds": str(_ceil_seconds(wait))},
                     retry_after=wait,
                 )
-            to = _found(account).phone if target is CodeTarget.OLD_PHONE else rebind.new_phone
+            if target is CodeTarget.OLD_PHONE:
+                to, kept_at = _found(account).phone, ACCOUNT_PHONE.at(account_id)
+            else:
+                to, kept_at = rebind.new_phone, REBIND_NEW_PHONE.at(rebind_id)
             # Per-number caps hold across accounts, processes and hosts: counted
             # under a lock on the number.
             tx.limits.serialize("sms-to:" + to.index)
@@ -531,7 +544,7 @@ class RebindService:
             text = messages.code_text(
                 code, p.code_ttl, language=p.sms_language, signature=p.sms_signature
             )
-            self._queue_sms(tx, to, messages.PURPOSE_REBIND_CODE, text, now, rebind)
+            self._queue_sms(tx, to, kept_at, messages.PURPOSE_REBIND_CODE, text, now, rebind)
             self._record(
                 tx, now, "CODE_SENT", account_id, rebind_id, target=target.value, to=to.masked
             )
@@ -667,8 +680,12 @@ class RebindService:
             # by a later, ordinary change: its end is the later of the two. The
             # unique rule on numbers decides whether the number is still free.
             hold_until = max(now + p.hold_for(rebind.old_phone_lost), account.hold_until or now)
+            # Each row keeps its own sealing of a number, bound to that row.
+            old_at, new_at = ACCOUNT_PHONE.at(account_id), REBIND_NEW_PHONE.at(rebind_id)
             moved = account.with_changes(
-                phone=rebind.new_phone, bound_at=now, hold_until=hold_until
+                phone=self._vault.move_phone(rebind.new_phone, new_at, old_at),
+                bound_at=now,
+                hold_until=hold_until,
             )
             tx.accounts.save(moved)
             done = rebind.with_changes(
@@ -679,8 +696,12 @@ class RebindService:
                 BindingChange(
                     rebind_id=rebind_id,
                     account_id=account_id,
-                    old_phone=account.phone,
-                    new_phone=rebind.new_phone,
+                    old_phone=self._vault.move_phone(
+                        account.phone, old_at, CHANGE_OLD_PHONE.at(rebind_id)
+                    ),
+                    new_phone=self._vault.move_phone(
+                        rebind.new_phone, new_at, CHANGE_NEW_PHONE.at(rebind_id)
+                    ),
                     old_phone_lost=rebind.old_phone_lost,
                     completed_at=now,
                 )
@@ -688,7 +709,9 @@ class RebindService:
             notice = messages.change_notice_text(
                 rebind.new_phone.masked, language=p.sms_language, signature=p.sms_signature
             )
-            self._queue_sms(tx, account.phone, messages.PURPOSE_CHANGE_NOTICE, notice, now, rebind)
+            self._queue_sms(
+                tx, account.phone, old_at, messages.PURPOSE_CHANGE_NOTICE, notice, now, rebind
+            )
             self._record(
                 tx,
                 now,
@@ -857,15 +880,25 @@ class RebindService:
         self._audit.append(tx, AuditEvent(action, outcome, account_id, rebind_id, details), now)
 
     def _queue_sms(
-        self, tx: Tx, to: SealedPhone, purpose: str, text: str, now: datetime, rebind: Rebind
+        self,
+        tx: Tx,
+        to: SealedPhone,
+        kept_at: SealPlace,
+        purpose: str,
+        text: str,
+        now: datetime,
+        rebind: Rebind,
     ) -> None:
+        """Queues `text` to `to`, whose sealing is kept at `kept_at`: the
+        message gets its own, bound to its row."""
         not_after = now + self._policy.code_ttl if purpose == messages.PURPOSE_REBIND_CODE else None
+        message_id = str(uuid.uuid4())
         tx.outbox.enqueue(
             OutboundSms(
-                message_id=str(uuid.uuid4()),
-                to=to,
+                message_id=message_id,
+                to=self._vault.move_phone(to, kept_at, OUTBOX_TO.at(message_id)),
                 purpose=purpose,
-                sealed_text=self._vault.seal(text),
+                sealed_text=self._vault.seal(text, OUTBOX_TEXT.at(message_id)),
                 created_at=now,
                 not_after=not_after,
                 account_id=rebind.account_id,

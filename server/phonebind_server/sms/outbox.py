@@ -28,7 +28,7 @@ from typing import Any
 from cryptography.exceptions import InvalidTag
 
 from ..domain.model import OutboundSms
-from ..domain.pii import Vault
+from ..domain.pii import OUTBOX_TEXT, OUTBOX_TO, SealError, Vault
 from ..domain.ports import Clock, StoreUnavailable
 from ..metrics import Metrics
 from ..store.store import OutboxItem, Store
@@ -200,10 +200,13 @@ class OutboxDispatcher:
 
     async def _attempt(self, item: OutboxItem) -> bool:
         try:
-            to, text = self._vault.unseal(item.to_sealed), self._text(item)
+            to = self._vault.unseal(item.to_sealed, OUTBOX_TO.at(item.message_id))
+            text = self._vault.unseal(item.sealed_text, OUTBOX_TEXT.at(item.message_id))
         except (ValueError, InvalidTag) as error:
             # A key no longer configured, or a damaged value: no retry can help.
-            reason = f"cannot open the sealed message: {type(error).__name__}"
+            # A SealError names the place and the key id, never the value.
+            why = str(error) if isinstance(error, SealError) else type(error).__name__
+            reason = f"cannot open the sealed message: {why}"[:256]
             await self._failed(item, reason, permanent=True)
             return False
         send: Callable[[], None] = lambda: self._gateway.deliver(  # noqa: E731
@@ -254,11 +257,6 @@ class OutboxDispatcher:
         except BaseException:
             self._sent[:0] = sent  # marked on the next try
             raise
-
-    def _text(self, item: OutboxItem) -> str:
-        if item.sealed_text.startswith(self._vault.SEALED_PREFIX):
-            return self._vault.unseal(item.sealed_text)
-        return item.sealed_text  # queued before outbox texts were sealed
 
     async def _failed(self, item: OutboxItem, error: str, *, permanent: bool = False) -> None:
         dead = permanent or item.attempts >= self._max_attempts

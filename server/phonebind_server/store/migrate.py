@@ -12,12 +12,16 @@ import pkgutil
 import re
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 import peewee
 
 from . import migrations
 from .fields import from_micros, to_micros
 from .models import is_postgres
+
+if TYPE_CHECKING:
+    from ..domain.pii import Vault
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +49,17 @@ def pending(db: peewee.Database) -> list[int]:
 
 
 AuditKeys = Callable[[], tuple[Mapping[str, bytes], str]]
+SealVault = Callable[[], "Vault"]
 
 
-def migrate(db: peewee.Database, audit_keys: AuditKeys | None = None) -> list[int]:
+def migrate(
+    db: peewee.Database, audit_keys: AuditKeys | None = None, vault: SealVault | None = None
+) -> list[int]:
     """Applies what is pending; returns the versions it applied. `audit_keys()`
     gives the audit keys by id and the active id to a migration that MACs
-    existing audit records (one whose module sets NEEDS_AUDIT_KEY); it asks only
-    when there are such records, so a new database needs no key."""
+    existing audit records (one whose module sets NEEDS_AUDIT_KEY); `vault()`
+    gives the seal keys to one that reseals stored values (NEEDS_SEAL_KEYS).
+    Each asks only when there are such records, so a new database needs no key."""
     dialect = "postgresql" if is_postgres(db) else "sqlite"
     done: list[int] = []
     with db.atomic(**({} if is_postgres(db) else {"lock_type": "IMMEDIATE"})):
@@ -68,6 +76,8 @@ def migrate(db: peewee.Database, audit_keys: AuditKeys | None = None) -> list[in
             module = importlib.import_module(f"{migrations.__name__}.{name}")
             if getattr(module, "NEEDS_AUDIT_KEY", False):
                 module.upgrade(db, dialect, audit_keys or _no_keys)
+            elif getattr(module, "NEEDS_SEAL_KEYS", False):
+                module.upgrade(db, dialect, vault or _no_seal_keys)
             else:
                 module.upgrade(db, dialect)
             db.execute_sql(
@@ -87,6 +97,10 @@ class MigrationError(RuntimeError):
 
 def _no_keys() -> tuple[Mapping[str, bytes], str]:
     raise MigrationError("audit_key is not set")
+
+
+def _no_seal_keys() -> Vault:
+    raise MigrationError("seal_keys are not set")
 
 
 def expected_version() -> int:

@@ -24,11 +24,11 @@ from ..domain.audit import REGISTRY, AuditSnapshot, RegisteredChain, StoredEvent
 from ..domain.context import INTERNAL, CallContext
 from ..domain.errors import DomainError
 from ..domain.model import OutboundSms
-from ..domain.pii import Vault
+from ..domain.pii import SealedColumn, SealError, Vault
 from ..domain.ports import DeadlinePassed, StoreUnavailable
 from . import repositories  # noqa: F401 - the unit of work's repositories
 from .engine import Answer, Engine, PostgresEngine, SqliteEngine, WriteLockBusy
-from .migrate import AuditKeys, history, migrate, pending
+from .migrate import AuditKeys, SealVault, history, migrate, pending
 from .models import Tables, bind
 from .query import Param, Query
 from .unit import Compiler, SqlTx, every, value
@@ -51,6 +51,15 @@ def describe(url: str) -> str:
         user = creds.split(":", 1)[0]
         return f"{scheme}://{user}@{host}"
     return url
+
+
+# The store's name (its Tables attribute) of each table that holds sealed values.
+_SEALED_TABLES = {
+    "accounts": "accounts",
+    "rebinds": "rebinds",
+    "binding_changes": "changes",
+    "sms_outbox": "outbox",
+}
 
 
 def sqlite_path(url: str) -> str:
@@ -171,16 +180,18 @@ class Store:
             )
         return database
 
-    def migrate(self, audit_keys: AuditKeys | None = None) -> list[int]:
+    def migrate(
+        self, audit_keys: AuditKeys | None = None, vault: SealVault | None = None
+    ) -> list[int]:
         """Applies pending migrations (on a connection of its own, synchronously:
         it runs at start and from the command line). `audit_keys()`: the audit
         keys by id and the active id, for a migration that MACs existing audit
-        records."""
+        records; `vault()`: the seal keys, for one that reseals stored values."""
         database = self._migration_database()
         try:
             with _unreachable_as(StoreUnavailable):
                 database.connect()
-                return migrate(database, audit_keys)
+                return migrate(database, audit_keys, vault)
         finally:
             database.close()
 
@@ -411,63 +422,99 @@ class Store:
 
     # -- key rotation ------------------------------------------------------------------
 
-    SEALED_COLUMNS = (
-        ("accounts", "phone_sealed"),
-        ("rebinds", "new_phone_sealed"),
-        ("changes", "old_phone_sealed"),
-        ("changes", "new_phone_sealed"),
-        ("outbox", "to_sealed"),
-        ("outbox", "text"),
-    )
+    def _sealed_queries(self, column: SealedColumn, prefix: str) -> tuple[Query, Query, Query]:
+        """Reading the sealed values of `column` (those not under `prefix`, and
+        those under it, in row key order after a row key) and updating one."""
+        sealed = Vault.SEALED_PREFIXES
 
-    def reseal_batch(self, table: str, column: str, vault: Vault, limit: int) -> int:
-        """Re-encrypts up to `limit` values of one column under the active key.
+        def model_of(t: Tables) -> Any:
+            return getattr(t, _SEALED_TABLES[column.table])
 
-        Each row is updated only if it still holds the value read, so a server
-        writing at the same time never loses its write."""
-        prefix = vault.active_prefix
-        sealed = vault.SEALED_PREFIX
+        def is_sealed(field: Any) -> Any:
+            # An erased outbox text is empty; nothing else is unsealed after m0014.
+            return (peewee.fn.SUBSTR(field, 1, len(sealed[0])) == sealed[0]) | (
+                peewee.fn.SUBSTR(field, 1, len(sealed[1])) == sealed[1]
+            )
 
-        def build_select(t: Tables) -> peewee.Query:
-            model = getattr(t, table)
-            key = model._meta.primary_key
-            field = getattr(model, column)
-            keys = key.field_names if isinstance(key, peewee.CompositeKey) else (key.name,)
-            # Sealed values under another key only: an erased outbox text is
-            # empty, and one queued before texts were sealed is not sealed.
+        def build_others(t: Tables) -> peewee.Query:
+            model = model_of(t)
+            field, key = getattr(model, column.column), getattr(model, column.row_key)
             return (
-                model.select(*(getattr(model, k) for k in keys), field)
-                .where(
-                    (peewee.fn.SUBSTR(field, 1, len(sealed)) == sealed)
-                    & (peewee.fn.SUBSTR(field, 1, len(prefix)) != prefix)
-                )
+                model.select(key, field)
+                .where(is_sealed(field) & (peewee.fn.SUBSTR(field, 1, len(prefix)) != prefix))
+                .limit(Param("limit"))
+            )
+
+        def build_all(t: Tables) -> peewee.Query:
+            model = model_of(t)
+            field, key = getattr(model, column.column), getattr(model, column.row_key)
+            return (
+                model.select(key, field)
+                .where(is_sealed(field) & (key > Param("after")))
+                .order_by(key)
                 .limit(Param("limit"))
             )
 
         def build_update(t: Tables) -> peewee.Query:
-            model = getattr(t, table)
-            key = model._meta.primary_key
-            field = getattr(model, column)
-            keys = key.field_names if isinstance(key, peewee.CompositeKey) else (key.name,)
-            where = field == Param("old")
-            for k in keys:
-                where &= getattr(model, k) == Param(k)
-            return model.update({field: Param("new", field)}).where(where)
+            model = model_of(t)
+            field, key = getattr(model, column.column), getattr(model, column.row_key)
+            return model.update({field: Param("new", field)}).where(
+                (field == Param("old")) & (key == Param("row"))
+            )
 
-        select = Query(f"reseal.select.{table}.{column}.{prefix}", build_select)
-        update = Query(f"reseal.update.{table}.{column}", build_update)
+        name = f"{column.table}.{column.column}"
+        return (
+            Query(f"reseal.others.{name}.{prefix}", build_others),
+            Query(f"reseal.all.{name}", build_all),
+            Query(f"reseal.update.{name}", build_update),
+        )
+
+    def reseal_batch(self, column: SealedColumn, vault: Vault, limit: int) -> int:
+        """Re-encrypts up to `limit` values of one column under the active key,
+        each bound to its row; each new value is opened before it is written.
+
+        Each row is updated only if it still holds the value read, so a server
+        writing at the same time never loses its write. SealError when a value
+        does not open (nothing of this batch is written then)."""
+        others, _, update = self._sealed_queries(column, vault.active_prefix)
         with self.transaction() as tx:
             rows = tx.one(
-                tx_read(select, {"limit": limit}, lambda c, rows: [c.row(r) for r in rows])
+                tx_read(others, {"limit": limit}, lambda c, rows: [c.row(r) for r in rows])
             )
-            model = getattr(self.tables, table)
-            key = model._meta.primary_key
-            keys = key.field_names if isinstance(key, peewee.CompositeKey) else (key.name,)
-            for row in rows:
-                params = dict(zip(keys, row[:-1], strict=True))
-                params.update(old=row[-1], new=vault.reseal(row[-1]))
-                tx.write(update, params)
+            for row, old in rows:
+                place = column.at(row)
+                new, plaintext = vault.reseal(old, place)
+                if vault.unseal(new, place) != plaintext:
+                    raise SealError(f"{place}: the resealed value does not open")
+                tx.write(update, {"row": row, "old": old, "new": new})
         return len(rows)
+
+    def check_sealed(
+        self, column: SealedColumn, vault: Vault, *, after: str, limit: int
+    ) -> tuple[str, Counter[str], list[tuple[str, str]]]:
+        """Opens up to `limit` sealed values of `column` after row key `after`:
+        the last row key read, how many opened under each key id ("v1:<id>"
+        for an unbound value), and (key id, error) of each that did not."""
+        _, every, _ = self._sealed_queries(column, vault.active_prefix)
+        with self.transaction(write=False) as tx:
+            rows = tx.one(
+                tx_read(
+                    every,
+                    {"after": after, "limit": limit},
+                    lambda c, rows: [c.row(r) for r in rows],
+                )
+            )
+        opened: Counter[str] = Counter()
+        failed = []
+        for row, token in rows:
+            key_id = Vault.key_id(token)
+            try:
+                vault.unseal(token, column.at(row), unbound_too=True)
+            except SealError as error:
+                failed.append((key_id, str(error)))
+                continue
+            opened[key_id if token.startswith(Vault.SEALED_PREFIXES[0]) else "v1:" + key_id] += 1
+        return (rows[-1][0] if rows else after), opened, failed
 
     # -- audit reading (AuditService, `audit verify`) ------------------------------
 
