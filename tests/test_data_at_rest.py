@@ -308,3 +308,41 @@ def test_m0014_binds_every_earlier_sealed_value_to_its_row(
 
 def database_text_of(url: str) -> str:
     return repr([rows(url, f"SELECT * FROM {table}") for table in TABLES])
+
+
+def test_rotate_keys_refuses_a_mistyped_key_and_writes_nothing(
+    database_url, tmp_path, clock, secrets_seen
+):
+    old_key, new_key = key(), key()
+    typo = base64.b64encode(bytes(a ^ (i == 0) for i, a in enumerate(base64.b64decode(new_key))))
+    running = start_server(database_url, tmp_path, clock, secrets_seen, seal_keys=f"k1:{old_key}")
+    try:
+        run_flows(running)
+    finally:
+        running.stop()
+    # The servers now seal with k2; one of them registers an account.
+    both = {"seal_keys": f"k1:{old_key},k2:{new_key}", "active_seal_key": "k2"}
+    running = start_server(database_url, tmp_path, clock, secrets_seen, **both)
+    try:
+        running.api.register("rest-2", "13500135801", name=NAME)
+    finally:
+        running.stop()
+    before = database_text_of(database_url)
+    assert "v2:k2:" in before and "v2:k1:" in before
+
+    env = {
+        "PHONEBIND_DATABASE_URL": database_url,
+        "PHONEBIND_SEAL_KEYS": f"k1:{old_key},k2:{typo.decode()}",
+        "PHONEBIND_ACTIVE_SEAL_KEY": "k2",
+    }
+    mistyped = cli("rotate-keys", "--dev", env=env)
+    assert mistyped.returncode == 1
+    assert "key 'k2' does not open 1 values sealed under it" in mistyped.stderr
+    assert "nothing was re-encrypted" in mistyped.stderr
+    assert "every sealed value" not in mistyped.stdout
+    assert database_text_of(database_url) == before
+
+    right = cli("rotate-keys", "--dev", env={**env, "PHONEBIND_SEAL_KEYS": both["seal_keys"]})
+    assert right.returncode == 0, right.stderr
+    assert "every sealed value now uses key k2 and opens with it" in right.stdout
+    assert "v2:k1:" not in database_text_of(database_url)
