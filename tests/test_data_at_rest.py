@@ -18,7 +18,8 @@ from support import NEW, OLD, e164, error_details, rows
 
 from phonebind.v1 import review_service_pb2 as rapi
 from phonebind.v1 import review_service_pb2_grpc as rapi_grpc
-from phonebind_server.domain.pii import OUTBOX_TEXT, OUTBOX_TO, SEALED_COLUMNS, SealError, Vault
+from phonebind_server.domain.pii import OUTBOX_TEXT, OUTBOX_TO, SealError, Vault
+from phonebind_server.store.migrations.m0014_bound_seals import SEALED_COLUMNS as M0014_COLUMNS
 
 NAME = "欧阳娜娜"
 PHONES = ["13800138801", "13900139801", "13700137801"]
@@ -253,7 +254,7 @@ def test_m0014_binds_every_earlier_sealed_value_to_its_row(
 
     # The database as the previous version left it: every value sealed as v1.
     plaintexts = {}
-    for column in SEALED_COLUMNS:
+    for column in M0014_COLUMNS:
         select = f"SELECT {column.row_key}, {column.column} FROM {column.table}"
         for row, token in rows(database_url, select):
             if not token:
@@ -279,7 +280,7 @@ def test_m0014_binds_every_earlier_sealed_value_to_its_row(
     plaintexts[(OUTBOX_TO, "m-clear")] = "+8613600136801"
     plaintexts[(OUTBOX_TEXT, "m-clear")] = "【phonebind】a text queued in clear"
     write(database_url, "DELETE FROM schema_migrations WHERE version = 14")
-    assert {column for column, _ in plaintexts} == set(SEALED_COLUMNS)
+    assert {column for column, _ in plaintexts} == set(M0014_COLUMNS)
 
     # Without the keys it says what it needs and changes nothing.
     refused = cli("migrate", env={"PHONEBIND_DATABASE_URL": database_url})

@@ -244,7 +244,7 @@ class HttpGateway:
     def __init__(self, url: str) -> None:
         self.url = url
 
-    def deliver(self, *, message_id: str, to: str, text: str, purpose: str) -> None:
+    def deliver(self, *, message_id: str, to: str, text: str, purpose: str, **template) -> None:
         body = json.dumps(
             {"message_id": message_id, "to": to, "text": text, "purpose": purpose}
         ).encode()

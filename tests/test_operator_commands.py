@@ -282,7 +282,8 @@ def toml(directory, server_table: str) -> str:
 def production_setup(tmp_path) -> tuple[dict[str, str], dict[str, str]]:
     """Settings a production server accepts, keys spread over every source
     config show names; returns the environment and the secret values."""
-    secrets = {name: key() for name in ("index_key", "code_key", "audit_key", "sms_http_secret")}
+    secrets = {name: key() for name in ("index_key", "code_key", "audit_key")}
+    secrets["sms_http_secret"] = "whsec_" + key()
     secrets["seal_keys"] = "k1:" + key()
     (tmp_path / "index_key").write_text(secrets["index_key"] + "\n", encoding="utf-8")
     (tmp_path / "audit_key").write_text(secrets["audit_key"] + "\n", encoding="utf-8")

@@ -35,7 +35,7 @@ def safe(tmp_path) -> dict[str, str]:
         "PHONEBIND_LISTEN": "0.0.0.0:50051",
         "PHONEBIND_DATABASE_URL": f"sqlite:///{tmp_path}/p.db",
         "PHONEBIND_SMS_GATEWAY": "https://sms.provider.invalid/send",
-        "PHONEBIND_SMS_HTTP_SECRET": key(),
+        "PHONEBIND_SMS_HTTP_SECRET": "whsec_" + key(),
         "PHONEBIND_INDEX_KEY": key(),
         "PHONEBIND_CODE_KEY": key(),
         "PHONEBIND_SEAL_KEYS": f"k1:{key()}",
@@ -59,6 +59,8 @@ UNSAFE = {
     "file and log SMS gateways": {"PHONEBIND_SMS_GATEWAY": "log"},
     "needs https": {"PHONEBIND_SMS_GATEWAY": "http://sms.provider.invalid/send"},
     "reflection is on": {"PHONEBIND_REFLECTION": "true"},
+    # A bare base64 key signs as well, but providers' tooling expects whsec_.
+    "not a Standard Webhooks secret": {"PHONEBIND_SMS_HTTP_SECRET": key()},
 }
 
 
@@ -89,12 +91,16 @@ def test_production_refuses_each_unsafe_setting(safe, problem):
         ),
         ("PHONEBIND_CODE_KEY", lambda dev: dev["index_key"]),
         ("PHONEBIND_AUDIT_KEY", lambda dev: dev["code_key"]),
+        ("PHONEBIND_SMS_HTTP_SECRET", lambda dev: dev["sms_http_secret"]),
+        ("PHONEBIND_SMS_HTTP_SECRET", lambda dev: "whsec_" + dev["audit_key"]),
     ],
     ids=[
         "renamed seal key",
         "dev seal key beside a real one",
         "index key as code key",
         "code key as audit key",
+        "dev webhook secret",
+        "audit key as webhook secret",
     ],
 )
 def test_production_refuses_a_development_key_in_any_slot_or_spelling(safe, variable, spelling):

@@ -69,7 +69,7 @@ class ProductionServer:
                 "PHONEBIND_DATABASE_URL": f"sqlite:///{self.database}",
                 # No message is sent by these tests; production needs an https gateway.
                 "PHONEBIND_SMS_GATEWAY": "https://sms.provider.invalid/send",
-                "PHONEBIND_SMS_HTTP_SECRET": key(),
+                "PHONEBIND_SMS_HTTP_SECRET": "whsec_" + key(),
                 "PHONEBIND_INDEX_KEY": key(),
                 "PHONEBIND_CODE_KEY": key(),
                 "PHONEBIND_SEAL_KEYS": f"k1:{key()}",

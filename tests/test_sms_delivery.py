@@ -1,8 +1,9 @@
 """Real SMS delivery: the http gateway and the outbox against a provider on loopback.
 
 The provider is a real `ThreadingHTTPServer` on 127.0.0.1 that verifies each
-request's signature, sends at most one SMS per Idempotency-Key (answering 200
-again for a key it already took) and can be scripted: fail the next N, accept
+request's Standard Webhooks signature with the `standardwebhooks` library, sends
+at most one SMS per Idempotency-Key (answering 200 again for a key it already
+took) and can be scripted: fail the next N (with a Retry-After if asked), accept
 and then hang past the gateway's timeout, answer slowly, go down and come back
 on the same port.
 
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import hmac
 import http.server
 import json
 import logging
@@ -29,13 +29,16 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+from pathlib import Path
 
 import grpc
 import psycopg
 import pytest
 from conftest import Running, start_server
-from support import OLD, FakeClock, Secrets, Serve
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+from support import NEW, OLD, FakeClock, Secrets, Serve
 
 from phonebind.v1 import binding_service_pb2 as api
 from phonebind.v1 import binding_service_pb2_grpc as api_grpc
@@ -43,15 +46,16 @@ from phonebind_server.config import DEV_KEYS, ConfigError, load
 from phonebind_server.domain.pii import Vault
 from phonebind_server.logs import JsonFormatter
 from phonebind_server.sms.gateways import GatewayError, PermanentGatewayError
-from phonebind_server.sms.http_gateway import HttpGateway, sign
+from phonebind_server.sms.http_gateway import HttpGateway, encode_body
 from phonebind_server.sms.outbox import OutboxDispatcher
 from phonebind_server.store.fields import to_micros
 
 SECRET = hashlib.sha256(b"phonebind-test-provider").digest()
+WHSEC = "whsec_" + base64.b64encode(SECRET).decode()  # the setting's form of SECRET
 TIMEOUT = 1.0  # the gateway's timeout in these tests
 LEASE = timedelta(seconds=60)  # the dispatcher's default lease
 WAIT = 15.0  # the bound on every wait for something to happen
-DEV_SECRET = base64.b64decode(DEV_KEYS["sms_http_secret"])  # what --dev signs with
+DEV_SECRET = DEV_KEYS["sms_http_secret"]  # what --dev signs with
 _CODE = re.compile(r"(?<![0-9])([0-9]{6})(?![0-9])")
 
 
@@ -62,7 +66,7 @@ _CODE = re.compile(r"(?<![0-9])([0-9]{6})(?![0-9])")
 class Received:
     key: str
     headers: dict[str, str]
-    body: dict[str, str]
+    body: dict[str, object]
     raw: bytes
     signature_ok: bool
     at: float  # time.monotonic() on arrival
@@ -74,13 +78,14 @@ class Received:
 class _Step:
     kind: str  # "fail", "hang", "slow"
     value: float
+    retry_after: str = ""  # a Retry-After header to answer a failure with
 
 
 class Provider:
     """A fake SMS provider: records everything, sends at most once per key."""
 
-    def __init__(self, secret: bytes) -> None:
-        self.secret = secret
+    def __init__(self, secret: str) -> None:
+        self.webhook = Webhook(secret)
         self.port = 0
         self.requests: list[Received] = []
         self.arrivals: list[tuple[str, str]] = []  # (method, path) of every request
@@ -126,9 +131,9 @@ class Provider:
 
     # -- scripting
 
-    def fail_next(self, count: int, status: int = 500) -> None:
+    def fail_next(self, count: int, status: int = 500, retry_after: str = "") -> None:
         with self._cond:
-            self._script += [_Step("fail", status)] * count
+            self._script += [_Step("fail", status, retry_after)] * count
 
     def hang_next(self, count: int, seconds: float) -> None:
         """Takes the message, then answers only after `seconds` (past the timeout)."""
@@ -162,24 +167,20 @@ class Provider:
 
     def _handle(self, handler: http.server.BaseHTTPRequestHandler) -> None:
         raw = handler.rfile.read(int(handler.headers.get("Content-Length", "0")))
-        timestamp = handler.headers.get("X-Phonebind-Timestamp", "")
-        expected = (
-            "sha256="
-            + hmac.new(self.secret, timestamp.encode() + b"." + raw, hashlib.sha256).hexdigest()
-        )
-        signature_ok = (
-            hmac.compare_digest(handler.headers.get("X-Phonebind-Signature", ""), expected)
-            and timestamp.isdigit()
-            and abs(time.time() - int(timestamp)) < 300
-        )
+        try:
+            self.webhook.verify(raw, dict(handler.headers.items()))
+            signature_ok = True
+        except WebhookVerificationError:
+            signature_ok = False
         received = Received(
             key=handler.headers.get("Idempotency-Key", ""),
-            headers=dict(handler.headers.items()),
+            headers={name.lower(): value for name, value in handler.headers.items()},
             body=json.loads(raw.decode("utf-8")),
             raw=raw,
             signature_ok=signature_ok,
             at=time.monotonic(),
         )
+        retry_after = ""
         with self._cond:
             self.requests.append(received)
             step = self._script.pop(0) if self._script else None
@@ -187,6 +188,7 @@ class Provider:
                 received.status = 401
             elif step is not None and step.kind == "fail":
                 received.status = int(step.value)
+                retry_after = step.retry_after
             else:
                 received.status = 200
                 received.duplicate = received.key in self.sent
@@ -198,6 +200,8 @@ class Provider:
             handler.send_response(received.status)
             if 300 <= received.status < 400:
                 handler.send_header("Location", "/elsewhere")  # on this same provider
+            if retry_after:
+                handler.send_header("Retry-After", retry_after)
             handler.send_header("Content-Type", "application/json")
             handler.end_headers()
             handler.wfile.write(b'{"status":"ok"}' if received.status == 200 else b"{}")
@@ -207,7 +211,7 @@ class Provider:
 
 @pytest.fixture
 def provider() -> Iterator[Provider]:
-    running = Provider(SECRET)
+    running = Provider(WHSEC)
     running.start()
     yield running
     running.stop()
@@ -219,7 +223,7 @@ def provider() -> Iterator[Provider]:
 def http_settings(provider: Provider, **extra: object) -> dict[str, object]:
     return {
         "sms_gateway": provider.url,
-        "sms_http_secret": base64.b64encode(SECRET).decode(),
+        "sms_http_secret": WHSEC,
         "sms_http_timeout_seconds": TIMEOUT,
         "sms_retry_max_seconds": 30,  # < the lease, so a scheduled retry is recognisable
         **extra,
@@ -256,7 +260,7 @@ def outbox(database_url: str) -> dict[str, dict[str, object]]:
     """Every outbox row by message_id, read over a connection of the test's own."""
     query = (
         "SELECT message_id, account_id, purpose, state, attempts, text, last_error, "
-        "next_attempt_at FROM sms_outbox"
+        "next_attempt_at, template, language, params FROM sms_outbox"
     )
     if database_url.startswith("sqlite:"):
         connection = sqlite3.connect(database_url[len("sqlite:///") :], timeout=10)
@@ -342,7 +346,7 @@ def message_id_for(database_url: str, account_id: str) -> str:
 
 def delivered_text(provider: Provider, key: str, secrets: Secrets) -> str:
     """The text of the one SMS sent for `key`; its code joins the secrets."""
-    text = provider.sent[key].body["text"]
+    text = str(provider.sent[key].body["text"])
     match = _CODE.search(text)
     assert match, "the code message carries no 6-digit code"
     secrets.add(match.group(1))
@@ -367,31 +371,82 @@ def assert_sent_once(provider: Provider, keys: list[str], *, redelivered: tuple 
 
 
 def deliver(gateway: HttpGateway, key: str = "m-1") -> None:
-    gateway.deliver(message_id=key, to="+8613800138000", text="【pb】验证码 123456", purpose="P")
+    gateway.deliver(
+        message_id=key,
+        to="+8613800138000",
+        text="【pb】验证码 123456，5 分钟内有效。",
+        purpose="REBIND_CODE",
+        template="phonebind.rebind_code.v1",
+        language="zh-CN",
+        params={"code": "123456", "minutes": "5"},
+    )
 
 
-def test_gateway_request_is_signed_compact_utf8_json_with_idempotency_key(provider):
+def test_gateway_request_is_compact_utf8_json_signed_with_standard_webhooks(provider):
     deliver(HttpGateway(provider.url, secret=SECRET, timeout=TIMEOUT), "m-sig")
     [received] = provider.requests
-    assert received.signature_ok
-    assert received.key == "m-sig"
-    assert received.headers["Content-Type"] == "application/json"
+    assert received.signature_ok  # standardwebhooks.Webhook(WHSEC).verify accepted it
+    assert received.key == "m-sig" == received.headers["webhook-id"]
+    assert received.headers["content-type"] == "application/json"
     assert received.body == {
         "message_id": "m-sig",
         "to": "+8613800138000",
-        "text": "【pb】验证码 123456",
-        "purpose": "P",
+        "purpose": "REBIND_CODE",
+        "template": "phonebind.rebind_code.v1",
+        "language": "zh-CN",
+        "params": {"code": "123456", "minutes": "5"},
+        "text": "【pb】验证码 123456，5 分钟内有效。",
     }
-    # Compact UTF-8 JSON, signed as documented: HMAC-SHA256(secret, timestamp + "." + body).
     assert received.raw == json.dumps(
         received.body, ensure_ascii=False, separators=(",", ":")
     ).encode("utf-8")
-    assert received.raw.startswith(b'{"message_id":"m-sig","to":"+8613800138000","text":"')
-    timestamp = received.headers["X-Phonebind-Timestamp"]
+    assert received.raw.startswith(b'{"message_id":"m-sig","to":"+8613800138000","purpose":')
+    timestamp = received.headers["webhook-timestamp"]
     assert abs(int(timestamp) - time.time()) < 60
-    assert received.headers["X-Phonebind-Signature"] == sign(SECRET, timestamp, received.raw)
-    expected = hmac.new(SECRET, f"{timestamp}.".encode() + received.raw, hashlib.sha256)
-    assert received.headers["X-Phonebind-Signature"] == "sha256=" + expected.hexdigest()
+    assert received.headers["webhook-signature"].startswith("v1,")
+    # The signature covers id, timestamp and body: a change to any one is refused.
+    webhook = Webhook(WHSEC)
+    for name, raw, headers in [
+        ("body", received.raw.replace(b"123456", b"654321"), received.headers),
+        ("id", received.raw, {**received.headers, "webhook-id": "m-other"}),
+        (
+            "timestamp",
+            received.raw,
+            {**received.headers, "webhook-timestamp": str(int(timestamp) + 1)},
+        ),
+    ]:
+        with pytest.raises(WebhookVerificationError):
+            webhook.verify(raw, headers)
+            pytest.fail(f"a changed {name} verified")
+    # And another secret does not verify it.
+    other = "whsec_" + base64.b64encode(b"x" * 32).decode()
+    with pytest.raises(WebhookVerificationError):
+        Webhook(other).verify(received.raw, received.headers)
+
+
+def test_the_documented_example_request_is_what_the_gateway_sends():
+    page = (Path(__file__).resolve().parent.parent / "docs" / "operating.md").read_text("utf-8")
+    head, body = page.split("```http\n", 1)[1].split("```", 1)[0].split("\n\n", 1)
+    body = body.strip()
+    headers = dict(line.split(": ", 1) for line in head.splitlines()[1:])
+    secret = re.search(r"example secret `(whsec_[^`]+)`", page).group(1)
+    sent_at = datetime.fromtimestamp(int(headers["webhook-timestamp"]), UTC)
+    signature = Webhook(secret).sign(headers["webhook-id"], sent_at, body)
+    assert headers["webhook-signature"] == signature
+    fields = json.loads(body)
+    assert body.encode() == encode_body(**{k: v for k, v in fields.items()})
+    assert headers["webhook-id"] == headers["Idempotency-Key"] == fields["message_id"]
+
+
+def test_a_retried_request_keeps_its_id_and_is_signed_again(provider):
+    gateway = HttpGateway(provider.url, secret=SECRET, timeout=TIMEOUT)
+    provider.fail_next(1, 500)
+    with pytest.raises(GatewayError):
+        deliver(gateway, "m-again")
+    deliver(gateway, "m-again")
+    first, second = provider.requests
+    assert first.headers["webhook-id"] == second.headers["webhook-id"] == "m-again"
+    assert first.signature_ok and second.signature_ok
 
 
 @pytest.mark.parametrize(
@@ -460,6 +515,125 @@ def test_code_is_delivered_signed_and_erased_from_the_outbox(sms_server, provide
     row = wait_row(sms_server.database_url, lambda r: r["state"] == "SENT", key)
     assert row["text"] == "" and row["attempts"] == 1 and row["last_error"] == ""
     assert_sent_once(provider, [key])
+
+
+def test_the_code_goes_out_with_its_template_and_parameters(sms_server, provider):
+    key = queue_code(sms_server, 21)
+    provider.wait_sent([key])
+    body = provider.sent[key].body
+    text = delivered_text(provider, key, sms_server.secrets)
+    code = _CODE.search(text).group(1)
+    assert body["template"] == "phonebind.rebind_code.v1"
+    assert body["language"] == "zh-CN"
+    assert body["params"] == {"code": code, "minutes": "5"}
+    assert "5 分钟内有效" in text
+    row = wait_row(sms_server.database_url, lambda r: r["state"] == "SENT", key)
+    assert row["template"] == "phonebind.rebind_code.v1" and row["language"] == "zh-CN"
+    assert row["params"] == ""  # erased with the text
+
+
+def test_the_notice_to_the_old_number_carries_the_masked_new_number(sms_server, provider):
+    old, new = phones(22)
+    account_id = "sms-22"
+    api = sms_server.api
+    api.register(account_id, old)
+    rebind = api.start(account_id, new).rebind_id
+    api.identity(account_id, rebind)
+    seen: frozenset[str] = frozenset()
+    for target in (OLD, NEW):
+        api.send(account_id, rebind, target)
+        key = wait_message(sms_server.database_url, account_id, "REBIND_CODE", seen)
+        seen |= {key}
+        provider.wait_sent([key])
+        api.verify(account_id, rebind, target, str(provider.sent[key].body["params"]["code"]))
+    api.complete(account_id, rebind)
+    key = wait_message(sms_server.database_url, account_id, "CHANGE_NOTICE")
+    provider.wait_sent([key])
+    body = provider.sent[key].body
+    assert body["to"] == "+86" + old
+    assert body["template"] == "phonebind.change_notice.v1"
+    assert body["params"] == {"masked_number": "139****0022"}
+    assert "139****0022" in str(body["text"]) and new not in str(body["text"])
+
+
+def wait_message(
+    database_url: str, account_id: str, purpose: str, seen: frozenset[str] = frozenset()
+) -> str:
+    """The id of the one message of `purpose` queued for the account that is not in `seen`."""
+    deadline = time.monotonic() + WAIT
+    while True:
+        found = [
+            key
+            for key, row in outbox(database_url).items()
+            if row["account_id"] == account_id and row["purpose"] == purpose and key not in seen
+        ]
+        if found:
+            assert len(found) == 1
+            return found[0]
+        assert time.monotonic() < deadline, f"no {purpose} message queued"
+        time.sleep(0.01)
+
+
+def test_parameters_wait_sealed_like_the_text(sms_server, provider):
+    provider.stop()
+    key = queue_code(sms_server, 23)
+    row = retry_scheduled(sms_server, key, 1)
+    sealed = str(row["params"])
+    assert sealed.startswith("v2:") and "code" not in sealed
+    provider.start()
+    run_retry(sms_server, key, 1)
+    provider.wait_sent([key])
+    code = provider.sent[key].body["params"]["code"]
+    delivered_text(provider, key, sms_server.secrets)
+    assert code not in sealed
+
+
+@pytest.mark.parametrize("status", [429, 503])
+def test_retry_after_in_seconds_sets_the_next_attempt(sms_server, provider, status):
+    provider.fail_next(1, status, retry_after="7")
+    before = to_micros(sms_server.clock.now())
+    key = queue_code(sms_server, 30 + status % 10)
+    row = retry_scheduled(sms_server, key, 1)
+    assert row["last_error"] == f"GatewayError: HTTP {status}"
+    # Exactly when the provider said (the backoff alone would be 0.5 to 1 s).
+    assert row["next_attempt_at"] - before == 7_000_000
+    run_retry(sms_server, key, 1)
+    provider.wait_sent([key])
+    delivered_text(provider, key, sms_server.secrets)
+    assert_sent_once(provider, [key])
+
+
+def test_retry_after_as_a_date_is_read_on_the_servers_clock(sms_server, provider):
+    when = sms_server.clock.now() + timedelta(seconds=12)
+    provider.fail_next(1, 503, retry_after=format_datetime(when.astimezone(UTC), usegmt=True))
+    key = queue_code(sms_server, 40)
+    row = retry_scheduled(sms_server, key, 1)
+    assert row["next_attempt_at"] == to_micros(when.replace(microsecond=0))
+    run_retry(sms_server, key, 1)
+    provider.wait_sent([key])
+    delivered_text(provider, key, sms_server.secrets)
+
+
+def test_a_long_retry_after_is_capped(sms_server, provider):
+    provider.fail_next(1, 429, retry_after="86400")
+    before = to_micros(sms_server.clock.now())
+    key = queue_code(sms_server, 41)
+    row = retry_scheduled(sms_server, key, 1)
+    assert row["next_attempt_at"] - before == 30_000_000  # sms_retry_max_seconds
+    run_retry(sms_server, key, 1)
+    provider.wait_sent([key])
+    delivered_text(provider, key, sms_server.secrets)
+
+
+def test_retry_after_on_another_status_is_not_followed(sms_server, provider):
+    provider.fail_next(1, 500, retry_after="20")
+    before = to_micros(sms_server.clock.now())
+    key = queue_code(sms_server, 42)
+    row = retry_scheduled(sms_server, key, 1)
+    assert 500_000 <= row["next_attempt_at"] - before <= 1_000_000  # the backoff
+    run_retry(sms_server, key, 1)
+    provider.wait_sent([key])
+    delivered_text(provider, key, sms_server.secrets)
 
 
 def test_two_500s_then_success_delivers_once_on_the_third_attempt(sms_server, provider):
@@ -832,36 +1006,42 @@ def production(**extra: str) -> dict[str, str]:
 
 
 def test_http_gateway_settings_outside_dev():
-    secret = base64.b64encode(SECRET).decode()
-    settings = load(production(sms_http_secret=secret), env={})
+    settings = load(production(sms_http_secret=WHSEC), env={})
     assert settings.http_secret() == SECRET
     assert settings.sms_http_timeout_seconds == 5.0
     assert (settings.sms_retry_base_seconds, settings.sms_retry_max_seconds) == (1.0, 300.0)
     from_env = load(
         production(),
-        env={"PHONEBIND_SMS_HTTP_SECRET": secret, "PHONEBIND_SMS_HTTP_TIMEOUT_SECONDS": "2.5"},
+        env={"PHONEBIND_SMS_HTTP_SECRET": WHSEC, "PHONEBIND_SMS_HTTP_TIMEOUT_SECONDS": "2.5"},
     )
     assert from_env.http_secret() == SECRET and from_env.sms_http_timeout_seconds == 2.5
     # A sidecar on loopback may speak plain http; anything else needs TLS.
-    load(production(sms_gateway="http://127.0.0.1:8080/sms", sms_http_secret=secret), env={})
+    load(production(sms_gateway="http://127.0.0.1:8080/sms", sms_http_secret=WHSEC), env={})
     with pytest.raises(ConfigError, match="https"):
-        load(production(sms_gateway="http://sms.example.internal/", sms_http_secret=secret), env={})
+        load(production(sms_gateway="http://sms.example.internal/", sms_http_secret=WHSEC), env={})
 
 
 @pytest.mark.parametrize(
     ("extra", "complaint"),
     [
         ({}, "sms_http_secret must be set"),
-        ({"sms_http_secret": "not base64!"}, "sms_http_secret must be base64"),
-        ({"sms_http_secret": base64.b64encode(b"short").decode()}, "sms_http_secret must be set"),
+        ({"sms_http_secret": "whsec_not base64!"}, "sms_http_secret must be base64"),
+        (
+            {"sms_http_secret": "whsec_" + base64.b64encode(b"short").decode()},
+            "sms_http_secret must be set",
+        ),
         ({"sms_http_secret": DEV_KEYS["sms_http_secret"]}, "development keys"),
+        (
+            {"sms_http_secret": base64.b64encode(SECRET).decode()},
+            "not a Standard Webhooks secret",
+        ),
         ({"sms_http_timeout_seconds": "0"}, "sms_http_timeout_seconds"),
         ({"sms_retry_base_seconds": "10", "sms_retry_max_seconds": "5"}, "sms_retry_base"),
         ({"sms_max_attempts": "0"}, "sms_max_attempts"),
     ],
 )
 def test_http_gateway_settings_are_refused_when_unsafe(extra, complaint):
-    settings = {"sms_http_secret": base64.b64encode(SECRET).decode(), **extra}
+    settings = {"sms_http_secret": WHSEC, **extra}
     if not extra:
         settings = {}
     with pytest.raises(ConfigError, match=complaint):
@@ -870,4 +1050,11 @@ def test_http_gateway_settings_are_refused_when_unsafe(extra, complaint):
 
 def test_dev_mode_signs_with_the_development_secret():
     settings = load({"dev": True, "sms_gateway": "http://127.0.0.1:9/sms"}, env={})
-    assert settings.http_secret() == DEV_SECRET
+    assert DEV_SECRET.startswith("whsec_")
+    assert settings.http_secret() == base64.b64decode(DEV_SECRET.removeprefix("whsec_"))
+    # In development a bare base64 key is taken as well.
+    bare = load(
+        {"dev": True, "sms_gateway": "http://127.0.0.1:9/sms"},
+        env={"PHONEBIND_SMS_HTTP_SECRET": base64.b64encode(SECRET).decode()},
+    )
+    assert bare.http_secret() == SECRET

@@ -248,7 +248,7 @@ class FailingOnce:
         self.delivered: list[str] = []
         self.failed = False
 
-    def deliver(self, *, message_id: str, to: str, text: str, purpose: str) -> None:
+    def deliver(self, *, message_id: str, to: str, text: str, purpose: str, **template) -> None:
         if not self.failed:
             self.failed = True
             raise GatewayError("the provider is busy")

@@ -51,13 +51,21 @@ DEV_KEYS = {
     "code_key": _dev_key("code"),
     "seal_keys": "dev1:" + _dev_key("seal"),
     "audit_key": _dev_key("audit"),
-    "sms_http_secret": _dev_key("sms-http"),
+    "sms_http_secret": "whsec_" + _dev_key("sms-http"),
 }
+# Standard Webhooks secrets (the http SMS gateway's) are "whsec_" and base64;
+# the prefix itself is no secret.
+WEBHOOK_SECRET_PREFIX = "whsec_"  # noqa: S105  # nosec B105
+
+
+def _key_text(value: str) -> str:
+    """The base64 part of a key setting's item: after an "id:" or "whsec_"."""
+    return value.rpartition(":")[2].removeprefix(WEBHOOK_SECRET_PREFIX)
+
+
 # The same keys as bytes: a development key is refused in any slot and any
 # spelling, such as "prod:<dev seal key>" or the dev index key as code_key.
-_DEV_KEY_BYTES = frozenset(
-    base64.b64decode(value.rpartition(":")[2]) for value in DEV_KEYS.values()
-)
+_DEV_KEY_BYTES = frozenset(base64.b64decode(_key_text(value)) for value in DEV_KEYS.values())
 
 
 @dataclass(frozen=True)
@@ -129,8 +137,13 @@ class Settings:
         return {AUDIT_KEY_ID: _key_bytes("audit_key", self.audit_key)}, AUDIT_KEY_ID
 
     def http_secret(self) -> bytes:
-        """The http SMS gateway's signing secret (empty when unset)."""
-        return _key_bytes("sms_http_secret", self.sms_http_secret) if self.sms_http_secret else b""
+        """The http SMS gateway's signing secret (empty when unset): `whsec_`
+        and base64, or (with --dev) plain base64."""
+        if not self.sms_http_secret:
+            return b""
+        return _key_bytes(
+            "sms_http_secret", self.sms_http_secret.removeprefix(WEBHOOK_SECRET_PREFIX)
+        )
 
     def dev_keys_in_use(self) -> list[str]:
         """The key settings that hold a well-known development key."""
@@ -138,7 +151,7 @@ class Settings:
         for name in DEV_KEYS:
             value: str = getattr(self, name)
             items = value.split(",") if name == "seal_keys" else [value]
-            if any(_is_dev_key(item.strip().rpartition(":")[2]) for item in items):
+            if any(_is_dev_key(_key_text(item.strip())) for item in items):
                 found.append(name)
         return found
 
@@ -361,6 +374,10 @@ def check(settings: Settings) -> None:
         problems.append("the file and log SMS gateways are for development only")
     if settings.sms_gateway.startswith("http://") and not _loopback(settings.sms_gateway):
         problems.append("the http SMS gateway needs https:// unless the provider is on loopback")
+    if _http_gateway(settings) and not settings.sms_http_secret.startswith(WEBHOOK_SECRET_PREFIX):
+        problems.append(
+            "sms_http_secret is not a Standard Webhooks secret (whsec_ followed by base64)"
+        )
     if problems:
         raise ConfigError("refusing to start outside --dev: " + "; ".join(problems))
 

@@ -1,13 +1,19 @@
-"""Text of the SMS the flow sends, in zh-CN (default) and en.
+"""Text of the SMS the flow sends, in zh-CN (default) and en, and the template
+each text is rendered from.
 
 A code message names what the code is for and how long it lives (so a user
 tricked into reading it out has a chance to notice); the notice to the old
 number shows only the masked new number.
+
+Providers that send by template (Chinese carriers require registered
+templates) get the template id, the language and its parameters besides the
+rendered text. A template id names one wording: a changed wording is a new id.
 """
 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 _CODE = {
@@ -27,14 +33,38 @@ _CHANGED_NOTICE = {
 PURPOSE_REBIND_CODE = "REBIND_CODE"
 PURPOSE_CHANGE_NOTICE = "CHANGE_NOTICE"
 
+# Template ids, and the parameters each one takes (all strings).
+TEMPLATE_REBIND_CODE = "phonebind.rebind_code.v1"  # code, minutes
+TEMPLATE_CHANGE_NOTICE = "phonebind.change_notice.v1"  # masked_number
 
-def code_text(code: str, ttl: timedelta, *, language: str, signature: str) -> str:
-    minutes = max(1, int(ttl.total_seconds() // 60))
-    return _CODE[language].format(sig=signature, code=code, minutes=minutes)
+
+@dataclass(frozen=True)
+class SmsContent:
+    """One message: its rendered text, and the template and parameters it came from."""
+
+    text: str
+    template: str
+    language: str
+    params: dict[str, str] = field(default_factory=dict)
 
 
-def change_notice_text(new_masked: str, *, language: str, signature: str) -> str:
-    return _CHANGED_NOTICE[language].format(sig=signature, new_masked=new_masked)
+def code_message(code: str, ttl: timedelta, *, language: str, signature: str) -> SmsContent:
+    minutes = str(max(1, int(ttl.total_seconds() // 60)))
+    return SmsContent(
+        text=_CODE[language].format(sig=signature, code=code, minutes=minutes),
+        template=TEMPLATE_REBIND_CODE,
+        language=language,
+        params={"code": code, "minutes": minutes},
+    )
+
+
+def change_notice(new_masked: str, *, language: str, signature: str) -> SmsContent:
+    return SmsContent(
+        text=_CHANGED_NOTICE[language].format(sig=signature, new_masked=new_masked),
+        template=TEMPLATE_CHANGE_NOTICE,
+        language=language,
+        params={"masked_number": new_masked},
+    )
 
 
 # -- what the app shows the end user ------------------------------------------------

@@ -234,6 +234,11 @@ class OutboundSms:
     not_after: datetime | None = None
     account_id: str = ""
     rebind_id: str = ""
+    # The template the text was rendered from, its language, and its
+    # parameters as a sealed JSON object of strings (they may hold the code).
+    template: str = ""
+    language: str = ""
+    sealed_params: str = ""
 
 
 @dataclass(frozen=True)

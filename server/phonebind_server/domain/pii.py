@@ -74,6 +74,7 @@ CHANGE_OLD_PHONE = SealedColumn("binding_changes", "old_phone_sealed", "rebind_i
 CHANGE_NEW_PHONE = SealedColumn("binding_changes", "new_phone_sealed", "rebind_id")
 OUTBOX_TO = SealedColumn("sms_outbox", "to_sealed", "message_id")
 OUTBOX_TEXT = SealedColumn("sms_outbox", "text", "message_id")
+OUTBOX_PARAMS = SealedColumn("sms_outbox", "params", "message_id")  # migration 15
 SEALED_COLUMNS = (
     ACCOUNT_PHONE,
     REBIND_NEW_PHONE,
@@ -81,6 +82,7 @@ SEALED_COLUMNS = (
     CHANGE_NEW_PHONE,
     OUTBOX_TO,
     OUTBOX_TEXT,
+    OUTBOX_PARAMS,
 )
 
 

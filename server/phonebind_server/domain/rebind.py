@@ -11,6 +11,7 @@ caller still waits: that is how the attempt counts.
 
 from __future__ import annotations
 
+import json
 import secrets
 import uuid
 from collections.abc import Callable, Mapping
@@ -41,6 +42,7 @@ from .pii import (
     ACCOUNT_PHONE,
     CHANGE_NEW_PHONE,
     CHANGE_OLD_PHONE,
+    OUTBOX_PARAMS,
     OUTBOX_TEXT,
     OUTBOX_TO,
     REBIND_NEW_PHONE,
@@ -541,10 +543,10 @@ class RebindService:
                 resend_at=now + p.resend_cooldown,
             )
             tx.codes.save(challenge)
-            text = messages.code_text(
+            content = messages.code_message(
                 code, p.code_ttl, language=p.sms_language, signature=p.sms_signature
             )
-            self._queue_sms(tx, to, kept_at, messages.PURPOSE_REBIND_CODE, text, now, rebind)
+            self._queue_sms(tx, to, kept_at, messages.PURPOSE_REBIND_CODE, content, now, rebind)
             self._record(
                 tx, now, "CODE_SENT", account_id, rebind_id, target=target.value, to=to.masked
             )
@@ -706,7 +708,7 @@ class RebindService:
                     completed_at=now,
                 )
             )
-            notice = messages.change_notice_text(
+            notice = messages.change_notice(
                 rebind.new_phone.masked, language=p.sms_language, signature=p.sms_signature
             )
             self._queue_sms(
@@ -885,11 +887,11 @@ class RebindService:
         to: SealedPhone,
         kept_at: SealPlace,
         purpose: str,
-        text: str,
+        content: messages.SmsContent,
         now: datetime,
         rebind: Rebind,
     ) -> None:
-        """Queues `text` to `to`, whose sealing is kept at `kept_at`: the
+        """Queues `content` to `to`, whose sealing is kept at `kept_at`: the
         message gets its own, bound to its row."""
         not_after = now + self._policy.code_ttl if purpose == messages.PURPOSE_REBIND_CODE else None
         message_id = str(uuid.uuid4())
@@ -898,7 +900,14 @@ class RebindService:
                 message_id=message_id,
                 to=self._vault.move_phone(to, kept_at, OUTBOX_TO.at(message_id)),
                 purpose=purpose,
-                sealed_text=self._vault.seal(text, OUTBOX_TEXT.at(message_id)),
+                sealed_text=self._vault.seal(content.text, OUTBOX_TEXT.at(message_id)),
+                template=content.template,
+                language=content.language,
+                # Sealed like the text: the parameters may hold the code.
+                sealed_params=self._vault.seal(
+                    json.dumps(content.params, ensure_ascii=False, separators=(",", ":")),
+                    OUTBOX_PARAMS.at(message_id),
+                ),
                 created_at=now,
                 not_after=not_after,
                 account_id=rebind.account_id,

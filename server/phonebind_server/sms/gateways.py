@@ -3,6 +3,10 @@ and tests a JSON-lines file or the log.
 
 A gateway delivers one message or raises GatewayError; retries, backoff and
 dead-lettering belong to the outbox dispatcher.
+
+Each message comes with its rendered text and with the template it was
+rendered from (domain/messages.py): the template id, its language and its
+parameters, for providers that send by registered template.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ import json
 import logging
 import os
 import threading
+from collections.abc import Mapping
+from datetime import datetime, timedelta
 from typing import Protocol
 
 
@@ -18,7 +24,13 @@ class GatewayError(Exception):
     """Delivery failed; the message stays in the outbox for a retry.
 
     The message is logged: it must never contain the text or the number.
+    `retry_after` is the provider's own word on when to try again (its
+    Retry-After answer): a delay, or a moment in time.
     """
+
+    def __init__(self, message: str, *, retry_after: timedelta | datetime | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class PermanentGatewayError(GatewayError):
@@ -31,11 +43,22 @@ class SmsGateway(Protocol):
     # the log): the dispatcher then calls it on the event loop itself.
     blocking: bool
 
-    def deliver(self, *, message_id: str, to: str, text: str, purpose: str) -> None: ...
+    def deliver(
+        self,
+        *,
+        message_id: str,
+        to: str,
+        text: str,
+        purpose: str,
+        template: str = "",
+        language: str = "",
+        params: Mapping[str, str] | None = None,
+    ) -> None: ...
 
 
 class FileGateway:
-    """Appends one JSON object per message: {"message_id", "to", "text", "purpose"}.
+    """Appends one JSON object per message, with the fields the http gateway posts:
+    {"message_id", "to", "purpose", "template", "language", "params", "text"}.
 
     The file stands in for the handset: it holds codes, so it belongs in a
     development directory only (production refuses this gateway).
@@ -50,9 +73,27 @@ class FileGateway:
         directory = os.path.dirname(os.path.abspath(path))
         os.makedirs(directory, exist_ok=True)
 
-    def deliver(self, *, message_id: str, to: str, text: str, purpose: str) -> None:
+    def deliver(
+        self,
+        *,
+        message_id: str,
+        to: str,
+        text: str,
+        purpose: str,
+        template: str = "",
+        language: str = "",
+        params: Mapping[str, str] | None = None,
+    ) -> None:
         line = json.dumps(
-            {"message_id": message_id, "to": to, "text": text, "purpose": purpose},
+            {
+                "message_id": message_id,
+                "to": to,
+                "purpose": purpose,
+                "template": template,
+                "language": language,
+                "params": dict(params or {}),
+                "text": text,
+            },
             ensure_ascii=False,
         )
         with self._lock:
@@ -75,7 +116,17 @@ class LogGateway:
     def __init__(self) -> None:
         self._log = logging.getLogger("phonebind.sms.dev")
 
-    def deliver(self, *, message_id: str, to: str, text: str, purpose: str) -> None:
+    def deliver(
+        self,
+        *,
+        message_id: str,
+        to: str,
+        text: str,
+        purpose: str,
+        template: str = "",
+        language: str = "",
+        params: Mapping[str, str] | None = None,
+    ) -> None:
         self._log.warning("DEV SMS to %s (%s): %s", to, purpose, text)
 
 

@@ -7,8 +7,10 @@ work commits, that process delivers it at once (`express`), without a claim.
 If the process dies first, the lease runs out and any dispatcher's periodic
 pass claims it. A failed delivery is retried with exponential backoff and
 jitter, then dead-lettered (at once when the gateway says the message itself
-is refused, PermanentGatewayError). The gateway receives the message id as
-its idempotency key, so a redelivery after a crash is not a second SMS.
+is refused, PermanentGatewayError). A provider that says when to come back
+(Retry-After) is asked again then, not sooner, and at most `max_delay` later.
+The gateway receives the message id as its idempotency key, so a redelivery
+after a crash is not a second SMS.
 
 Everything runs on the server's event loop; a gateway that blocks (an HTTP
 call) runs on a few threads of its own, one that does not (a file, the log)
@@ -18,17 +20,18 @@ inline.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
 from collections.abc import Awaitable, Callable
 from concurrent import futures
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
 
 from ..domain.model import OutboundSms
-from ..domain.pii import OUTBOX_TEXT, OUTBOX_TO, SealError, Vault
+from ..domain.pii import OUTBOX_PARAMS, OUTBOX_TEXT, OUTBOX_TO, SealError, Vault
 from ..domain.ports import Clock, StoreUnavailable
 from ..metrics import Metrics
 from ..store.store import OutboxItem, Store
@@ -130,6 +133,9 @@ class OutboxDispatcher:
             sealed_text=message.sealed_text,
             attempts=1,
             trace_parent=trace_parent,
+            template=message.template,
+            language=message.language,
+            sealed_params=message.sealed_params,
         )
         try:
             await self._deliver(item)
@@ -202,6 +208,7 @@ class OutboxDispatcher:
         try:
             to = self._vault.unseal(item.to_sealed, OUTBOX_TO.at(item.message_id))
             text = self._vault.unseal(item.sealed_text, OUTBOX_TEXT.at(item.message_id))
+            params = self._params(item)
         except (ValueError, InvalidTag) as error:
             # A key no longer configured, or a damaged value: no retry can help.
             # A SealError names the place and the key id, never the value.
@@ -210,7 +217,13 @@ class OutboxDispatcher:
             await self._failed(item, reason, permanent=True)
             return False
         send: Callable[[], None] = lambda: self._gateway.deliver(  # noqa: E731
-            message_id=item.message_id, to=to, text=text, purpose=item.purpose
+            message_id=item.message_id,
+            to=to,
+            text=text,
+            purpose=item.purpose,
+            template=item.template,
+            language=item.language,
+            params=params,
         )
         try:
             if self._threads is None:
@@ -220,7 +233,11 @@ class OutboxDispatcher:
         except PermanentGatewayError as error:
             await self._failed(item, f"{type(error).__name__}: {error}", permanent=True)
             return False
-        except (GatewayError, OSError) as error:
+        except GatewayError as error:
+            reason = f"{type(error).__name__}: {error}"
+            await self._failed(item, reason, retry_after=error.retry_after)
+            return False
+        except OSError as error:
             await self._failed(item, f"{type(error).__name__}: {error}")
             return False
         self._sent.append(item.message_id)
@@ -258,7 +275,33 @@ class OutboxDispatcher:
             self._sent[:0] = sent  # marked on the next try
             raise
 
-    async def _failed(self, item: OutboxItem, error: str, *, permanent: bool = False) -> None:
+    def _params(self, item: OutboxItem) -> dict[str, str]:
+        if not item.sealed_params:
+            return {}  # queued before templates
+        sealed = item.sealed_params
+        params = json.loads(self._vault.unseal(sealed, OUTBOX_PARAMS.at(item.message_id)))
+        if not isinstance(params, dict):
+            raise ValueError("the template parameters are not an object")
+        return {str(name): str(value) for name, value in params.items()}
+
+    def _retry_delay(self, attempts: int, retry_after: timedelta | datetime | None) -> timedelta:
+        """Exponential backoff with jitter; a provider's Retry-After, when it
+        gave one, instead (never more than max_delay)."""
+        if retry_after is not None:
+            if isinstance(retry_after, datetime):
+                retry_after = retry_after - self._clock.now()
+            return max(timedelta(0), min(self._max_delay, retry_after))
+        delay = min(self._max_delay, self._base_delay * 2 ** (attempts - 1))
+        return delay * random.uniform(0.5, 1.0)  # noqa: S311  # nosec B311  # retry jitter, not a secret
+
+    async def _failed(
+        self,
+        item: OutboxItem,
+        error: str,
+        *,
+        permanent: bool = False,
+        retry_after: timedelta | datetime | None = None,
+    ) -> None:
         dead = permanent or item.attempts >= self._max_attempts
         if self._metrics is not None:
             self._metrics.sms_failed.labels(item.purpose, str(dead).lower()).inc()
@@ -277,8 +320,7 @@ class OutboxDispatcher:
                 },
             )
             return
-        delay = min(self._max_delay, self._base_delay * 2 ** (item.attempts - 1))
-        delay *= random.uniform(0.5, 1.0)  # noqa: S311  # nosec B311  # retry jitter, not a secret
+        delay = self._retry_delay(item.attempts, retry_after)
         await self._store.run(
             self._store.mark_sms_failed,
             item.message_id,

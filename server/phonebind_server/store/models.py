@@ -124,6 +124,11 @@ class SmsOutboxRow(BaseModel):
     rebind_id = peewee.CharField(max_length=64)
     # The W3C traceparent of the RPC that queued it ("" with tracing off).
     trace_parent = peewee.CharField(max_length=55, default="")
+    # The template of the text, its language, and its parameters (a sealed JSON
+    # object, erased with the text; "" for rows queued before templates).
+    template = peewee.CharField(max_length=64, default="")
+    language = peewee.CharField(max_length=8, default="")
+    params = peewee.TextField(default="")
 
     class Meta:
         table_name = "sms_outbox"

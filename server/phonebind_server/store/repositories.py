@@ -549,6 +549,9 @@ _OUTBOX_COLUMNS = (
     "account_id",
     "rebind_id",
     "trace_parent",
+    "template",
+    "language",
+    "params",
 )
 
 
@@ -594,6 +597,9 @@ class OutboxRows:
                 "rebind_id": message.rebind_id,
                 # Its delivery's span links back to the span queuing it.
                 "trace_parent": current_traceparent(),
+                "template": message.template,
+                "language": message.language,
+                "params": message.sealed_params,
             },
         )
         self._tx.messages.append(message)

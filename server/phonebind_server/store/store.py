@@ -77,6 +77,10 @@ class OutboxItem:
     attempts: int
     # The W3C traceparent of the RPC that queued it, "" when untraced.
     trace_parent: str = ""
+    # Its template, language and sealed parameters ("" when queued before templates).
+    template: str = ""
+    language: str = ""
+    sealed_params: str = ""
 
 
 def _item(row: tuple) -> OutboxItem:
@@ -239,6 +243,7 @@ class Store:
                 {
                     t.outbox.state: Param("expired", t.outbox.state),
                     t.outbox.text: Param("erased", t.outbox.text),
+                    t.outbox.params: Param("erased", t.outbox.params),
                 }
             )
             .where(
@@ -282,6 +287,9 @@ class Store:
                     o.text,
                     o.attempts,
                     o.trace_parent,
+                    o.template,
+                    o.language,
+                    o.params,
                 )
             )
 
@@ -324,6 +332,7 @@ class Store:
                 t.outbox.state: Param("sent", t.outbox.state),
                 t.outbox.sent_at: Param("sent_at", t.outbox.sent_at),
                 t.outbox.text: Param("erased", t.outbox.text),
+                t.outbox.params: Param("erased", t.outbox.params),
                 t.outbox.last_error: Param("erased_error", t.outbox.last_error),
             }
         ).where(t.outbox.message_id == Param("message_id")),
@@ -343,6 +352,7 @@ class Store:
             {
                 t.outbox.state: Param("dead", t.outbox.state),
                 t.outbox.text: Param("erased", t.outbox.text),
+                t.outbox.params: Param("erased", t.outbox.params),
                 t.outbox.last_error: Param("error", t.outbox.last_error),
             }
         ).where(t.outbox.message_id == Param("message_id")),

@@ -11,8 +11,28 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from phonebind_server.domain.pii import OUTBOX_TEXT, SEALED_COLUMNS, SealedColumn, Vault
+from phonebind_server.domain.pii import (
+    ACCOUNT_PHONE,
+    CHANGE_NEW_PHONE,
+    CHANGE_OLD_PHONE,
+    OUTBOX_TEXT,
+    OUTBOX_TO,
+    REBIND_NEW_PHONE,
+    SealedColumn,
+    Vault,
+)
 from phonebind_server.store.migrate import MigrationError
+
+# The sealed columns as this migration found them (later migrations add others,
+# whose values are bound from the start).
+SEALED_COLUMNS = (
+    ACCOUNT_PHONE,
+    REBIND_NEW_PHONE,
+    CHANGE_OLD_PHONE,
+    CHANGE_NEW_PHONE,
+    OUTBOX_TO,
+    OUTBOX_TEXT,
+)
 
 NEEDS_SEAL_KEYS = True
 
