@@ -35,8 +35,8 @@ proto: install
 		--grpc_python_out=client $(PROTOS)
 
 lint: install node_modules/.installed
-	$(BIN)/ruff check client/phonebind_client server console tests bench scripts
-	$(BIN)/ruff format --check client/phonebind_client server console tests bench scripts
+	$(BIN)/ruff check client/phonebind_client server console tests bench scripts examples
+	$(BIN)/ruff format --check client/phonebind_client server console tests bench scripts examples
 	$(BIN)/bandit -q -r server/phonebind_server -x server/phonebind_server/domain/cn_provinces.py
 	$(BIN)/bandit -q -r console/phonebind_console
 	$(BIN)/mypy --config-file server/pyproject.toml server/phonebind_server/domain tests/fake_store.py
