@@ -219,12 +219,19 @@ WEAK_KEYS = {
 
 @pytest.mark.parametrize(
     "variable",
-    ["PHONEBIND_INDEX_KEY", "PHONEBIND_CODE_KEY", "PHONEBIND_AUDIT_KEY", "PHONEBIND_SEAL_KEYS"],
+    [
+        "PHONEBIND_INDEX_KEY",
+        "PHONEBIND_CODE_KEY",
+        "PHONEBIND_AUDIT_KEY",
+        "PHONEBIND_SEAL_KEYS",
+        "PHONEBIND_SMS_HTTP_SECRET",
+    ],
 )
 @pytest.mark.parametrize("weak", sorted(WEAK_KEYS))
 def test_production_refuses_a_trivially_weak_key_naming_its_setting(safe, variable, weak):
     encoded = base64.b64encode(WEAK_KEYS[weak]).decode()
-    value = f"k1:{encoded}" if variable == "PHONEBIND_SEAL_KEYS" else encoded
+    prefix = {"PHONEBIND_SEAL_KEYS": "k1:", "PHONEBIND_SMS_HTTP_SECRET": "whsec_"}
+    value = prefix.get(variable, "") + encoded
     with pytest.raises(ConfigError) as caught:
         load(env={**safe, variable: value})
     name = variable.removeprefix("PHONEBIND_").lower()
@@ -237,11 +244,14 @@ def test_production_refuses_a_trivially_weak_key_naming_its_setting(safe, variab
         ("PHONEBIND_INDEX_KEY", "PHONEBIND_CODE_KEY"),
         ("PHONEBIND_INDEX_KEY", "PHONEBIND_AUDIT_KEY"),
         ("PHONEBIND_CODE_KEY", "PHONEBIND_AUDIT_KEY"),
+        ("PHONEBIND_AUDIT_KEY", "PHONEBIND_SMS_HTTP_SECRET"),
     ],
 )
 def test_production_refuses_one_key_in_two_settings_naming_both(safe, first, second):
+    # The webhook secret is the same base64 key behind its whsec_ prefix.
+    value = ("whsec_" if second == "PHONEBIND_SMS_HTTP_SECRET" else "") + safe[first]
     with pytest.raises(ConfigError) as caught:
-        load(env={**safe, second: safe[first]})
+        load(env={**safe, second: value})
     names = [v.removeprefix("PHONEBIND_").lower() for v in (first, second)]
     assert f"{names[0]} and {names[1]} hold the same key" in str(caught.value)
 

@@ -389,7 +389,7 @@ def _key_values(settings: Settings) -> dict[str, list[bytes]]:
         value: str = getattr(settings, name)
         for item in filter(None, (item.strip() for item in value.split(","))):
             try:
-                key = base64.b64decode(item.rpartition(":")[2], validate=True)
+                key = base64.b64decode(_key_text(item), validate=True)
             except ValueError:
                 continue  # reported as not base64 where the key is used
             found.setdefault(name, []).append(key)
