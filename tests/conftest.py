@@ -38,7 +38,7 @@ STATE_TABLES = [
     "refused_starts",
 ]
 # The audit trail records refusals too, so it is not part of the snapshot.
-TABLES = [*STATE_TABLES, "audit_events", "audit_heads", "audit_chains"]
+TABLES = [*STATE_TABLES, "audit_events", "audit_heads", "audit_chains", "key_checks"]
 
 
 # -- log capture: nothing secret may be logged ------------------------------------

@@ -336,6 +336,14 @@ def test_rotate_keys_refuses_a_mistyped_key_and_writes_nothing(
         "PHONEBIND_SEAL_KEYS": f"k1:{old_key},k2:{typo.decode()}",
         "PHONEBIND_ACTIVE_SEAL_KEY": "k2",
     }
+    # The servers recorded k2's check value: the typo is refused by it at once.
+    refused = cli("rotate-keys", "--dev", env=env)
+    assert refused.returncode == 2, refused.stderr
+    assert "seal_keys (key id k2) does not match the key" in refused.stderr
+    assert database_text_of(database_url) == before
+    # Were k2 not recorded yet, opening every value first finds the typo.
+    write(database_url, "DELETE FROM key_checks WHERE purpose = 'seal' AND key_id = 'k2'")
+    before = database_text_of(database_url)
     mistyped = cli("rotate-keys", "--dev", env=env)
     assert mistyped.returncode == 1
     assert "key 'k2' does not open 1 values sealed under it" in mistyped.stderr

@@ -25,7 +25,7 @@ from phonebind.v1 import (
 from .config import ConfigError, Settings
 from .domain.audit import AuditTrail
 from .domain.audit_log import AuditLog
-from .domain.pii import Vault
+from .domain.pii import KeyMismatch, Vault, key_checks
 from .domain.ports import Clock, StoreUnavailable
 from .domain.rebind import RebindService
 from .domain.review import ReviewDesk
@@ -374,6 +374,10 @@ async def create_server(
         )
     await store.open()
     keys = settings.keys()
+    mismatched = await store.run(store.check_keys, key_checks(keys), clock.now())
+    if mismatched:
+        await store.close()
+        raise KeyMismatch(mismatched)
     vault = Vault(keys)
     metrics = Metrics()
     loop = asyncio.get_running_loop()

@@ -30,6 +30,7 @@ from .config import (
     origins,
     shown,
 )
+from .domain.pii import KeyMismatch
 from .domain.policy import Policy
 from .domain.ports import StoreUnavailable
 from .rpc.auth import (
@@ -226,7 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "audit":
             return _audit_verify(settings, args.account_id or "")
         return _serve(settings, migrate=bool(getattr(args, "migrate", False) or settings.dev))
-    except (ConfigError, MigrationError) as error:  # a tool that needs keys the settings lack
+    except (ConfigError, MigrationError, KeyMismatch) as error:  # keys missing or not the data's
         print(f"phonebind-server: {error}", file=sys.stderr)
         return 2
     except StoreUnavailable as error:
@@ -484,6 +485,8 @@ def _rotate_keys(settings: Settings, batch: int) -> int:
                 )
 
     def rotate() -> int:
+        # Only compared: a mistyped new key must not become the recorded one.
+        refuse_other_keys(store, settings, record=False)
         _, failed = check_all()
         if failed:
             explain(failed)
@@ -526,7 +529,13 @@ def _audit_verify(settings: Settings, account_id: str) -> int:
     store = Store(settings.database_url)
     keys = settings.keys()
     trail = AuditTrail(keys.audit_keys, keys.audit_key_id)
-    report = _in_store(store, AuditLog(store, trail, SystemClock()).verify, INTERNAL, account_id)
+
+    def verify():
+        # An auditor's read-only database role suffices: nothing is recorded.
+        refuse_other_keys(store, settings, record=False)
+        return AuditLog(store, trail, SystemClock()).verify(INTERNAL, account_id)
+
+    report = _in_store(store, verify)
     for problem in report.problems:
         print(f"BROKEN {problem}")
     print(
@@ -534,6 +543,20 @@ def _audit_verify(settings: Settings, account_id: str) -> int:
         f", {len(report.problems)} problems"
     )
     return 0 if report.ok else 1
+
+
+def refuse_other_keys(store: Store, settings: Settings, *, record: bool = True) -> None:
+    """Raises KeyMismatch when a configured key is not the one the data was made
+    with (store code: run it inside `_in_store`). `record=False` writes nothing:
+    a key id not recorded yet is not judged."""
+    from datetime import UTC, datetime
+
+    from .domain.pii import key_checks
+
+    checks = key_checks(settings.keys())
+    mismatched = store.check_keys(checks, datetime.now(UTC), record=record)
+    if mismatched:
+        raise KeyMismatch(mismatched)
 
 
 def _in_store(store: Store, fn: Callable[..., T], *args: object) -> T:

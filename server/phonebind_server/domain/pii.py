@@ -118,6 +118,53 @@ class Keys:
                 raise ValueError(f"seal key {key_id!r} must be 32 bytes with an id without ':'")
 
 
+@dataclass(frozen=True)
+class KeyCheck:
+    """A key's check value: HMAC-SHA256 of a fixed label naming its purpose and id.
+    It tells whether a key is the one recorded, and reveals nothing of it."""
+
+    setting: str
+    purpose: str
+    key_id: str
+    value: str
+
+
+# The id of a key setting that carries no ids (index_key, code_key).
+SINGLE_KEY_ID = "k1"
+
+
+def _check_value(key: bytes, purpose: str, key_id: str) -> str:
+    label = f"phonebind key check\x00{purpose}\x00{key_id}".encode()
+    return hmac.new(key, label, hashlib.sha256).hexdigest()
+
+
+def key_checks(keys: Keys) -> list[KeyCheck]:
+    """The check value of every configured key, with the setting that holds it."""
+    found = [
+        ("index_key", "index", SINGLE_KEY_ID, keys.index_key),
+        ("code_key", "code", SINGLE_KEY_ID, keys.code_key),
+        *(("audit_key", "audit", kid, key) for kid, key in keys.audit_keys.items()),
+        *(("seal_keys", "seal", kid, key) for kid, key in keys.seal_keys.items()),
+    ]
+    return [
+        KeyCheck(setting, purpose, kid, _check_value(key, purpose, kid))
+        for setting, purpose, kid, key in found
+    ]
+
+
+class KeyMismatch(ValueError):
+    """A configured key is not the one this database's data was made with."""
+
+    def __init__(self, mismatched: list[KeyCheck]) -> None:
+        self.mismatched = mismatched
+        named = ", ".join(f"{c.setting} (key id {c.key_id})" for c in mismatched)
+        super().__init__(
+            f"refusing to start: {named} does not match the key this database was used"
+            " with (its recorded key check value differs); configure the key the data"
+            " was made with"
+        )
+
+
 class Vault:
     def __init__(self, keys: Keys) -> None:
         self._keys = keys

@@ -210,6 +210,17 @@ class AuditHeadRow(BaseModel):
         table_name = "audit_heads"
 
 
+class KeyCheckRow(BaseModel):
+    purpose = peewee.CharField(max_length=16)
+    key_id = peewee.CharField(max_length=64)
+    check_value = peewee.CharField(max_length=64)
+    created_at = UtcTimestampField()
+
+    class Meta:
+        table_name = "key_checks"
+        primary_key = peewee.CompositeKey("purpose", "key_id")
+
+
 @dataclass(frozen=True)
 class Tables:
     """One store's models, bound to its database."""
@@ -226,6 +237,7 @@ class Tables:
     audit_events: type[AuditEventRow]
     audit_heads: type[AuditHeadRow]
     audit_chains: type[AuditChainRow]
+    key_checks: type[KeyCheckRow]
 
 
 def bind(database: peewee.Database) -> Tables:
@@ -248,6 +260,7 @@ def bind(database: peewee.Database) -> Tables:
         audit_events=bound(AuditEventRow),
         audit_heads=bound(AuditHeadRow),
         audit_chains=bound(AuditChainRow),
+        key_checks=bound(KeyCheckRow),
     )
 
 
@@ -263,6 +276,7 @@ ALL_MODELS: list[type[BaseModel]] = [
     AuditEventRow,
     AuditHeadRow,
     AuditChainRow,
+    KeyCheckRow,
 ]
 
 

@@ -24,13 +24,13 @@ from ..domain.audit import REGISTRY, AuditSnapshot, RegisteredChain, StoredEvent
 from ..domain.context import INTERNAL, CallContext
 from ..domain.errors import DomainError
 from ..domain.model import OutboundSms
-from ..domain.pii import SealedColumn, SealError, Vault
+from ..domain.pii import KeyCheck, SealedColumn, SealError, Vault
 from ..domain.ports import DeadlinePassed, StoreUnavailable
 from . import repositories  # noqa: F401 - the unit of work's repositories
 from .engine import Answer, Engine, PostgresEngine, SqliteEngine, WriteLockBusy
 from .migrate import AuditKeys, SealVault, history, migrate, pending
 from .models import Tables, bind
-from .query import Param, Query
+from .query import Param, Query, values
 from .unit import Compiler, SqlTx, every, value
 
 log = logging.getLogger(__name__)
@@ -429,6 +429,43 @@ class Store:
             )
             tx.write(self._PRUNE, {"before": before})
         return int(found or 0)
+
+    # -- key checks --------------------------------------------------------------------
+
+    _RECORD_KEY_CHECK = Query(
+        "key_checks.record",
+        lambda t: t.key_checks.insert(
+            values(t.key_checks, ("purpose", "key_id", "check_value", "created_at"))
+        ).on_conflict_ignore(),
+    )
+    _KEY_CHECKS = Query(
+        "key_checks.all",
+        lambda t: t.key_checks.select(
+            t.key_checks.purpose, t.key_checks.key_id, t.key_checks.check_value
+        ),
+    )
+
+    def check_keys(
+        self, checks: Sequence[KeyCheck], now: datetime, *, record: bool = True
+    ) -> list[KeyCheck]:
+        """The checks that differ from the value recorded for their key id;
+        `record`: first records the value of each key id not seen before."""
+        with self.transaction(write=record) as tx:
+            for check in checks if record else ():
+                tx.write(
+                    self._RECORD_KEY_CHECK,
+                    {
+                        "purpose": check.purpose,
+                        "key_id": check.key_id,
+                        "check_value": check.value,
+                        "created_at": now,
+                    },
+                )
+            recorded = {
+                (purpose, key_id): value
+                for purpose, key_id, value in tx.one(tx_read(self._KEY_CHECKS, {}, every(tuple)))
+            }
+        return [c for c in checks if recorded.get((c.purpose, c.key_id), c.value) != c.value]
 
     # -- key rotation ------------------------------------------------------------------
 
