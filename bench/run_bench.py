@@ -446,7 +446,7 @@ def production_env(workdir: pathlib.Path, token: str, sms_port: int) -> dict[str
     )
     return {
         "PHONEBIND_SMS_GATEWAY": f"http://127.0.0.1:{sms_port}/sms",
-        "PHONEBIND_SMS_HTTP_SECRET": _key(),
+        "PHONEBIND_SMS_HTTP_SECRET": f"whsec_{_key()}",  # a Standard Webhooks secret
         "PHONEBIND_INDEX_KEY": _key(),
         "PHONEBIND_CODE_KEY": _key(),
         "PHONEBIND_SEAL_KEYS": f"k1:{_key()}",
