@@ -107,6 +107,12 @@ class Settings:
     sms_http_timeout_seconds: float = 5.0
     sms_retry_base_seconds: float = 1.0
     sms_retry_max_seconds: float = 300.0
+    # NUMBER=CODE pairs, for development and staging: SendCode to such a
+    # number always gives that code, and no SMS is sent to it.
+    sms_test_numbers: tuple[str, ...] = ()
+    # A staging deployment: every production check applies, and
+    # sms_test_numbers are allowed.
+    staging: bool = False
     index_key: str = ""
     code_key: str = ""
     seal_keys: str = ""
@@ -372,6 +378,11 @@ def check(settings: Settings) -> None:
     problems.extend(_weak_key_problems(settings))
     if settings.sms_gateway == "log" or settings.sms_gateway.startswith("file:"):
         problems.append("the file and log SMS gateways are for development only")
+    if settings.sms_test_numbers and not settings.staging:
+        problems.append(
+            "sms_test_numbers are for development and staging only"
+            " (set staging on a staging deployment)"
+        )
     if settings.sms_gateway.startswith("http://") and not _loopback(settings.sms_gateway):
         problems.append("the http SMS gateway needs https:// unless the provider is on loopback")
     if _http_gateway(settings) and not settings.sms_http_secret.startswith(WEBHOOK_SECRET_PREFIX):
@@ -446,7 +457,32 @@ def _loopback_host(host: str) -> bool:
         return False
 
 
+def sms_test_numbers(settings: Settings) -> dict[str, str]:
+    """The sms_test_numbers setting as {E.164 number: code}. Errors name the
+    item by its position, never the number."""
+    from .domain.errors import DomainError
+    from .domain.phone import parse_phone
+
+    found: dict[str, str] = {}
+    length = settings.policy.code_length
+    for position, item in enumerate(settings.sms_test_numbers, start=1):
+        where = f"sms_test_numbers item {position}"
+        number, equals, code = item.partition("=")
+        if not equals:
+            raise ConfigError(f"{where}: write NUMBER=CODE")
+        try:
+            phone = parse_phone(number.strip(), allowed_regions=settings.policy.allowed_regions)
+        except (DomainError, ValueError):
+            raise ConfigError(f"{where}: not a mobile number of an allowed region") from None
+        code = code.strip()
+        if len(code) != length or any(c not in "0123456789" for c in code):
+            raise ConfigError(f"{where}: the code must be {length} ASCII digits (code_length)")
+        found[phone.e164] = code
+    return found
+
+
 def _check_sms(settings: Settings) -> None:
+    sms_test_numbers(settings)
     if settings.sms_max_attempts < 1:
         raise ConfigError("sms_max_attempts must be at least 1")
     if settings.sms_http_timeout_seconds <= 0:

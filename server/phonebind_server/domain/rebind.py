@@ -155,8 +155,13 @@ class RebindService:
         clock: Clock,
         audit: AuditTrail,
         randbelow: Callable[[int], int] = secrets.randbelow,
+        *,
+        test_codes: Mapping[str, str] | None = None,
     ) -> None:
         self._store = store
+        # Test numbers (by blind index) and their fixed codes: staging's
+        # automated flows finish without an SMS, and none is sent to them.
+        self._test_codes = dict(test_codes or {})
         self._audit = audit
         self._vault = vault
         self._policy = policy
@@ -531,7 +536,8 @@ class RebindService:
                     subject=f"phone:{to.masked}",
                     description=f"{limit} codes per number per {per}",
                 )
-            code = otp.new_code(p.code_length, self._randbelow)
+            fixed = self._test_codes.get(to.index)
+            code = fixed if fixed is not None else otp.new_code(p.code_length, self._randbelow)
             challenge = Challenge(
                 rebind_id=rebind_id,
                 target=target,
@@ -543,12 +549,20 @@ class RebindService:
                 resend_at=now + p.resend_cooldown,
             )
             tx.codes.save(challenge)
-            content = messages.code_message(
-                code, p.code_ttl, language=p.sms_language, signature=p.sms_signature
-            )
-            self._queue_sms(tx, to, kept_at, messages.PURPOSE_REBIND_CODE, content, now, rebind)
+            if fixed is None:
+                content = messages.code_message(
+                    code, p.code_ttl, language=p.sms_language, signature=p.sms_signature
+                )
+                self._queue_sms(tx, to, kept_at, messages.PURPOSE_REBIND_CODE, content, now, rebind)
             self._record(
-                tx, now, "CODE_SENT", account_id, rebind_id, target=target.value, to=to.masked
+                tx,
+                now,
+                "CODE_SENT",
+                account_id,
+                rebind_id,
+                target=target.value,
+                to=to.masked,
+                **({"test_number": "true"} if fixed is not None else {}),
             )
             sent = CodeSent(
                 expires_at=challenge.expires_at,
@@ -711,9 +725,10 @@ class RebindService:
             notice = messages.change_notice(
                 rebind.new_phone.masked, language=p.sms_language, signature=p.sms_signature
             )
-            self._queue_sms(
-                tx, account.phone, old_at, messages.PURPOSE_CHANGE_NOTICE, notice, now, rebind
-            )
+            if account.phone.index not in self._test_codes:
+                self._queue_sms(
+                    tx, account.phone, old_at, messages.PURPOSE_CHANGE_NOTICE, notice, now, rebind
+                )
             self._record(
                 tx,
                 now,
