@@ -410,6 +410,7 @@ async def create_server(
     )
     store.tracer = tracing.tracer if tracing is not None else None
     store.on_commit = dispatcher.express
+    store.on_commit_unknown = dispatcher.commit_unknown
     store.on_connection_cut = metrics.store_connections_cut.inc
     trail = AuditTrail(keys.audit_keys, keys.audit_key_id)
     audit_log = AuditLog(

@@ -80,6 +80,8 @@ class OutboxDispatcher:
             else futures.ThreadPoolExecutor(max_workers=gateway_threads, thread_name_prefix="sms")
         )
         self._wake = asyncio.Event()
+        # Ids of messages that may or may not have been committed (commit_unknown).
+        self._unsure: set[str] = set()
         self._sent: list[str] = []
         self._sent_waiting = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -122,6 +124,13 @@ class OutboxDispatcher:
             trace_parent = current_traceparent()
             for message in messages:
                 self._spawn(self._deliver_express(message, trace_parent))
+
+    def commit_unknown(self, messages: list[OutboundSms]) -> None:
+        """Messages of a unit of work whose COMMIT went unanswered (the database
+        went away): if it was committed after all, they are leased to this
+        process, so the next pass looks them up by id instead of waiting out the
+        lease (store.on_commit_unknown)."""
+        self._unsure.update(message.message_id for message in messages)
 
     async def _deliver_express(self, message: OutboundSms, trace_parent: str = "") -> None:
         item = OutboxItem(
@@ -168,7 +177,14 @@ class OutboxDispatcher:
 
     async def run_once(self) -> int:
         """Claims and delivers one batch; returns how many were delivered."""
-        items = await self._store.run(
+        items = []
+        if self._unsure:
+            unsure = sorted(self._unsure)
+            items = await self._store.run(
+                self._store.claim_sms_by_id, unsure, self._clock.now(), lease=self._lease
+            )
+            self._unsure.difference_update(unsure)
+        items += await self._store.run(
             self._store.claim_sms, self._clock.now(), limit=self._batch, lease=self._lease
         )
         delivered = 0

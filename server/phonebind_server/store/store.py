@@ -123,6 +123,10 @@ class Store:
         self._reachable = True
         # Messages committed by a unit of work, for the outbox to deliver.
         self.on_commit: Callable[[list[OutboundSms]], None] | None = None
+        # Messages of a unit of work whose COMMIT got no answer (the database
+        # went away meanwhile): they may have been committed, leased to this
+        # process, which alone may deliver them before the lease runs out.
+        self.on_commit_unknown: Callable[[list[OutboundSms]], None] | None = None
         # Told each time a connection is shut because the database went silent.
         self.on_connection_cut: Callable[[], None] | None = None
         self.engine.on_cut = lambda: self.on_connection_cut and self.on_connection_cut()
@@ -294,6 +298,56 @@ class Store:
             )
 
         return Query("outbox.claim", build)
+
+    def _claim_one_query(self) -> Query:
+        def build(t: Tables) -> peewee.Query:
+            o = t.outbox
+            return (
+                o.update(
+                    {
+                        o.next_attempt_at: Param("lease_end", o.next_attempt_at),
+                        o.attempts: o.attempts + 1,
+                    }
+                )
+                .where(
+                    (o.message_id == Param("message_id"))
+                    & (o.state == "PENDING")
+                    & (o.not_after.is_null() | (o.not_after > Param("now", o.not_after)))
+                )
+                .returning(
+                    o.seq,
+                    o.message_id,
+                    o.to_sealed,
+                    o.to_masked,
+                    o.purpose,
+                    o.text,
+                    o.attempts,
+                    o.trace_parent,
+                )
+            )
+
+        return Query("outbox.claim_one", build)
+
+    def claim_sms_by_id(
+        self, message_ids: Sequence[str], now: datetime, *, lease: timedelta
+    ) -> list[OutboxItem]:
+        """Takes the messages named, if they are in the outbox and still due,
+        whatever their lease: for the process that queued them and holds it."""
+        if not message_ids:
+            return []
+        query = self._claim_one_query()
+        with self.transaction() as tx:
+            found = tx.read(
+                *(
+                    tx_read(
+                        query,
+                        {"message_id": message_id, "now": now, "lease_end": now + lease},
+                        every(_item),
+                    )
+                    for message_id in message_ids
+                )
+            )
+        return sorted((item for items in found for item in items), key=lambda item: item.seq)
 
     def claim_sms(
         self, now: datetime, *, limit: int, lease: timedelta, expire: bool = True
@@ -732,7 +786,12 @@ class Transaction:
             if kind is None:
                 if self._write and call.gone() and not tx.keep_if_caller_gone:
                     raise DeadlinePassed("the caller stopped waiting; rolled back")
-                session.finish(tx.take_pending(), commit=True)
+                try:
+                    session.finish(tx.take_pending(), commit=True)
+                except (StoreUnavailable, DeadlinePassed):
+                    if tx.messages and store.on_commit_unknown is not None:
+                        store.on_commit_unknown(tx.messages)
+                    raise
                 committed = True
         finally:
             try:
