@@ -404,7 +404,10 @@ class PostgresEngine(Engine):
             open=False,
             timeout=lock_timeout,
             max_idle=300,
-            reconnect_timeout=0,  # keep trying while the database is away
+            # One retry, then give up: the next call that needs a connection
+            # tries again, so nothing waits on a backoff once a host takes writes.
+            reconnect_timeout=0,
+            reconnect_failed=_answer_waiting_calls,
             name="phonebind",
         )
         self._ping_connection: Any = None
@@ -625,6 +628,22 @@ async def _pipeline_one_flush(
         async with connection.lock:
             await connection.wait(send())
     return cursors
+
+
+async def _answer_waiting_calls(pool: Any) -> None:
+    """The pool could not open a connection (every host refused, or none of them
+    takes writes, as between a primary's death and its standby's promotion):
+    the calls queued for one answer STORE_UNAVAILABLE now rather than at the
+    end of their wait; the next call to need a connection tries again."""
+    from psycopg_pool import PoolTimeout
+
+    # The pool's own queue of waiting clients, failed as the pool fails them
+    # when it closes (psycopg_pool has no public call for it).
+    async with pool._lock:
+        waiting = list(pool._waiting)
+        pool._waiting.clear()
+    for client in waiting:
+        await client.fail(PoolTimeout("the database refused a new connection"))
 
 
 def _consume(task: asyncio.Future[Any]) -> None:
