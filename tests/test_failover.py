@@ -216,10 +216,7 @@ class Cluster:
     def url(self) -> str:
         """What the server is given: both hosts, the one taking writes wins."""
         hosts = f"127.0.0.1:{self.primary.port},127.0.0.1:{self.standby.port}"
-        return (
-            f"postgresql://postgres@{hosts}/{self.database}"
-            "?target_session_attrs=read-write&connect_timeout=2"
-        )
+        return f"postgresql://postgres@{hosts}/{self.database}?target_session_attrs=read-write"
 
 
 @pytest.fixture

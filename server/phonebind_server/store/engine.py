@@ -20,6 +20,8 @@ running the statements in order), as prepared statements unless the settings
 say otherwise (PgBouncer before 1.21 in transaction pooling cannot keep them).
 A batch that gets no answer by its caller's deadline (or the statement timeout,
 plus a grace) has its connection shut: a silent database cannot hold a call.
+A call waiting for a connection stops waiting as soon as the pool fails to open
+one (every host refused, or none takes writes, as during a failover).
 """
 
 from __future__ import annotations
