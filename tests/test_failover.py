@@ -376,7 +376,7 @@ def test_a_failover_to_the_synchronous_standby_loses_no_acknowledged_change(
         killed = time.monotonic()
         cluster.primary.kill()
         not_serving_in = wait_until(
-            lambda: health(running.channel) == "NOT_SERVING", 5, "health NOT_SERVING"
+            lambda: health(running.channel) == "NOT_SERVING", 15, "health NOT_SERVING"
         )
         time.sleep(max(0.0, killed + DECISION_SECONDS - time.monotonic()))
         promoted_at = time.monotonic()
@@ -494,11 +494,22 @@ def test_a_code_whose_commit_went_unanswered_is_sent_once_the_store_answers(serv
     pb.register("lost-1", "13800138601")
     rebind = pb.start("lost-1", "13900139601")
     lost: list[str] = []
+    queuing: set[int] = set()  # sessions that queued a message
+
+    def noting_queued(run):
+        def run_noting(session, statements, want):
+            if any("INSERT INTO" in sql and "sms_outbox" in sql for sql, _ in statements):
+                queuing.add(id(session))
+            return run(session, statements, want)
+
+        return run_noting
 
     def answer_lost(finish):
         def finish_then_fail(session, statements, commit):
-            finish(session, statements, commit)
             queued = any("INSERT INTO" in sql and "sms_outbox" in sql for sql, _ in statements)
+            queued = queued or id(session) in queuing
+            queuing.discard(id(session))
+            finish(session, statements, commit)
             if commit and queued and not lost:
                 lost.append("commit")
                 raise StoreUnavailable("the connection was lost awaiting COMMIT's answer")
@@ -506,6 +517,7 @@ def test_a_code_whose_commit_went_unanswered_is_sent_once_the_store_answers(serv
         return finish_then_fail
 
     for kind in (SqliteSession, PostgresSession):
+        monkeypatch.setattr(kind, "run", noting_queued(kind.run))
         monkeypatch.setattr(kind, "finish", answer_lost(kind.finish))
 
     with pytest.raises(grpc.RpcError) as caught:

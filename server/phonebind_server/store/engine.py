@@ -634,14 +634,18 @@ async def _pipeline_one_flush(
 
 async def _answer_waiting_calls(pool: Any) -> None:
     """The pool could not open a connection (every host refused, or none of them
-    takes writes, as between a primary's death and its standby's promotion):
-    the calls queued for one answer STORE_UNAVAILABLE now rather than at the
-    end of their wait; the next call to need a connection tries again."""
+    takes writes, as between a primary's death and its standby's promotion).
+    Once no connection is in use or being opened, none can come to the calls
+    queued for one: they answer STORE_UNAVAILABLE now rather than at the end of
+    their wait; the next call to need a connection tries again. While one is in
+    use (a database refusing only new connections), they wait for it."""
     from psycopg_pool import PoolTimeout
 
-    # The pool's own queue of waiting clients, failed as the pool fails them
-    # when it closes (psycopg_pool has no public call for it).
+    # The pool's own count and queue of waiting clients, failed as the pool
+    # fails them when it closes (psycopg_pool has no public call for it).
     async with pool._lock:
+        if pool._nconns > len(pool._pool) or not pool._waiting:
+            return
         waiting = list(pool._waiting)
         pool._waiting.clear()
     for client in waiting:
