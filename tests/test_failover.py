@@ -168,11 +168,17 @@ class Node:
         postmaster = self.postmaster()
         # Stopped first, it forks no backend that the list below would miss.
         os.kill(postmaster, signal.SIGSTOP)
-        for pid in (*processes_under(postmaster), postmaster):
+        doomed = (*processes_under(postmaster), postmaster)
+        for pid in doomed:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        # SIGKILL is delivered asynchronously: the primary counts as dead once none of
+        # its processes is left to answer a query.
+        wait_until(
+            lambda: not any(alive(pid) for pid in doomed), 10, "the primary's processes gone"
+        )
 
     def promote(self) -> None:
         self.tool("pg_ctl", "-D", str(self.data), "-w", "-t", "60", "promote")
@@ -206,6 +212,15 @@ def processes_under(parent: int) -> list[int]:
         if int(stat.rsplit(")", 1)[1].split()[1]) == parent:
             found.append(int(entry))
     return found
+
+
+def alive(pid: int) -> bool:
+    """True while the process can still run: it exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 @dataclass
@@ -373,8 +388,10 @@ def test_a_failover_to_the_synchronous_standby_loses_no_acknowledged_change(
         threading.Thread(target=probe.run, name="probe", daemon=True).start()
 
         acknowledged_before = load.completed_since(0)
-        killed = time.monotonic()
         cluster.primary.kill()
+        # From here on no call can reach the old primary; one that started earlier
+        # may still have been served by it.
+        killed = time.monotonic()
         not_serving_in = wait_until(
             lambda: health(running.channel) == "NOT_SERVING", 15, "health NOT_SERVING"
         )
