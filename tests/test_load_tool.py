@@ -30,7 +30,7 @@ from phonebind_server.devcerts import cert_pem, issue, key_pem, make_ca
 from phonebind_server.domain.identity import normalize_id_number
 from phonebind_server.domain.phone import is_virtual_operator, parse_phone
 from phonebind_server.rpc.auth import new_token, token_digest
-from phonebind_server.sms.gateways import GatewayError
+from phonebind_server.sms.gateways import GatewayError, Sms
 
 BIN = pathlib.Path(sys.executable).parent
 FLOW_RPCS = ["StartRebind", "VerifyIdentity", "SendCode", "VerifyCode", "CompleteRebind"]
@@ -244,9 +244,9 @@ class HttpGateway:
     def __init__(self, url: str) -> None:
         self.url = url
 
-    def deliver(self, *, message_id: str, to: str, text: str, purpose: str, **template) -> None:
+    def deliver(self, sms: Sms) -> None:
         body = json.dumps(
-            {"message_id": message_id, "to": to, "text": text, "purpose": purpose}
+            {"message_id": sms.message_id, "to": sms.to, "text": sms.text, "purpose": sms.purpose}
         ).encode()
         request = urllib.request.Request(  # noqa: S310 - the test's own http:// URL
             self.url, data=body, headers={"Content-Type": "application/json"}

@@ -11,7 +11,7 @@ from support import Secrets
 
 from phonebind.v1 import binding_service_pb2 as api
 from phonebind_server.logs import JsonFormatter
-from phonebind_server.sms.gateways import LogGateway
+from phonebind_server.sms.gateways import LogGateway, Sms
 
 
 def get_account(server, request_id: str):
@@ -49,7 +49,7 @@ def test_json_lines_are_utc_and_control_characters_cannot_break_them():
 @pytest.mark.parametrize("purpose", ["REBIND_CODE"])
 def test_log_gateway_writes_the_message_to_its_own_development_logger(caplog, purpose):
     caplog.set_level(logging.WARNING, logger="phonebind.sms.dev")
-    LogGateway().deliver(message_id="m-1", to="+8613800138000", text="code 123456", purpose=purpose)
+    LogGateway().deliver(Sms("m-1", "+8613800138000", "code 123456", purpose))
     [record] = [r for r in caplog.records if r.name == "phonebind.sms.dev"]
     assert "code 123456" in record.getMessage() and purpose in record.getMessage()
 

@@ -28,7 +28,7 @@ import pytest
 from conftest import start_server
 from support import NEW, OLD
 
-from phonebind_server.sms.gateways import GatewayError, PermanentGatewayError
+from phonebind_server.sms.gateways import GatewayError, PermanentGatewayError, Sms
 from phonebind_server.sms.http_gateway import HttpGateway
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -188,13 +188,15 @@ def gateway(url: str, secret: bytes = SECRET) -> HttpGateway:
 
 def deliver(url: str, key: str = "m-1", template: str = "phonebind.rebind_code.v1", **kw) -> None:
     gateway(url, **kw).deliver(
-        message_id=key,
-        to="+8613800138000",
-        text="【示例贷】验证码 482913，5 分钟内有效。",
-        purpose="REBIND_CODE",
-        template=template,
-        language="zh-CN",
-        params={"code": "482913", "minutes": "5"},
+        Sms(
+            message_id=key,
+            to="+8613800138000",
+            text="【示例贷】验证码 482913，5 分钟内有效。",
+            purpose="REBIND_CODE",
+            template=template,
+            language="zh-CN",
+            params={"code": "482913", "minutes": "5"},
+        )
     )
 
 

@@ -45,7 +45,7 @@ from phonebind.v1 import binding_service_pb2_grpc as api_grpc
 from phonebind_server.config import DEV_KEYS, ConfigError, load
 from phonebind_server.domain.pii import Vault
 from phonebind_server.logs import JsonFormatter
-from phonebind_server.sms.gateways import GatewayError, PermanentGatewayError
+from phonebind_server.sms.gateways import GatewayError, PermanentGatewayError, Sms
 from phonebind_server.sms.http_gateway import HttpGateway, encode_body
 from phonebind_server.sms.outbox import OutboxDispatcher
 from phonebind_server.store.fields import to_micros
@@ -372,13 +372,15 @@ def assert_sent_once(provider: Provider, keys: list[str], *, redelivered: tuple 
 
 def deliver(gateway: HttpGateway, key: str = "m-1") -> None:
     gateway.deliver(
-        message_id=key,
-        to="+8613800138000",
-        text="【pb】验证码 123456，5 分钟内有效。",
-        purpose="REBIND_CODE",
-        template="phonebind.rebind_code.v1",
-        language="zh-CN",
-        params={"code": "123456", "minutes": "5"},
+        Sms(
+            message_id=key,
+            to="+8613800138000",
+            text="【pb】验证码 123456，5 分钟内有效。",
+            purpose="REBIND_CODE",
+            template="phonebind.rebind_code.v1",
+            language="zh-CN",
+            params={"code": "123456", "minutes": "5"},
+        )
     )
 
 
@@ -434,7 +436,7 @@ def test_the_documented_example_request_is_what_the_gateway_sends():
     signature = Webhook(secret).sign(headers["webhook-id"], sent_at, body)
     assert headers["webhook-signature"] == signature
     fields = json.loads(body)
-    assert body.encode() == encode_body(**{k: v for k, v in fields.items()})
+    assert body.encode() == encode_body(Sms(**fields))
     assert headers["webhook-id"] == headers["Idempotency-Key"] == fields["message_id"]
 
 

@@ -26,7 +26,7 @@ from phonebind_client import AsyncPhonebindClient, PhonebindClient, PhonebindErr
 from phonebind_server.app import create_server
 from phonebind_server.config import load
 from phonebind_server.rpc.interceptors import Chain, ServerSpan
-from phonebind_server.sms.gateways import GatewayError
+from phonebind_server.sms.gateways import GatewayError, Sms
 from phonebind_server.tracing import Tracing, TracingError, exporters_from
 
 BINDING = "phonebind.v1.BindingService/"
@@ -248,11 +248,11 @@ class FailingOnce:
         self.delivered: list[str] = []
         self.failed = False
 
-    def deliver(self, *, message_id: str, to: str, text: str, purpose: str, **template) -> None:
+    def deliver(self, sms: Sms) -> None:
         if not self.failed:
             self.failed = True
             raise GatewayError("the provider is busy")
-        self.delivered.append(message_id)
+        self.delivered.append(sms.message_id)
 
 
 def in_process_server(tmp_path, clock, tracing, gateway=None):

@@ -16,6 +16,7 @@ import logging
 import os
 import threading
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Protocol
 
@@ -37,23 +38,40 @@ class PermanentGatewayError(GatewayError):
     """The provider refused the message itself; the outbox dead-letters it at once."""
 
 
+@dataclass(frozen=True)
+class Sms:
+    """One message to deliver: its rendered text, and the template it was
+    rendered from (id, language, parameters) for providers that send by
+    registered template. `message_id` is stable across retries."""
+
+    message_id: str
+    to: str
+    text: str
+    purpose: str
+    template: str = ""
+    language: str = ""
+    params: Mapping[str, str] = field(default_factory=dict)
+
+    def document(self) -> dict[str, object]:
+        """The message as the gateways write and post it."""
+        return {
+            "message_id": self.message_id,
+            "to": self.to,
+            "purpose": self.purpose,
+            "template": self.template,
+            "language": self.language,
+            "params": dict(self.params),
+            "text": self.text,
+        }
+
+
 class SmsGateway(Protocol):
     name: str
     # False for a gateway whose delivery never waits on the network (a file,
     # the log): the dispatcher then calls it on the event loop itself.
     blocking: bool
 
-    def deliver(
-        self,
-        *,
-        message_id: str,
-        to: str,
-        text: str,
-        purpose: str,
-        template: str = "",
-        language: str = "",
-        params: Mapping[str, str] | None = None,
-    ) -> None: ...
+    def deliver(self, sms: Sms) -> None: ...
 
 
 class FileGateway:
@@ -73,29 +91,8 @@ class FileGateway:
         directory = os.path.dirname(os.path.abspath(path))
         os.makedirs(directory, exist_ok=True)
 
-    def deliver(
-        self,
-        *,
-        message_id: str,
-        to: str,
-        text: str,
-        purpose: str,
-        template: str = "",
-        language: str = "",
-        params: Mapping[str, str] | None = None,
-    ) -> None:
-        line = json.dumps(
-            {
-                "message_id": message_id,
-                "to": to,
-                "purpose": purpose,
-                "template": template,
-                "language": language,
-                "params": dict(params or {}),
-                "text": text,
-            },
-            ensure_ascii=False,
-        )
+    def deliver(self, sms: Sms) -> None:
+        line = json.dumps(sms.document(), ensure_ascii=False)
         with self._lock:
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
             try:
@@ -116,18 +113,8 @@ class LogGateway:
     def __init__(self) -> None:
         self._log = logging.getLogger("phonebind.sms.dev")
 
-    def deliver(
-        self,
-        *,
-        message_id: str,
-        to: str,
-        text: str,
-        purpose: str,
-        template: str = "",
-        language: str = "",
-        params: Mapping[str, str] | None = None,
-    ) -> None:
-        self._log.warning("DEV SMS to %s (%s): %s", to, purpose, text)
+    def deliver(self, sms: Sms) -> None:
+        self._log.warning("DEV SMS to %s (%s): %s", sms.to, sms.purpose, sms.text)
 
 
 def gateway_from_spec(

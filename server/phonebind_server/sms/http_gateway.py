@@ -52,7 +52,6 @@ import socket
 import ssl
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from email.message import Message
 from email.utils import parsedate_to_datetime
@@ -60,7 +59,7 @@ from urllib.parse import urlsplit
 
 from standardwebhooks.webhooks import Webhook
 
-from .gateways import GatewayError, PermanentGatewayError
+from .gateways import GatewayError, PermanentGatewayError, Sms
 
 _RETRYABLE_4XX = frozenset({408, 429})
 _RETRY_AFTER_STATUSES = frozenset({429, 503})
@@ -74,26 +73,8 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
         return None
 
 
-def encode_body(
-    *,
-    message_id: str,
-    to: str,
-    text: str,
-    purpose: str,
-    template: str = "",
-    language: str = "",
-    params: Mapping[str, str] | None = None,
-) -> bytes:
-    document = {
-        "message_id": message_id,
-        "to": to,
-        "purpose": purpose,
-        "template": template,
-        "language": language,
-        "params": dict(params or {}),
-        "text": text,
-    }
-    return json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+def encode_body(sms: Sms) -> bytes:
+    return json.dumps(sms.document(), ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
 def retry_after(headers: Message | None) -> timedelta | datetime | None:
@@ -140,26 +121,9 @@ class HttpGateway:
             "webhook-signature": self._webhook.sign(message_id, sent_at, body.decode("utf-8")),
         }
 
-    def deliver(
-        self,
-        *,
-        message_id: str,
-        to: str,
-        text: str,
-        purpose: str,
-        template: str = "",
-        language: str = "",
-        params: Mapping[str, str] | None = None,
-    ) -> None:
-        body = encode_body(
-            message_id=message_id,
-            to=to,
-            text=text,
-            purpose=purpose,
-            template=template,
-            language=language,
-            params=params,
-        )
+    def deliver(self, sms: Sms) -> None:
+        body = encode_body(sms)
+        message_id = sms.message_id
         request = urllib.request.Request(  # noqa: S310 - the scheme is checked in __init__
             self.url,
             data=body,

@@ -36,7 +36,7 @@ from ..domain.ports import Clock, StoreUnavailable
 from ..metrics import Metrics
 from ..store.store import OutboxItem, Store
 from ..tracing import current_traceparent, link_to
-from .gateways import GatewayError, PermanentGatewayError, SmsGateway
+from .gateways import GatewayError, PermanentGatewayError, Sms, SmsGateway
 
 log = logging.getLogger(__name__)
 
@@ -232,15 +232,8 @@ class OutboxDispatcher:
             reason = f"cannot open the sealed message: {why}"[:256]
             await self._failed(item, reason, permanent=True)
             return False
-        send: Callable[[], None] = lambda: self._gateway.deliver(  # noqa: E731
-            message_id=item.message_id,
-            to=to,
-            text=text,
-            purpose=item.purpose,
-            template=item.template,
-            language=item.language,
-            params=params,
-        )
+        sms = Sms(item.message_id, to, text, item.purpose, item.template, item.language, params)
+        send: Callable[[], None] = lambda: self._gateway.deliver(sms)  # noqa: E731
         try:
             if self._threads is None:
                 send()
