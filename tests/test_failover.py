@@ -544,5 +544,8 @@ def test_a_code_whose_commit_went_unanswered_is_sent_once_the_store_answers(serv
     again = pb.send("lost-1", rebind.rebind_id, OLD, request_id="send-lost")
     assert again.attempts_left > 0
     server.wake_outbox()
-    assert len(pb.inbox.wait_for(e164("13800138601"), 1, "REBIND_CODE", timeout=5)) == 1
+    [sent] = pb.inbox.wait_for(e164("13800138601"), 1, "REBIND_CODE", timeout=5)
+    # Claimed by its id, the message keeps its template and parameters.
+    assert sent["template"] == "phonebind.rebind_code.v1" and sent["language"] == "zh-CN"
+    assert sent["params"]["code"] in sent["text"]
     pb.verify("lost-1", rebind.rebind_id, OLD, pb.inbox.next_code(e164("13800138601")))

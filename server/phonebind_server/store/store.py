@@ -83,6 +83,23 @@ class OutboxItem:
     sealed_params: str = ""
 
 
+def _claimed(o: Any) -> tuple[peewee.Field, ...]:
+    """The outbox columns a claim returns, in OutboxItem's order."""
+    return (
+        o.seq,
+        o.message_id,
+        o.to_sealed,
+        o.to_masked,
+        o.purpose,
+        o.text,
+        o.attempts,
+        o.trace_parent,
+        o.template,
+        o.language,
+        o.params,
+    )
+
+
 def _item(row: tuple) -> OutboxItem:
     return OutboxItem(*row)
 
@@ -282,19 +299,7 @@ class Store:
                     }
                 )
                 .where(o.seq.in_(due))
-                .returning(
-                    o.seq,
-                    o.message_id,
-                    o.to_sealed,
-                    o.to_masked,
-                    o.purpose,
-                    o.text,
-                    o.attempts,
-                    o.trace_parent,
-                    o.template,
-                    o.language,
-                    o.params,
-                )
+                .returning(*_claimed(o))
             )
 
         return Query("outbox.claim", build)
@@ -314,16 +319,7 @@ class Store:
                     & (o.state == "PENDING")
                     & (o.not_after.is_null() | (o.not_after > Param("now", o.not_after)))
                 )
-                .returning(
-                    o.seq,
-                    o.message_id,
-                    o.to_sealed,
-                    o.to_masked,
-                    o.purpose,
-                    o.text,
-                    o.attempts,
-                    o.trace_parent,
-                )
+                .returning(*_claimed(o))
             )
 
         return Query("outbox.claim_one", build)
