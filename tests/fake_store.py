@@ -326,7 +326,7 @@ class _Audit:
 
         return Thunk(run)
 
-    def next_seq(self) -> Read[int]:
+    def next_seq(self, chain_id: str) -> Read[int]:
         return Thunk(lambda: len(self._t.events) + 1)
 
     def append(self, event: StoredEvent, head_mac: str) -> None:

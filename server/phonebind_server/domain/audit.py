@@ -270,7 +270,7 @@ class AuditTrail:
         registers the chain."""
         call = tx.call
         chain = chain_id or account_chain(event.account_id)
-        (last_seq, last_mac), seq = tx.read(tx.audit.head(chain), tx.audit.next_seq())
+        (last_seq, last_mac), seq = tx.read(tx.audit.head(chain), tx.audit.next_seq(chain))
         if last_seq == 0:
             self._register(tx, chain)
         stored = StoredEvent(

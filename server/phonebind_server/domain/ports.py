@@ -184,8 +184,9 @@ class AuditRepository(Protocol):
         ends; a new chain is (0, "")."""
         ...
 
-    def next_seq(self) -> Read[int]:
-        """The global `seq` the next event appended gets."""
+    def next_seq(self, chain_id: str) -> Read[int]:
+        """The global `seq` the next event appended to `chain_id` gets, taken
+        while the chain's head is locked (so each chain's seqs only grow)."""
         ...
 
     def append(self, event: StoredEvent, head_mac: str) -> None:

@@ -120,19 +120,32 @@ class Query:
             and not query._returning
         ):
             query = query.returning()  # no implicit RETURNING of the primary key
-        sql, params = query.sql()
-        selected = _selected(query)
-        return Compiled(
-            sql=sql,
-            params=tuple(
-                (p.name, p.converter) if isinstance(p, _Slot) else (None, p) for p in params
-            ),
-            results=tuple(
-                getattr(column, "python_value", None) if _converts(column) else None
-                for column in selected
-            ),
-            columns=tuple(_column_name(column) for column in selected),
-        )
+        return compile_query(query)
+
+
+def compile_query(
+    query: peewee.Query,
+    results: tuple[Converter | None, ...] | None = None,
+    columns: tuple[str, ...] | None = None,
+) -> Compiled:
+    """`query`'s SQL and how to pass its values and read its rows (`results`
+    and `columns`: the result columns' converters and names, when the query's
+    own columns do not say)."""
+    sql, params = query.sql()
+    selected = _selected(query)
+    return Compiled(
+        sql=sql,
+        params=tuple((p.name, p.converter) if isinstance(p, _Slot) else (None, p) for p in params),
+        results=results
+        if results is not None
+        else tuple(
+            getattr(column, "python_value", None) if _converts(column) else None
+            for column in selected
+        ),
+        columns=columns
+        if columns is not None
+        else tuple(_column_name(column) for column in selected),
+    )
 
 
 def _selected(query: peewee.Query) -> list[Any]:

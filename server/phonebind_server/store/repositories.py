@@ -36,7 +36,7 @@ from ..domain.ports import Read
 from ..tracing import current_traceparent
 from .fields import from_micros, to_micros
 from .models import is_postgres
-from .query import Param, Query, values
+from .query import Compiled, Param, Query, compile_query, values
 from .unit import REPOSITORIES, Known, SqlTx, StatementRead, every, exists, first, value
 
 _OPEN = tuple(s.value for s in RebindState if s.is_open)
@@ -110,15 +110,54 @@ def _account_values(account: Account) -> dict[str, Any]:
     }
 
 
+class LockedWithAuditSeq(Query):
+    """A select of one account row, locked, that also takes the global `seq`
+    of the next audit event of the account's chain, so that an audited unit of
+    work needs no statement (and no round trip) of its own for it.
+
+    The seq is taken once the row is locked, as every seq of that chain is:
+    on PostgreSQL `nextval` in an outer select over the locked one (a
+    value taken before waiting for the lock could be lower than one another
+    unit took for the same chain while holding it); on SQLite, whose write
+    transactions are serial, the last event's seq + 1. A unit that appends no
+    event leaves a gap in seq, as a rolled-back one always did on PostgreSQL.
+    """
+
+    __slots__ = ()
+
+    def __init__(self, name: str, build: Any) -> None:
+        super().__init__(name, build, locks=True)
+
+    def compile(self, tables: Any, *, row_locks: bool) -> Compiled:
+        inner = self.build(tables)
+        if row_locks:
+            inner = inner.for_update()
+        locked = inner.alias("locked")
+        events = tables.audit_events
+        seq = (
+            # The sequence BIGSERIAL made for audit_events.seq (m0003).
+            peewee.SQL("nextval('audit_events_seq_seq')")
+            if is_postgres(tables.database)
+            else events.select(peewee.fn.COALESCE(peewee.fn.MAX(events.seq), 0) + 1)
+        )
+        columns = [getattr(locked.c, name) for name in _ACCOUNT_AND_HEAD]
+        outer = peewee.Select(from_list=[locked], columns=[*columns, seq]).bind(tables.database)
+        shape = compile_query(inner)
+        return compile_query(
+            outer,
+            results=(*shape.results, None),
+            columns=(*shape.columns, "audit_seq_reserved"),
+        )
+
+
 class AccountRows:
     GET = Query(
         "accounts.get",
         lambda t: _account_select(t).where(t.accounts.account_id == Param("account_id")),
     )
-    LOCK = Query(
+    LOCK = LockedWithAuditSeq(
         "accounts.lock",
         lambda t: _account_select(t).where(t.accounts.account_id == Param("account_id")),
-        locks=True,
     )
     OF_REBIND = Query(
         "accounts.of_rebind",
@@ -129,7 +168,7 @@ class AccountRows:
             )
         ),
     )
-    LOCK_OF_REBIND = Query(
+    LOCK_OF_REBIND = LockedWithAuditSeq(
         "accounts.lock_of_rebind",
         lambda t: _account_select(t).where(
             t.accounts.account_id
@@ -137,7 +176,6 @@ class AccountRows:
                 t.rebinds.rebind_id == Param("rebind_id")
             )
         ),
-        locks=True,
     )
     OWNER = Query(
         "accounts.owner",
@@ -164,9 +202,14 @@ class AccountRows:
             return first(_account)
         heads = self._tx.heads
 
+        reserved = self._tx.reserved_seqs
+
         def locked(row: tuple) -> Account:
-            # The account's audit chain head lives on its row, locked with it.
-            heads[_ACCOUNT_CHAIN + row[0]] = (row[13], row[14])
+            # The account's audit chain head lives on its row, locked with it,
+            # and the seq of the chain's next event comes with it.
+            chain = _ACCOUNT_CHAIN + row[0]
+            heads[chain] = (row[13], row[14])
+            reserved[chain] = int(row[15])
             return _account(row)
 
         return first(locked)
@@ -937,7 +980,10 @@ class AuditRows:
             remember,
         )
 
-    def next_seq(self) -> Read[int]:
+    def next_seq(self, chain_id: str) -> Read[int]:
+        reserved = self._tx.reserved_seqs.pop(chain_id, None)
+        if reserved is not None:
+            return Known(reserved)
         return StatementRead(self.NEXT_SEQ, {}, lambda c, rows: int(rows[0][0]))
 
     def register(self, row: RegisteredChain, head_mac: str) -> None:
@@ -985,6 +1031,9 @@ class AuditRows:
                 "mac": event.mac,
             },
         )
+        if tx.reserved_seqs and not tx.row_locks:
+            # On SQLite a seq reserved as the last one + 1 is this event's now.
+            tx.reserved_seqs.clear()
         head = {"audit_seq": event.chain_seq, "audit_mac": event.mac, "audit_head_mac": head_mac}
         if event.chain_id.startswith(_ACCOUNT_CHAIN):
             head["account_id"] = event.chain_id[len(_ACCOUNT_CHAIN) :]

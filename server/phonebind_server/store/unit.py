@@ -92,6 +92,8 @@ class SqlTx:
         self.keep_if_caller_gone = False
         # Audit chain heads this unit knows (locked, or written by it).
         self.heads: dict[str, tuple[int, str]] = {}
+        # The seq of each chain's next audit event, taken with its locked head.
+        self.reserved_seqs: dict[str, int] = {}
         # Messages queued by this unit, handed to the outbox once it commits.
         self.messages: list[OutboundSms] = []
 
@@ -115,6 +117,9 @@ class SqlTx:
     def read(self, *reads: Read[Any]) -> tuple[Any, ...]:
         if len(reads) == 1 and not self._pending:
             return (self.one(reads[0]),)
+        if all(isinstance(read, Known) for read in reads):
+            # Nothing to ask: the writes queued stay queued for the next batch.
+            return tuple(read.value for read in reads)
         statements, self._pending = self._pending, []
         want: list[int] = []
         shapes: list[tuple[Compiled, Shape]] = []
