@@ -27,6 +27,7 @@ one (every host refused, or none takes writes, as during a failover).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import sqlite3
@@ -498,7 +499,7 @@ class PostgresEngine(Engine):
             return work.result()
         except Exception as error:
             session.broken = _broken(connection)
-            raise _translate(error, session._call) from error
+            raise _translate(error, session._call, session.broken) from error
 
     async def _send(
         self, connection: Any, statements: Sequence[Statement], want: Sequence[int]
@@ -586,7 +587,11 @@ def _psycopg_queues_commands() -> bool:
             (AsyncCursor, "_start_query"),
             (AsyncCursor, "_convert_query"),
             (AsyncCursor, "_maybe_prepare_gen"),
+            (BasePipeline, "_enter_gen"),
+            (BasePipeline, "_enqueue_sync"),
             (BasePipeline, "_communicate_gen"),
+            (BasePipeline, "_fetch_gen"),
+            (BasePipeline, "_exit"),
             (PrepareManager, "maintain_gen"),
         )
     )
@@ -598,21 +603,28 @@ _ONE_FLUSH = _psycopg_queues_commands()
 async def _pipeline_one_flush(
     connection: Any, statements: Sequence[Statement], prepare: bool
 ) -> list[Any]:
-    """A batch in pipeline mode, every statement queued first and then sent in
-    one flush.
+    """A batch in pipeline mode: every statement and the closing Sync queued
+    first, sent in one flush, then every result read.
 
     `AsyncConnection.execute` in pipeline mode sends and flushes each statement
-    on its own, with a wait on the socket each: a batch of ten was ten sends,
-    ten event-loop turns and ten wake-ups of the backend (measured: a third of
-    the client's CPU per batch and a sixth of the backend's). This is what
-    `AsyncCursor.execute` does, minus the flush after each statement; results,
-    errors and the prepared-statement cache go through psycopg as before, when
-    the pipeline block ends.
+    on its own, with a wait on the socket each, and the end of a `pipeline()`
+    block sends the Sync, then a flush request, each in a send of its own: a
+    batch of ten was twelve sends, as many event-loop turns and wake-ups of the
+    backend. This is what `AsyncCursor.execute` and the block's end do, in one
+    send and one wait for the answers; results, errors and the
+    prepared-statement cache go through psycopg as before.
     """
-    cursors: list[Any] = []
-    async with connection.pipeline() as pipeline:
+    from psycopg import AsyncPipeline
 
-        def send() -> Any:
+    cursors: list[Any] = []
+    async with connection.lock:
+        connection._check_connection_ok()
+        if connection._pipeline is not None:
+            raise RuntimeError("a batch on a connection already in pipeline mode")
+        pipeline = connection._pipeline = AsyncPipeline(connection)
+
+        def batch() -> Any:
+            yield from pipeline._enter_gen()
             for sql, args in statements:
                 cursor = connection.cursor()
                 yield from cursor._start_query(sql)
@@ -622,13 +634,33 @@ async def _pipeline_one_flush(
                 cursors.append(cursor)
             # Statements the prepared cache drops are closed after their last use.
             yield from connection._prepared.maintain_gen(connection)
+            pipeline._enqueue_sync()
             queue = pipeline.command_queue
             while queue:
                 queue.popleft()()  # into libpq's output buffer
-            yield from pipeline._communicate_gen()  # one flush
+            try:
+                yield from pipeline._communicate_gen()  # one flush
+            except Exception:
+                # The rest of the results still leave the connection clean; the
+                # first error is the one that counts.
+                with contextlib.suppress(Exception):
+                    yield from pipeline._fetch_gen(flush=False)
+                raise
+            # Every result up to the Sync's (an error raised once all are read).
+            yield from pipeline._fetch_gen(flush=False)
 
-        async with connection.lock:
-            await connection.wait(send())
+        failure: BaseException | None = None
+        try:
+            await connection.wait(batch())
+        except BaseException as error:
+            failure = error
+            raise
+        finally:
+            try:
+                if pipeline.level:
+                    pipeline._exit(failure)
+            finally:
+                connection._pipeline = None
     return cursors
 
 
@@ -670,7 +702,7 @@ def _broken(connection: Any) -> bool:
     return connection.closed or connection.pgconn.status != ConnStatus.OK
 
 
-def _translate(error: Exception, call: CallContext) -> Exception:
+def _translate(error: Exception, call: CallContext, broken: bool = False) -> Exception:
     import psycopg
     from psycopg import errors
 
@@ -678,6 +710,10 @@ def _translate(error: Exception, call: CallContext) -> Exception:
         return Conflict(conflict_name(error.diag.constraint_name or ""))
     if not isinstance(error, psycopg.Error):
         return error
+    if broken:
+        # The connection is gone, whatever libpq made of it (an error result
+        # without SQLSTATE reads as a plain DatabaseError).
+        return StoreUnavailable(type(error).__name__)
     if getattr(error, "sqlstate", None) in CONTENTION_SQLSTATES:
         if call.gone(margin=0.05):  # a lock wait cut at the caller's deadline
             return DeadlinePassed(type(error).__name__)
