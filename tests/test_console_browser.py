@@ -30,6 +30,7 @@ from console_support import (
 )
 from phonebind_console import ConsoleConfig, create_app
 from selenium import webdriver
+from selenium.common.exceptions import WebDriverException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions as ready
@@ -109,7 +110,11 @@ class Browser:
         """Clicks and waits for the next page to load."""
         old = self.driver.find_element(By.TAG_NAME, "html")
         self.driver.find_element(By.CSS_SELECTOR, css).click()
-        WebDriverWait(self.driver, 10).until(ready.staleness_of(old))
+        # While the old page goes, chromedriver may answer a question about its
+        # node with an error other than "stale": asked again, it says stale.
+        WebDriverWait(self.driver, 10, ignored_exceptions=(WebDriverException,)).until(
+            ready.staleness_of(old)
+        )
         self._keep()
 
     def text(self) -> str:
