@@ -1441,6 +1441,37 @@ def test_a_refusal_is_audited_even_after_its_caller_stopped_waiting(server):
     wait_until(lambda: rows(server.database_url, events) == [(1,)], 15, "the refusal's event")
 
 
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_a_call_cancelled_while_it_waits_for_the_write_lock_is_counted_as_cancelled(server):
+    """gRPC cancels a call whose caller went away; on SQLite that interrupts its wait
+    for another process's write lock. The call did nothing, and its log line and
+    metrics say CANCELLED (DEADLINE_EXCEEDED once its deadline passed), never OK."""
+    pb = server.api
+    pb.register("dl-7", "13800138807")
+    rebind_id = pb.start("dl-7", "13900139807").rebind_id
+    request = api.SendCodeRequest(account_id="dl-7", rebind_id=rebind_id, target=NEW)
+    engine = server.app.store.engine
+
+    def outcomes() -> dict[str, float]:
+        return {
+            sample.labels["outcome"]: sample.value
+            for family in server.app.metrics.registry.collect()
+            if family.name == "phonebind_rpcs"
+            for sample in family.samples
+            if sample.name == "phonebind_rpcs_total"
+            and sample.labels["method"].endswith("/SendCode")
+        }
+
+    with held_lock(server.database_url, rebind_id):
+        waiting = pb.stub.SendCode.future(request, timeout=30)
+        wait_until(lambda: engine.busy_since is not None, 10, "the call waiting for the lock")
+        waiting.cancel()
+        wait_until(lambda: outcomes() != {}, 10, "the cancelled call to end")
+    assert outcomes() == {"CANCELLED": 1.0}
+    challenges = "SELECT count(*) FROM challenges WHERE rebind_id = ?"
+    assert rows(server.database_url, challenges, rebind_id) == [(0,)]
+
+
 def test_options_in_the_database_url_still_reach_postgresql(postgres_db):
     """The store's timeouts are startup options added to the URL's own libpq
     options (a search_path, an application_name), which are kept."""

@@ -269,6 +269,15 @@ class AccessLog:
             started = time.perf_counter()
             try:
                 return await inner(request, exchange)
+            except asyncio.CancelledError:
+                # gRPC cancelled the call before it had an outcome of its own
+                # (on SQLite, while it waited for another process's write lock).
+                if exchange.outcome == "OK":
+                    late = exchange.deadline is not None and time.monotonic() >= exchange.deadline
+                    exchange.outcome = exchange.status = (
+                        "DEADLINE_EXCEEDED" if late else "CANCELLED"
+                    )
+                raise
             finally:
                 elapsed = time.perf_counter() - started
                 if observe is not None:
