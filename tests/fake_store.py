@@ -243,6 +243,29 @@ class _Outbox:
             )
         )
 
+    def sent_times_to_code_number(
+        self, target: CodeTarget, account_id: str, rebind_id: str, purpose: str, *, since: datetime
+    ) -> Read[list[datetime]]:
+        def run() -> list[datetime]:
+            index = _code_number(self._t, target, account_id, rebind_id)
+            if index is None:
+                return []
+            return sorted(
+                m.created_at
+                for m in self._t.outbox
+                if m.to.index == index and m.purpose == purpose and m.created_at > since
+            )
+
+        return Thunk(run)
+
+
+def _code_number(t: Tables, target: CodeTarget, account_id: str, rebind_id: str) -> str | None:
+    if target is CodeTarget.OLD_PHONE:
+        account = t.accounts.get(account_id)
+        return None if account is None else account.phone.index
+    rebind = t.rebinds.get(rebind_id)
+    return None if rebind is None else rebind.new_phone.index
+
 
 class _History:
     def __init__(self, t: Tables) -> None:
@@ -313,6 +336,11 @@ class _Limits:
 
     def serialize(self, key: str) -> None:
         """Units of work here run one at a time: nothing to wait for."""
+
+    def serialize_code_number(
+        self, target: CodeTarget, account_id: str, rebind_id: str
+    ) -> Read[None]:
+        return Thunk(lambda: None)
 
 
 class _Audit:

@@ -143,6 +143,14 @@ class OutboxRepository(Protocol):
         """When messages of `purpose` to the number were queued after `since`, oldest first."""
         ...
 
+    def sent_times_to_code_number(
+        self, target: CodeTarget, account_id: str, rebind_id: str, purpose: str, *, since: datetime
+    ) -> Read[list[datetime]]:
+        """`sent_times` of the number a code for `target` goes to (the account's
+        bound number, or the rebind's new number), found from their rows by the
+        statement itself: read with the rows, in the same round trip."""
+        ...
+
 
 class HistoryRepository(Protocol):
     """Completed number changes."""
@@ -175,6 +183,15 @@ class LimitRepository(Protocol):
     def serialize(self, key: str) -> None:
         """Holds a lock on `key` until the transaction ends, across processes and
         hosts; reads after it see what earlier holders committed."""
+        ...
+
+    def serialize_code_number(
+        self, target: CodeTarget, account_id: str, rebind_id: str
+    ) -> Read[None]:
+        """`serialize("sms-to:" + index)` of the number a code for `target` goes
+        to (as `OutboxRepository.sent_times_to_code_number` finds it), as a read
+        that goes out with the others: the reads after it see what earlier
+        holders committed."""
         ...
 
 

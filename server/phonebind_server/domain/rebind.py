@@ -502,7 +502,12 @@ class RebindService:
         key = Idempotency.of("SendCode", account_id, request_id, rebind_id, target.value)
 
         def work(
-            tx: Tx, account: Account | None, row: Rebind | None, current: Challenge | None
+            tx: Tx,
+            account: Account | None,
+            row: Rebind | None,
+            current: Challenge | None,
+            _number_locked: None,
+            sent_today: list[datetime],
         ) -> tuple[CodeSent, dict[str, str]]:
             rebind = self._open(row, account_id, now)
             self._require_step(rebind, target.step)
@@ -519,11 +524,7 @@ class RebindService:
             else:
                 to, kept_at = rebind.new_phone, REBIND_NEW_PHONE.at(rebind_id)
             # Per-number caps hold across accounts, processes and hosts: counted
-            # under a lock on the number.
-            tx.limits.serialize("sms-to:" + to.index)
-            sent_today = tx.one(
-                tx.outbox.sent_times(to.index, messages.PURPOSE_REBIND_CODE, since=now - _DAY)
-            )
+            # (in `reads`, below) under a lock on the number.
             for limit, window, per in (
                 (p.sends_per_number_hour, _HOUR, "hour"),
                 (p.sends_per_number_day, _DAY, "day"),
@@ -589,6 +590,12 @@ class RebindService:
                 tx.accounts.get(account_id, lock=True),
                 tx.rebinds.get(rebind_id),
                 tx.codes.get(rebind_id, target),
+                # The number's lock and count go with the rows they are read
+                # from: the count sees what earlier holders of the lock committed.
+                tx.limits.serialize_code_number(target, account_id, rebind_id),
+                tx.outbox.sent_times_to_code_number(
+                    target, account_id, rebind_id, messages.PURPOSE_REBIND_CODE, since=now - _DAY
+                ),
             ),
             key=key if request_id else None,
             replay=replay,

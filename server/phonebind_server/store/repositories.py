@@ -598,8 +598,56 @@ _OUTBOX_COLUMNS = (
 )
 
 
+def _code_number(t: Any, target: CodeTarget) -> peewee.Select:
+    """The index of the number a code for `target` goes to, from its row."""
+    if target is CodeTarget.OLD_PHONE:
+        return t.accounts.select(t.accounts.phone_index).where(
+            t.accounts.account_id == Param("account_id")
+        )
+    return t.rebinds.select(t.rebinds.new_phone_index).where(
+        t.rebinds.rebind_id == Param("rebind_id")
+    )
+
+
+def _sent_times_to_code_number(target: CodeTarget) -> Query:
+    return Query(
+        f"outbox.sent_times_to_code_number.{target.value}",
+        lambda t: (
+            t.outbox.select(t.outbox.created_at)
+            .where(
+                (t.outbox.to_index == _code_number(t, target))
+                & (t.outbox.purpose == Param("purpose"))
+                & (t.outbox.created_at > Param("since"))
+            )
+            .order_by(t.outbox.created_at)
+        ),
+    )
+
+
+def _serialize_code_number(target: CodeTarget) -> Query:
+    # LimitRows.serialize's key, the first 8 bytes of SHA-256 as a signed
+    # big-endian integer, computed by PostgreSQL from the number's row.
+    def build(t: Any) -> peewee.Query:
+        number = _code_number(t, target)
+        column = number._returning[0]
+        key = peewee.NodeList(
+            (
+                peewee.SQL("('x' || encode(substr(sha256(convert_to('sms-to:' || "),
+                column,
+                peewee.SQL(", 'UTF8')), 1, 8), 'hex'))::bit(64)::bigint"),
+            ),
+            glue="",
+        )
+        return number.select(peewee.fn.pg_advisory_xact_lock(key))
+
+    return Query(f"limits.serialize_code_number.{target.value}", build)
+
+
 class OutboxRows:
     ENQUEUE = Query("outbox.enqueue", lambda t: t.outbox.insert(values(t.outbox, _OUTBOX_COLUMNS)))
+    SENT_TIMES_TO_CODE_NUMBER: ClassVar[dict[CodeTarget, Query]] = {
+        target: _sent_times_to_code_number(target) for target in CodeTarget
+    }
     SENT_TIMES = Query(
         "outbox.sent_times",
         lambda t: (
@@ -653,6 +701,20 @@ class OutboxRows:
         return StatementRead(
             self.SENT_TIMES,
             {"to_index": phone_index, "purpose": purpose, "since": since},
+            every(lambda row: row[0]),
+        )
+
+    def sent_times_to_code_number(
+        self, target: CodeTarget, account_id: str, rebind_id: str, purpose: str, *, since: datetime
+    ) -> Read[list[datetime]]:
+        number = (
+            {"account_id": account_id}
+            if target is CodeTarget.OLD_PHONE
+            else {"rebind_id": rebind_id}
+        )
+        return StatementRead(
+            self.SENT_TIMES_TO_CODE_NUMBER[target],
+            {**number, "purpose": purpose, "since": since},
             every(lambda row: row[0]),
         )
 
@@ -826,6 +888,9 @@ class LimitRows:
             .order_by(t.identity_failures.failed_at)
         ),
     )
+    SERIALIZE_CODE_NUMBER: ClassVar[dict[CodeTarget, Query]] = {
+        target: _serialize_code_number(target) for target in CodeTarget
+    }
     SERIALIZE = Query(
         "limits.serialize",
         lambda t: peewee.Select(columns=[peewee.fn.pg_advisory_xact_lock(Param("key"))]).bind(
@@ -867,6 +932,20 @@ class LimitRows:
         if self._tx.row_locks:
             digest = hashlib.sha256(key.encode()).digest()
             self._tx.write(self.SERIALIZE, {"key": int.from_bytes(digest[:8], "big", signed=True)})
+
+    def serialize_code_number(
+        self, target: CodeTarget, account_id: str, rebind_id: str
+    ) -> Read[None]:
+        if not self._tx.row_locks:  # SQLite: serial already, as above
+            return Known(None)
+        number = (
+            {"account_id": account_id}
+            if target is CodeTarget.OLD_PHONE
+            else {"rebind_id": rebind_id}
+        )
+        return StatementRead(
+            self.SERIALIZE_CODE_NUMBER[target], number, lambda compiled, rows: None
+        )
 
 
 # -- audit --------------------------------------------------------------------------
