@@ -105,14 +105,23 @@ class _Accounts:
     def get(self, account_id: str, *, lock: bool = False) -> Read[Account | None]:
         return Thunk(lambda: self._t.accounts.get(account_id))
 
-    def owner_of(self, phone_index: str) -> Read[str | None]:
+    def owner_of(self, phone_indexes: Sequence[str]) -> Read[str | None]:
         def owner() -> str | None:
             found = (
-                a.account_id for a in self._t.accounts.values() if a.phone.index == phone_index
+                a.account_id for a in self._t.accounts.values() if a.phone.index in phone_indexes
             )
             return next(found, None)
 
         return Thunk(owner)
+
+    def rehash_identity(
+        self, account_id: str, *, old: tuple[str, str], new: tuple[str, str]
+    ) -> None:
+        account = self._t.accounts.get(account_id)
+        if account is not None and (account.holder_name_hash, account.id_number_hash) == old:
+            self._t.accounts[account_id] = account.with_changes(
+                holder_name_hash=new[0], id_number_hash=new[1]
+            )
 
     def of_rebind(self, rebind_id: str, *, lock: bool = False) -> Read[Account | None]:
         def account() -> Account | None:
@@ -233,13 +242,13 @@ class _Outbox:
         self._t.outbox.append(message)
 
     def sent_times(
-        self, phone_index: str, purpose: str, *, since: datetime
+        self, phone_indexes: Sequence[str], purpose: str, *, since: datetime
     ) -> Read[list[datetime]]:
         return Thunk(
             lambda: sorted(
                 m.created_at
                 for m in self._t.outbox
-                if m.to.index == phone_index and m.purpose == purpose and m.created_at > since
+                if m.to.index in phone_indexes and m.purpose == purpose and m.created_at > since
             )
         )
 
@@ -293,11 +302,11 @@ class _History:
         return Thunk(lambda: tuple(_changes_since(self._t, account_id, s) for s in since))
 
     def released_by_other(
-        self, phone_index: str, *, account_id: str, since: datetime
+        self, phone_indexes: Sequence[str], *, account_id: str, since: datetime
     ) -> Read[bool]:
         return Thunk(
             lambda: any(
-                c.old_phone.index == phone_index
+                c.old_phone.index in phone_indexes
                 and c.account_id != account_id
                 and c.completed_at >= since
                 for _, c in self._t.changes

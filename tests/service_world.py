@@ -27,7 +27,7 @@ from phonebind_server.domain.review import ReviewDesk
 
 OLD = CodeTarget.OLD_PHONE
 NEW = CodeTarget.NEW_PHONE
-KEYS = Keys(
+KEYS = Keys.single(
     index_key=b"i" * 32,
     code_key=b"c" * 32,
     seal_keys={"k1": b"s" * 32},

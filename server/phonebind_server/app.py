@@ -366,7 +366,7 @@ async def create_server(
         session_settings=settings.store_session_settings,
     )
     if migrate:
-        store.migrate(settings.audit_keys, lambda: Vault(settings.keys()))
+        store.migrate(settings.audit_keys_and_active, lambda: Vault(settings.keys()))
     missing = store.pending_migrations()
     if missing:
         raise RuntimeError(
@@ -430,7 +430,11 @@ async def create_server(
         settings.policy,
         clock,
         trail,
-        test_codes={vault.phone_index(e164): code for e164, code in test_numbers.items()},
+        test_codes={
+            index: code
+            for e164, code in test_numbers.items()
+            for index in vault.phone_indexes(e164)
+        },
     )
     page_tokens = PageTokens(keys.index_key)
 

@@ -51,7 +51,12 @@ T = TypeVar("T")
 
 
 # The keys, which a migration that reseals stored values reads.
-_KEY_SETTINGS = ("index_key", "code_key", "seal_keys", "active_seal_key", "audit_key")
+_KEY_SETTINGS = (
+    *("index_key", "index_keys", "active_index_key"),
+    *("code_key", "code_keys", "active_code_key"),
+    *("seal_keys", "active_seal_key"),
+    *("audit_key", "audit_keys", "active_audit_key"),
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -110,8 +115,11 @@ def _parser() -> argparse.ArgumentParser:
 
     rotate = commands.add_parser(
         "rotate-keys",
-        help="re-encrypt every sealed value under active_seal_key, in small transactions;"
-        " every value is opened before and after, and exit 1 on any that does not open",
+        help="re-encrypt every sealed value under active_seal_key and re-derive every phone"
+        " index under active_index_key, in small transactions; every value is checked before"
+        " and after, and exit 1 on any that does not check. Reports the name and ID-number"
+        " hashes still under other index keys (re-hashed at each account's next identity"
+        " check)",
     )
     common(rotate)
     rotate.add_argument("--batch", type=_positive, default=500, help="rows per transaction")
@@ -149,7 +157,10 @@ def _parser() -> argparse.ArgumentParser:
         {
             "migrate": (migrate, ("database_url", "log_level", *_KEY_SETTINGS)),
             "rotate-keys": (rotate, ("database_url", "log_level", *_KEY_SETTINGS)),
-            "audit verify": (verify, ("database_url", "log_level", "audit_key")),
+            "audit verify": (
+                verify,
+                ("database_url", "log_level", "audit_key", "audit_keys", "active_audit_key"),
+            ),
             "serve": (serve, None),
             "config show": (show, None),
         }
@@ -245,7 +256,7 @@ def _migrate(settings: Settings) -> int:
 
     # The keys are read only if a migration has records to MAC or values to reseal.
     applied = Store(settings.database_url).migrate(
-        settings.audit_keys, lambda: Vault(settings.keys())
+        settings.audit_keys_and_active, lambda: Vault(settings.keys())
     )
     print(f"applied migrations: {applied or 'none pending'}")
     return 0
@@ -438,7 +449,7 @@ def _rotate_keys(settings: Settings, batch: int) -> int:
     opened before it is written; and at the end every value is opened again."""
     from collections import Counter
 
-    from .domain.pii import SEALED_COLUMNS, Vault
+    from .domain.pii import INDEXED_COLUMNS, SEALED_COLUMNS, Vault
     from .store.store import Store
 
     vault = Vault(settings.keys())
@@ -484,22 +495,76 @@ def _rotate_keys(settings: Settings, batch: int) -> int:
                     file=sys.stderr,
                 )
 
+    index_key = vault.active_index_key
+
+    def check_indexes() -> tuple[Counter[str], list[str]]:
+        """How many blind indexes match their row's number under each key id,
+        and what is wrong with those that do not."""
+        matched: Counter[str] = Counter()
+        failures: list[str] = []
+        for column in INDEXED_COLUMNS:
+            after = ""
+            while True:
+                last, ok, bad = store.check_indexes(column, vault, after=after, limit=batch)
+                matched.update(ok)
+                failures += bad
+                if last == after:
+                    break
+                after = last
+        for failure in failures[:5]:
+            print(f"phonebind-server: {failure}", file=sys.stderr)
+        if failures:
+            print(f"phonebind-server: {len(failures)} blind indexes do not check", file=sys.stderr)
+        return matched, failures
+
+    def identity_hashes() -> Counter[str]:
+        made: Counter[str] = Counter()
+        after = ""
+        while True:
+            last, found = store.identity_hash_keys(after=after, limit=batch)
+            made.update(found)
+            if last == after:
+                return made
+            after = last
+
     def rotate() -> int:
         # Only compared: a mistyped new key must not become the recorded one.
         refuse_other_keys(store, settings, record=False)
         _, failed = check_all()
         if failed:
             explain(failed)
-            print("phonebind-server: nothing was re-encrypted", file=sys.stderr)
+        matched, index_failures = check_indexes()
+        if failed or index_failures:
+            print("phonebind-server: nothing was re-encrypted or re-derived", file=sys.stderr)
+            return 1
+        if any(key_id != index_key for key_id in matched) and (
+            ("index", index_key) not in store.recorded_key_ids()
+        ):
+            # Servers record a key's check value when they start with it; one
+            # no server has used may be mistyped here.
+            print(
+                f"phonebind-server: index key {index_key!r} (active_index_key) has no recorded"
+                " check value: no server has started with it yet. Start every server with it"
+                " as active_index_key first; nothing was re-derived",
+                file=sys.stderr,
+            )
             return 1
         for column in SEALED_COLUMNS:
             total = 0
             while done := store.reseal_batch(column, vault, batch):
                 total += done
             print(f"{column.table}.{column.column}: {total} re-encrypted")
+        for indexed in INDEXED_COLUMNS:
+            total = 0
+            while done := store.reindex_batch(indexed, vault, batch):
+                total += done
+            print(f"{indexed.table}.{indexed.column}: {total} re-derived under key {index_key}")
         opened, failed = check_all()
         if failed:
             explain(failed)
+            return 1
+        matched, index_failures = check_indexes()
+        if index_failures:
             return 1
         others = {key_id: n for key_id, n in opened.items() if key_id != active}
         if others:
@@ -511,9 +576,36 @@ def _rotate_keys(settings: Settings, batch: int) -> int:
                 file=sys.stderr,
             )
             return 1
+        index_others = {key_id: n for key_id, n in matched.items() if key_id != index_key}
+        if index_others:
+            print(
+                "phonebind-server: blind indexes are still under other keys"
+                f" ({', '.join(f'{k}: {n}' for k, n in sorted(index_others.items()))}): is"
+                f" every server's active_index_key {index_key!r}? Run again once it is",
+                file=sys.stderr,
+            )
+            return 1
         print(
             f"every sealed value now uses key {active} and opens with it ({opened[active]} checked)"
         )
+        print(
+            f"every blind index now uses index key {index_key} and matches its row's number"
+            f" ({matched[index_key]} checked)"
+        )
+        hashes = identity_hashes()
+        old_hashes = {key_id: n for key_id, n in hashes.items() if key_id != index_key}
+        if old_hashes:
+            # Not an error: they cannot be re-derived, only re-hashed when proven.
+            print(
+                "name and ID-number hashes still under other index keys:"
+                f" {', '.join(f'{k}: {n}' for k, n in sorted(old_hashes.items()))}. They"
+                " cannot be re-derived (the name and ID number are not stored); each"
+                f" account's are re-hashed with key {index_key} at its next successful"
+                " identity check. Keep those keys in index_key/index_keys until this count"
+                " is 0 or those accounts are gone"
+            )
+        else:
+            print(f"every name and ID-number hash uses index key {index_key}")
         return 0
 
     return _in_store(store, rotate)

@@ -21,12 +21,16 @@ from datetime import timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
-from .domain.pii import Keys
+from .domain.pii import SINGLE_KEY_ID, Keys
 from .domain.policy import Policy
 
 ENV_PREFIX = "PHONEBIND_"
-# The id of the audit key.
-AUDIT_KEY_ID = "k1"
+# The id of the key a single-key setting (index_key, code_key, audit_key) holds.
+AUDIT_KEY_ID = SINGLE_KEY_ID
+# The purposes whose keys rotate with ids: `<purpose>_key` is key k1,
+# `<purpose>_keys` the others ("id:base64,…"), `active_<purpose>_key` the one
+# that makes new values.
+ROTATING_KEYS = ("index", "code", "audit")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -113,11 +117,22 @@ class Settings:
     # A staging deployment: every production check applies, and
     # sms_test_numbers are allowed.
     staging: bool = False
+    # Each key is base64 of 32 random bytes or more. index_key, code_key and
+    # audit_key are each key k1; index_keys, code_keys and audit_keys are
+    # further keys as "id:base64,…" (to rotate), and active_*_key names the
+    # one that makes new values (default: k1 when the single key is set, else
+    # the first listed).
     index_key: str = ""
+    index_keys: str = ""
+    active_index_key: str = ""
     code_key: str = ""
+    code_keys: str = ""
+    active_code_key: str = ""
     seal_keys: str = ""
     active_seal_key: str = ""
     audit_key: str = ""
+    audit_keys: str = ""
+    active_audit_key: str = ""
     policy: Policy = field(default_factory=Policy)
 
     def keys(self) -> Keys:
@@ -126,21 +141,62 @@ class Settings:
             kid, _, encoded = item.partition(":")
             seal[kid] = _key_bytes(f"seal key {kid}", encoded)
         active = self.active_seal_key or (next(iter(seal)) if seal else "")
+        index, active_index = self.rotating_keys("index")
+        code, active_code = self.rotating_keys("code")
+        audit, active_audit = self.rotating_keys("audit")
         try:
             return Keys(
-                index_key=_key_bytes("index_key", self.index_key),
-                code_key=_key_bytes("code_key", self.code_key),
+                index_keys=index,
+                active_index_key=active_index,
+                code_keys=code,
+                active_code_key=active_code,
                 seal_keys=seal,
                 active_seal_key=active,
-                audit_key=_key_bytes("audit_key", self.audit_key),
+                audit_keys=audit,
+                active_audit_key=active_audit,
             )
         except ValueError as error:
             raise ConfigError(str(error)) from None
 
-    def audit_keys(self) -> tuple[dict[str, bytes], str]:
+    def rotating_keys(self, purpose: str) -> tuple[dict[str, bytes], str]:
+        """The `purpose` keys (index, code or audit) by id, and the active id."""
+        single_name, many_name, active_name = (
+            f"{purpose}_key",
+            f"{purpose}_keys",
+            f"active_{purpose}_key",
+        )
+        single: str = getattr(self, single_name)
+        keys: dict[str, bytes] = {}
+        if single:
+            keys[SINGLE_KEY_ID] = _key_bytes(single_name, single)
+        many: str = getattr(self, many_name)
+        for item in filter(None, (s.strip() for s in many.split(","))):
+            kid, colon, encoded = item.partition(":")
+            kid = kid.strip()
+            if not colon or not kid:
+                raise ConfigError(f"{many_name}: write each key as ID:BASE64")
+            if kid == SINGLE_KEY_ID:
+                raise ConfigError(
+                    f"{many_name}: the id {SINGLE_KEY_ID} is {single_name}'s; give the others"
+                    " other ids"
+                )
+            if kid in keys:
+                raise ConfigError(f"{many_name}: the id {kid[:16]!r} is given twice")
+            keys[kid] = _key_bytes(f"{many_name} key {kid[:16]}", encoded.strip())
+        if not keys:
+            raise ConfigError(f"{single_name} is not set")
+        active: str = getattr(self, active_name) or next(iter(keys))
+        if active not in keys:
+            raise ConfigError(
+                f"{active_name} {active[:16]!r} is not one of the configured ids"
+                f" ({', '.join(keys)})"
+            )
+        return keys, active
+
+    def audit_keys_and_active(self) -> tuple[dict[str, bytes], str]:
         """The audit keys by id and the id of the one that MACs new records; what
         `migrate` needs to MAC an existing audit trail again."""
-        return {AUDIT_KEY_ID: _key_bytes("audit_key", self.audit_key)}, AUDIT_KEY_ID
+        return self.rotating_keys("audit")
 
     def http_secret(self) -> bytes:
         """The http SMS gateway's signing secret (empty when unset): `whsec_`
@@ -154,9 +210,9 @@ class Settings:
     def dev_keys_in_use(self) -> list[str]:
         """The key settings that hold a well-known development key."""
         found = []
-        for name in DEV_KEYS:
+        for name in SECRET_SETTINGS:
             value: str = getattr(self, name)
-            items = value.split(",") if name == "seal_keys" else [value]
+            items = value.split(",") if name in _KEY_LIST_SETTINGS else [value]
             if any(_is_dev_key(_key_text(item.strip())) for item in items):
                 found.append(name)
         return found
@@ -279,7 +335,12 @@ def load(
         settings = dataclasses.replace(
             settings,
             reflection=True,
-            **{name: getattr(settings, name) or value for name, value in DEV_KEYS.items()},
+            **{
+                name: getattr(settings, name) or value
+                for name, value in DEV_KEYS.items()
+                # A purpose given keys with ids gets no development key k1.
+                if not getattr(settings, name + "s", "")
+            },
         )
     level = settings.log_level.strip().upper()
     settings = dataclasses.replace(
@@ -495,8 +556,13 @@ def _check_sms(settings: Settings) -> None:
 
 # -- secrets in files, and where each setting came from -----------------------------
 
+# Settings that hold several keys, as "id:base64,…".
+_KEY_LIST_SETTINGS = ("seal_keys", *(f"{purpose}_keys" for purpose in ROTATING_KEYS))
 # Settings that hold a secret: never printed, only said to be set.
-SECRET_SETTINGS: tuple[str, ...] = tuple(DEV_KEYS)
+SECRET_SETTINGS: tuple[str, ...] = (
+    *DEV_KEYS,
+    *(f"{purpose}_keys" for purpose in ROTATING_KEYS),
+)
 # Settings that may also be given as a file holding the value, as Kubernetes
 # Secrets and systemd credentials provide them: the variable PHONEBIND_NAME_FILE
 # or the key `name_file` of the file's [server] table. The database URL may
@@ -602,7 +668,7 @@ def origins(
             found[name] = "default"
     if settings.dev:
         for name in DEV_KEYS:
-            if found[name] == "default":
+            if found[name] == "default" and getattr(settings, name):
                 found[name] = "development key (--dev)"
         if found["reflection"] == "default":
             found["reflection"] = "on with --dev"

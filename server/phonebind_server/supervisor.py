@@ -39,7 +39,9 @@ def supervise(settings: Settings, *, migrate: bool) -> int:
         from .domain.pii import Vault
         from .store.store import Store
 
-        Store(settings.database_url).migrate(settings.audit_keys, lambda: Vault(settings.keys()))
+        Store(settings.database_url).migrate(
+            settings.audit_keys_and_active, lambda: Vault(settings.keys())
+        )
     return _supervise(settings)
 
 

@@ -75,8 +75,15 @@ class Read(Generic[T]):
 
 class AccountRepository(Protocol):
     def get(self, account_id: str, *, lock: bool = False) -> Read[Account | None]: ...
-    def owner_of(self, phone_index: str) -> Read[str | None]:
-        """The account the number is bound to."""
+    def owner_of(self, phone_indexes: Sequence[str]) -> Read[str | None]:
+        """The account the number is bound to, by its index under any configured key."""
+        ...
+
+    def rehash_identity(
+        self, account_id: str, *, old: tuple[str, str], new: tuple[str, str]
+    ) -> None:
+        """The account's name and ID-number hashes replaced by `new`, if they are
+        still `old` (it needs no lock: a concurrent change of them wins)."""
         ...
 
     def of_rebind(self, rebind_id: str, *, lock: bool = False) -> Read[Account | None]:
@@ -138,9 +145,10 @@ class OutboxRepository(Protocol):
         ...
 
     def sent_times(
-        self, phone_index: str, purpose: str, *, since: datetime
+        self, phone_indexes: Sequence[str], purpose: str, *, since: datetime
     ) -> Read[list[datetime]]:
-        """When messages of `purpose` to the number were queued after `since`, oldest first."""
+        """When messages of `purpose` to the number (by its index under any
+        configured key) were queued after `since`, oldest first."""
         ...
 
     def sent_times_to_code_number(
@@ -164,7 +172,7 @@ class HistoryRepository(Protocol):
         ...
 
     def released_by_other(
-        self, phone_index: str, *, account_id: str, since: datetime
+        self, phone_indexes: Sequence[str], *, account_id: str, since: datetime
     ) -> Read[bool]: ...
 
 

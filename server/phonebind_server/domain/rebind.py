@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import secrets
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
@@ -175,6 +175,24 @@ class RebindService:
     def now(self) -> datetime:
         return self._clock.now()
 
+    # -- numbers under several index keys --------------------------------------------
+
+    def _indexes_of(self, phone: SealedPhone, place: SealPlace) -> tuple[str, ...]:
+        """The stored number's index under every configured index key (with one
+        key: its stored index, nothing to open)."""
+        if len(self._vault.index_key_ids) == 1 and self._vault.hashed_with_active_key(phone.index):
+            return (phone.index,)
+        return self._vault.phone_indexes(self._vault.unseal(phone.sealed, place))
+
+    def _lock_number(self, tx: Tx, phone_indexes: Sequence[str]) -> None:
+        """While index keys rotate, binding a number takes a lock named by its
+        index under the first key id, so that two binds of one number under
+        different keys run one after the other and the second one's lookup
+        (by every key) sees the first's account. With one key the unique rule
+        on accounts' indexes decides alone."""
+        if len(phone_indexes) > 1:
+            tx.limits.serialize("bind:" + phone_indexes[0])
+
     # -- the unit of work every use case runs in ------------------------------------
 
     def _unit(
@@ -218,11 +236,15 @@ class RebindService:
         number = self._parse(phone, "phone")
         name_hash = self._vault.name_hash(name)
         id_hash = self._vault.id_number_hash(id_norm)
-        phone_index = self._vault.phone_index(number.e164)
+        phone_indexes = self._vault.phone_indexes(number.e164)
         # The request_id alone makes a replay, whatever the fields: were the
         # fields compared, a known request_id would tell (answer, or
         # REQUEST_ID_REUSED) whether a guessed name or ID number is the record's.
         key = Idempotency.of("RegisterAccount", account_id, request_id)
+
+        def reads(tx: Tx) -> tuple[Read[Any], ...]:
+            self._lock_number(tx, phone_indexes)  # sent before the reads
+            return tx.accounts.get(account_id), tx.accounts.owner_of(phone_indexes)
 
         def work(
             tx: Tx, existing: Account | None, owner: str | None
@@ -264,7 +286,7 @@ class RebindService:
         return self._unit(
             call,
             work,
-            reads=lambda tx: (tx.accounts.get(account_id), tx.accounts.owner_of(phone_index)),
+            reads=reads,
             key=key if request_id else None,
             replay=replay,
         )
@@ -289,6 +311,7 @@ class RebindService:
         check_request_id(request_id)
         number = self._parse(new_phone, "new_phone")
         new_index = self._vault.phone_index(number.e164)
+        new_indexes = self._vault.phone_indexes(number.e164)
         key = Idempotency.of("StartRebind", account_id, request_id, new_index, old_phone_lost)
         p = self._policy
 
@@ -301,7 +324,7 @@ class RebindService:
                     account_id, since=(now - p.review_change_window, now - p.deny_change_window)
                 ),
                 tx.history.released_by_other(
-                    new_index, account_id=account_id, since=now - p.recycled_number_window
+                    new_indexes, account_id=account_id, since=now - p.recycled_number_window
                 ),
             )
 
@@ -329,7 +352,7 @@ class RebindService:
             refusal: DomainError | None = None
             if account.rebind_locked_at(now):
                 refusal = _locked_error(account, now)
-            elif self._vault.same(account.phone.index, new_index):
+            elif self._vault.same_phone(account.phone.index, number.e164):
                 refusal = DomainError(Reason.SAME_PHONE, "the new number is the bound number")
             if refusal is None:
                 in_review_window, in_deny_window = counts
@@ -435,11 +458,22 @@ class RebindService:
             rebind = self._open(row, account_id, now)
             self._require_step(rebind, Step.IDENTITY)
             account = _found(account)
-            # Both hashes are compared every time, so timing does not tell which failed.
-            matches = self._vault.same(
-                account.holder_name_hash, self._vault.name_hash(name)
-            ) & self._vault.same(account.id_number_hash, self._vault.id_number_hash(id_norm))
+            # Each hash is checked under the key that made it (a rotation of the
+            # index key cannot re-derive them: the name and ID number are not kept).
+            matches = self._vault.identity_matches(
+                account.holder_name_hash, account.id_number_hash, name, id_norm
+            )
             if matches:
+                if not (
+                    self._vault.hashed_with_active_key(account.holder_name_hash)
+                    and self._vault.hashed_with_active_key(account.id_number_hash)
+                ):
+                    # Proven now, so hashed again under the active key.
+                    tx.accounts.rehash_identity(
+                        account_id,
+                        old=(account.holder_name_hash, account.id_number_hash),
+                        new=(self._vault.name_hash(name), self._vault.id_number_hash(id_norm)),
+                    )
                 rebind = self._complete_step(tx, rebind, Step.IDENTITY, now)
                 self._record(tx, now, "IDENTITY_VERIFIED", account_id, rebind_id)
                 return rebind, {}
@@ -506,8 +540,7 @@ class RebindService:
             account: Account | None,
             row: Rebind | None,
             current: Challenge | None,
-            _number_locked: None,
-            sent_today: list[datetime],
+            *counted: Any,
         ) -> tuple[CodeSent, dict[str, str]]:
             rebind = self._open(row, account_id, now)
             self._require_step(rebind, target.step)
@@ -524,7 +557,17 @@ class RebindService:
             else:
                 to, kept_at = rebind.new_phone, REBIND_NEW_PHONE.at(rebind_id)
             # Per-number caps hold across accounts, processes and hosts: counted
-            # (in `reads`, below) under a lock on the number.
+            # under a lock on the number. With one index key the lock and the
+            # count went out with the rows (in `reads`, below); while index keys
+            # rotate they find the number by its index under every key.
+            to_indexes = self._indexes_of(to, kept_at)
+            if len(to_indexes) > 1:
+                tx.limits.serialize("sms-to:" + to_indexes[0])
+                sent_today = tx.one(
+                    tx.outbox.sent_times(to_indexes, messages.PURPOSE_REBIND_CODE, since=now - _DAY)
+                )
+            else:
+                sent_today = counted[1]
             for limit, window, per in (
                 (p.sends_per_number_hour, _HOUR, "hour"),
                 (p.sends_per_number_day, _DAY, "day"),
@@ -537,7 +580,7 @@ class RebindService:
                     subject=f"phone:{to.masked}",
                     description=f"{limit} codes per number per {per}",
                 )
-            fixed = self._test_codes.get(to.index)
+            fixed = next((self._test_codes[i] for i in to_indexes if i in self._test_codes), None)
             code = fixed if fixed is not None else otp.new_code(p.code_length, self._randbelow)
             challenge = Challenge(
                 rebind_id=rebind_id,
@@ -591,10 +634,21 @@ class RebindService:
                 tx.rebinds.get(rebind_id),
                 tx.codes.get(rebind_id, target),
                 # The number's lock and count go with the rows they are read
-                # from: the count sees what earlier holders of the lock committed.
-                tx.limits.serialize_code_number(target, account_id, rebind_id),
-                tx.outbox.sent_times_to_code_number(
-                    target, account_id, rebind_id, messages.PURPOSE_REBIND_CODE, since=now - _DAY
+                # from: the count sees what earlier holders of the lock committed
+                # (with one index key; with several, `work` takes them).
+                *(
+                    (
+                        tx.limits.serialize_code_number(target, account_id, rebind_id),
+                        tx.outbox.sent_times_to_code_number(
+                            target,
+                            account_id,
+                            rebind_id,
+                            messages.PURPOSE_REBIND_CODE,
+                            since=now - _DAY,
+                        ),
+                    )
+                    if len(self._vault.index_key_ids) == 1
+                    else ()
                 ),
             ),
             key=key if request_id else None,
@@ -633,8 +687,12 @@ class RebindService:
             # The attempt is counted before comparing, under the account's row
             # lock, so parallel guesses can never exceed the cap.
             attempts = challenge.attempts + 1
-            expected = self._vault.code_mac(rebind_id, target.value, code)
-            if not self._vault.same(challenge.code_mac, expected):
+            # Under the key that MAC'd it: a code sent before a rotation of the
+            # code key still verifies while its key stays configured.
+            matches = self._vault.code_matches(challenge.code_mac, rebind_id, target.value, code)
+            if matches is None:
+                raise DomainError(Reason.CODE_EXPIRED, "the code has expired; send a new one")
+            if not matches:
                 burnt = attempts >= p.code_max_attempts
                 tx.codes.save(
                     challenge.with_changes(
@@ -655,7 +713,9 @@ class RebindService:
                 # Possession is proven: only now may the caller learn that the
                 # number is bound to another account. The code stays live (its
                 # try counted), so a code is used exactly when its step is done.
-                owner = tx.one(tx.accounts.owner_of(rebind.new_phone.index))
+                new_indexes = self._indexes_of(rebind.new_phone, REBIND_NEW_PHONE.at(rebind_id))
+                self._lock_number(tx, new_indexes)
+                owner = tx.one(tx.accounts.owner_of(new_indexes))
                 if owner is not None and owner != account_id:
                     tx.codes.save(challenge.with_changes(attempts=attempts))
                     self._record(
@@ -697,14 +757,24 @@ class RebindService:
                     metadata={"missing_steps": missing},
                 )
             account = _found(account)
-            if self._vault.same(account.phone.index, rebind.new_phone.index):
+            new_at = REBIND_NEW_PHONE.at(rebind_id)
+            new_number = self._vault.unseal(rebind.new_phone.sealed, new_at)
+            if self._vault.same_phone(account.phone.index, new_number):
                 raise DomainError(Reason.SAME_PHONE, "the new number is the bound number")
+            if len(self._vault.index_key_ids) > 1:
+                # The unique rule on numbers compares values under one key; while
+                # index keys rotate the same number may be bound under another.
+                new_indexes = self._vault.phone_indexes(new_number)
+                self._lock_number(tx, new_indexes)
+                owner = tx.one(tx.accounts.owner_of(new_indexes))
+                if owner is not None and owner != account_id:
+                    raise _phone_in_use()
             # A hold still running (72 h after a lost phone) is never shortened
             # by a later, ordinary change: its end is the later of the two. The
             # unique rule on numbers decides whether the number is still free.
             hold_until = max(now + p.hold_for(rebind.old_phone_lost), account.hold_until or now)
             # Each row keeps its own sealing of a number, bound to that row.
-            old_at, new_at = ACCOUNT_PHONE.at(account_id), REBIND_NEW_PHONE.at(rebind_id)
+            old_at = ACCOUNT_PHONE.at(account_id)
             moved = account.with_changes(
                 phone=self._vault.move_phone(rebind.new_phone, new_at, old_at),
                 bound_at=now,
@@ -732,7 +802,7 @@ class RebindService:
             notice = messages.change_notice(
                 rebind.new_phone.masked, language=p.sms_language, signature=p.sms_signature
             )
-            if account.phone.index not in self._test_codes:
+            if not any(i in self._test_codes for i in self._indexes_of(account.phone, old_at)):
                 self._queue_sms(
                     tx, account.phone, old_at, messages.PURPOSE_CHANGE_NOTICE, notice, now, rebind
                 )

@@ -6,8 +6,10 @@ Every statement is a peewee query over the store's bound tables (`t`), with
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import operator
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, ClassVar
@@ -45,6 +47,34 @@ _ACCOUNT_CHAIN = account_chain("")
 # it, which delivers it at once; if that process dies first, any dispatcher
 # takes it when the lease runs out.
 EXPRESS_LEASE_SECONDS = 30
+
+
+def _any_index(field: Any, count: int) -> Any:
+    """`field` equal to any of `count` blind indexes (a number's under each
+    configured index key): parameters index0, index1, …"""
+    return functools.reduce(operator.or_, (field == Param(f"index{i}") for i in range(count)))
+
+
+def _indexes(phone_indexes: Sequence[str]) -> dict[str, str]:
+    return {f"index{i}": index for i, index in enumerate(phone_indexes)}
+
+
+class _ByCount:
+    """One query per number of blind indexes (the number of index keys, fixed
+    for a process), each compiled once."""
+
+    def __init__(self, name: str, build: Any) -> None:
+        self._name = name
+        self._build = build
+        self._queries: dict[int, Query] = {}
+
+    def __call__(self, count: int) -> Query:
+        query = self._queries.get(count)
+        if query is None:
+            build = self._build
+            query = Query(f"{self._name}.{count}", lambda t: build(t, count))
+            self._queries[count] = query
+        return query
 
 
 def _steps(text: str) -> tuple[Step, ...]:
@@ -177,10 +207,25 @@ class AccountRows:
             )
         ),
     )
-    OWNER = Query(
+    OWNER = _ByCount(
         "accounts.owner",
-        lambda t: t.accounts.select(t.accounts.account_id).where(
-            t.accounts.phone_index == Param("phone_index")
+        lambda t, n: (
+            t.accounts.select(t.accounts.account_id)
+            .where(_any_index(t.accounts.phone_index, n))
+            .limit(1)
+        ),
+    )
+    REHASH = Query(
+        "accounts.rehash_identity",
+        lambda t: t.accounts.update(
+            {
+                t.accounts.holder_name_hash: Param("name_hash", t.accounts.holder_name_hash),
+                t.accounts.id_number_hash: Param("id_hash", t.accounts.id_number_hash),
+            }
+        ).where(
+            (t.accounts.account_id == Param("account_id"))
+            & (t.accounts.holder_name_hash == Param("old_name_hash"))
+            & (t.accounts.id_number_hash == Param("old_id_hash"))
         ),
     )
     ADD = Query(
@@ -226,8 +271,22 @@ class AccountRows:
             self._mapper(lock),
         )
 
-    def owner_of(self, phone_index: str) -> Read[str | None]:
-        return StatementRead(self.OWNER, {"phone_index": phone_index}, value)
+    def owner_of(self, phone_indexes: Sequence[str]) -> Read[str | None]:
+        return StatementRead(self.OWNER(len(phone_indexes)), _indexes(phone_indexes), value)
+
+    def rehash_identity(
+        self, account_id: str, *, old: tuple[str, str], new: tuple[str, str]
+    ) -> None:
+        self._tx.write(
+            self.REHASH,
+            {
+                "account_id": account_id,
+                "name_hash": new[0],
+                "id_hash": new[1],
+                "old_name_hash": old[0],
+                "old_id_hash": old[1],
+            },
+        )
 
     def add(self, account: Account) -> None:
         self._tx.write(self.ADD, _account_values(account))
@@ -648,12 +707,12 @@ class OutboxRows:
     SENT_TIMES_TO_CODE_NUMBER: ClassVar[dict[CodeTarget, Query]] = {
         target: _sent_times_to_code_number(target) for target in CodeTarget
     }
-    SENT_TIMES = Query(
+    SENT_TIMES = _ByCount(
         "outbox.sent_times",
-        lambda t: (
+        lambda t, n: (
             t.outbox.select(t.outbox.created_at)
             .where(
-                (t.outbox.to_index == Param("to_index"))
+                _any_index(t.outbox.to_index, n)
                 & (t.outbox.purpose == Param("purpose"))
                 & (t.outbox.created_at > Param("since"))
             )
@@ -696,11 +755,11 @@ class OutboxRows:
         self._tx.messages.append(message)
 
     def sent_times(
-        self, phone_index: str, purpose: str, *, since: datetime
+        self, phone_indexes: Sequence[str], purpose: str, *, since: datetime
     ) -> Read[list[datetime]]:
         return StatementRead(
-            self.SENT_TIMES,
-            {"to_index": phone_index, "purpose": purpose, "since": since},
+            self.SENT_TIMES(len(phone_indexes)),
+            {**_indexes(phone_indexes), "purpose": purpose, "since": since},
             every(lambda row: row[0]),
         )
 
@@ -782,12 +841,12 @@ def _counts_query(windows: int) -> Query:
 class ChangeRows:
     ADD = Query("changes.add", lambda t: t.changes.insert(values(t.changes, _CHANGE_COLUMNS)))
     PAGE: ClassVar[dict[bool, Query]] = {paged: _page_query(paged) for paged in (False, True)}
-    RELEASED = Query(
+    RELEASED = _ByCount(
         "changes.released_by_other",
-        lambda t: (
+        lambda t, n: (
             t.changes.select(peewee.SQL("1"))
             .where(
-                (t.changes.old_phone_index == Param("phone_index"))
+                _any_index(t.changes.old_phone_index, n)
                 & (t.changes.account_id != Param("account_id"))
                 & (t.changes.completed_at >= Param("since"))
             )
@@ -834,11 +893,11 @@ class ChangeRows:
         return StatementRead(_COUNTS[len(since)], params, shape)
 
     def released_by_other(
-        self, phone_index: str, *, account_id: str, since: datetime
+        self, phone_indexes: Sequence[str], *, account_id: str, since: datetime
     ) -> Read[bool]:
         return StatementRead(
-            self.RELEASED,
-            {"phone_index": phone_index, "account_id": account_id, "since": since},
+            self.RELEASED(len(phone_indexes)),
+            {**_indexes(phone_indexes), "account_id": account_id, "since": since},
             exists,
         )
 

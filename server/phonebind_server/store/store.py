@@ -24,7 +24,7 @@ from ..domain.audit import REGISTRY, AuditSnapshot, RegisteredChain, StoredEvent
 from ..domain.context import INTERNAL, CallContext
 from ..domain.errors import DomainError
 from ..domain.model import OutboundSms
-from ..domain.pii import KeyCheck, SealedColumn, SealError, Vault
+from ..domain.pii import IndexedColumn, KeyCheck, SealedColumn, SealError, Vault
 from ..domain.ports import DeadlinePassed, StoreUnavailable
 from . import repositories  # noqa: F401 - the unit of work's repositories
 from .engine import Answer, Engine, PostgresEngine, SqliteEngine, WriteLockBusy
@@ -495,6 +495,12 @@ class Store:
         ),
     )
 
+    def recorded_key_ids(self) -> set[tuple[str, str]]:
+        """(purpose, key id) of every key whose check value is recorded."""
+        with self.transaction(write=False) as tx:
+            rows = tx.one(tx_read(self._KEY_CHECKS, {}, every(tuple)))
+        return {(purpose, key_id) for purpose, key_id, _ in rows}
+
     def check_keys(
         self, checks: Sequence[KeyCheck], now: datetime, *, record: bool = True
     ) -> list[KeyCheck]:
@@ -612,6 +618,140 @@ class Store:
                 continue
             opened[key_id if token.startswith(Vault.SEALED_PREFIXES[0]) else "v1:" + key_id] += 1
         return (rows[-1][0] if rows else after), opened, failed
+
+    # -- index key rotation ----------------------------------------------------------
+
+    def _indexed_queries(self, column: IndexedColumn, prefix: str) -> tuple[Query, Query, Query]:
+        """Reading the rows of `column` whose index is not under `prefix`, every
+        row after a row key, and updating one row's index."""
+        sealed = column.sealed
+
+        def fields(t: Tables) -> tuple[Any, Any, Any, Any]:
+            model = getattr(t, _SEALED_TABLES[column.table])
+            return (
+                model,
+                getattr(model, sealed.row_key),
+                getattr(model, column.column),
+                getattr(model, sealed.column),
+            )
+
+        def build_others(t: Tables) -> peewee.Query:
+            model, key, index, phone = fields(t)
+            return (
+                model.select(key, index, phone)
+                .where((index != "") & (peewee.fn.SUBSTR(index, 1, len(prefix)) != prefix))
+                .limit(Param("limit"))
+            )
+
+        def build_all(t: Tables) -> peewee.Query:
+            model, key, index, phone = fields(t)
+            return (
+                model.select(key, index, phone)
+                .where((index != "") & (key > Param("after")))
+                .order_by(key)
+                .limit(Param("limit"))
+            )
+
+        def build_update(t: Tables) -> peewee.Query:
+            model, key, index, _ = fields(t)
+            return model.update({index: Param("new", index)}).where(
+                (index == Param("old")) & (key == Param("row"))
+            )
+
+        name = f"{column.table}.{column.column}"
+        return (
+            Query(f"reindex.others.{name}.{prefix}", build_others),
+            Query(f"reindex.all.{name}", build_all),
+            Query(f"reindex.update.{name}", build_update),
+        )
+
+    def reindex_batch(self, column: IndexedColumn, vault: Vault, limit: int) -> int:
+        """Re-derives up to `limit` blind indexes of `column` that another key
+        made, under the active index key, from the sealed number of their row.
+
+        Each row is updated only if it still holds the index read, so a server
+        writing at the same time never loses its write. An account's new index
+        meets the unique rule on numbers: a number bound twice under two keys
+        fails the batch (IntegrityError) instead of being merged."""
+        others, _, update = self._indexed_queries(column, vault.active_index_key + ":")
+        with self.transaction() as tx:
+            rows = tx.one(
+                tx_read(others, {"limit": limit}, lambda c, rows: [c.row(r) for r in rows])
+            )
+            for row, old, phone in rows:
+                e164 = vault.unseal(phone, column.sealed.at(row), unbound_too=True)
+                tx.write(update, {"row": row, "old": old, "new": vault.phone_index(e164)})
+        return len(rows)
+
+    def check_indexes(
+        self, column: IndexedColumn, vault: Vault, *, after: str, limit: int
+    ) -> tuple[str, Counter[str], list[str]]:
+        """Checks up to `limit` blind indexes of `column` after row key `after`
+        against the sealed number of their row, each under the key it names:
+        the last row key read, how many match under each key id, and a
+        description of each that does not (no personal data)."""
+        _, every, _ = self._indexed_queries(column, vault.active_index_key + ":")
+        with self.transaction(write=False) as tx:
+            rows = tx.one(
+                tx_read(
+                    every,
+                    {"after": after, "limit": limit},
+                    lambda c, rows: [c.row(r) for r in rows],
+                )
+            )
+        matched: Counter[str] = Counter()
+        failed = []
+        for row, index, phone in rows:
+            place = column.sealed.at(row)
+            key_id = Vault.key_id_of(index)
+            try:
+                e164 = vault.unseal(phone, place, unbound_too=True)
+            except SealError as error:
+                failed.append(str(error))
+                continue
+            if key_id not in vault.index_key_ids:
+                failed.append(
+                    f"{column.table}.{column.column} of row {row[:80]!r}: made with"
+                    f" index key {key_id[:32]!r}, which is not configured"
+                )
+            elif not vault.same_phone(index, e164):
+                failed.append(
+                    f"{column.table}.{column.column} of row {row[:80]!r}: not the index of"
+                    f" the row's number under key {key_id!r} (mistyped key, or altered)"
+                )
+            else:
+                matched[key_id] += 1
+        return (rows[-1][0] if rows else after), matched, failed
+
+    _IDENTITY_HASHES = Query(
+        "reindex.identity_hashes",
+        lambda t: (
+            t.accounts.select(
+                t.accounts.account_id, t.accounts.holder_name_hash, t.accounts.id_number_hash
+            )
+            .where(t.accounts.account_id > Param("after"))
+            .order_by(t.accounts.account_id)
+            .limit(Param("limit"))
+        ),
+    )
+
+    def identity_hash_keys(self, *, after: str, limit: int) -> tuple[str, Counter[str]]:
+        """The key ids of up to `limit` accounts' name and ID-number hashes after
+        account id `after`: the last account id read, and how many hashes
+        (two per account) each key id made."""
+        with self.transaction(write=False) as tx:
+            rows = tx.one(
+                tx_read(
+                    self._IDENTITY_HASHES,
+                    {"after": after, "limit": limit},
+                    lambda c, rows: [c.row(r) for r in rows],
+                )
+            )
+        made: Counter[str] = Counter()
+        for _, name_hash, id_hash in rows:
+            made[Vault.key_id_of(name_hash)] += 1
+            made[Vault.key_id_of(id_hash)] += 1
+        return (rows[-1][0] if rows else after), made
 
     # -- audit reading (AuditService, `audit verify`) ------------------------------
 
