@@ -184,9 +184,12 @@ def test_every_secret_can_come_from_a_file_named_in_the_environment_or_the_confi
 def test_secret_settings_are_the_keys_and_every_one_has_a_file_form():
     assert set(SECRET_SETTINGS) == {
         "index_key",
+        "index_keys",
         "code_key",
+        "code_keys",
         "seal_keys",
         "audit_key",
+        "audit_keys",
         "sms_http_secret",
     }
     assert set(SECRET_SETTINGS) < set(FILE_SETTINGS)
@@ -285,6 +288,8 @@ def production_setup(tmp_path) -> tuple[dict[str, str], dict[str, str]]:
     secrets = {name: key() for name in ("index_key", "code_key", "audit_key")}
     secrets["sms_http_secret"] = "whsec_" + key()
     secrets["seal_keys"] = "k1:" + key()
+    # A second index key, as during a rotation (not yet active).
+    secrets["index_keys"] = "k2:" + key()
     (tmp_path / "index_key").write_text(secrets["index_key"] + "\n", encoding="utf-8")
     (tmp_path / "audit_key").write_text(secrets["audit_key"] + "\n", encoding="utf-8")
     password = pysecrets.token_hex(8)
@@ -305,6 +310,7 @@ def production_setup(tmp_path) -> tuple[dict[str, str], dict[str, str]]:
         "PHONEBIND_CONFIG": config,
         "PHONEBIND_INDEX_KEY_FILE": str(tmp_path / "index_key"),
         "PHONEBIND_SEAL_KEYS": secrets["seal_keys"],
+        "PHONEBIND_INDEX_KEYS": secrets["index_keys"],
         "PHONEBIND_SMS_HTTP_SECRET": secrets["sms_http_secret"],
         "PHONEBIND_SMS_GATEWAY": "https://sms.provider.example/send",
         "PHONEBIND_CREDENTIALS_FILE": "/etc/phonebind/callers.toml",
@@ -356,7 +362,11 @@ def test_config_show_prints_every_setting_its_source_and_no_secret(tmp_path):
     assert sources[("policy", "rebind_ttl")] == "default"
 
     for name in SECRET_SETTINGS:
-        assert shown["server"][name] == "<redacted>"
+        # The code and audit keys with ids are not set here.
+        unset = name in ("code_keys", "audit_keys")
+        assert shown["server"][name] == ("" if unset else "<redacted>"), name
+    assert sources[("server", "index_keys")] == "environment PHONEBIND_INDEX_KEYS"
+    assert shown["server"]["active_index_key"] == ""
     assert shown["server"]["database_url"] == (
         "postgresql://phonebind:<redacted>@db.internal:5432/pb"
         "?sslmode=verify-full&password=<redacted>"
@@ -405,7 +415,11 @@ def test_config_show_names_the_development_keys_of_dev(tmp_path):
     result = run("config", "show", "--dev")
     assert result.returncode == 0, result.stderr
     for name in SECRET_SETTINGS:
-        assert f'{name} = "<redacted>"  # development key (--dev)' in result.stdout
+        if name.endswith("_keys") and name != "seal_keys":
+            # Further keys by id have no development key.
+            assert f'{name} = ""  # default' in result.stdout
+        else:
+            assert f'{name} = "<redacted>"  # development key (--dev)' in result.stdout
     assert "reflection = true  # on with --dev" in result.stdout
     assert "dev = true  # flag --dev" in result.stdout
 
@@ -451,14 +465,29 @@ def test_each_tool_help_lists_the_variables_it_reads():
         "PHONEBIND_LOG_LEVEL": "default INFO",
         # Read only when a migration reseals stored values (m0014).
         "PHONEBIND_INDEX_KEY[_FILE]": "default unset (secret)",
+        "PHONEBIND_INDEX_KEYS[_FILE]": "default unset (secret)",
+        "PHONEBIND_ACTIVE_INDEX_KEY": "default unset",
         "PHONEBIND_CODE_KEY[_FILE]": "default unset (secret)",
+        "PHONEBIND_CODE_KEYS[_FILE]": "default unset (secret)",
+        "PHONEBIND_ACTIVE_CODE_KEY": "default unset",
         "PHONEBIND_SEAL_KEYS[_FILE]": "default unset (secret)",
         "PHONEBIND_ACTIVE_SEAL_KEY": "default unset",
         "PHONEBIND_AUDIT_KEY[_FILE]": "default unset (secret)",
+        "PHONEBIND_AUDIT_KEYS[_FILE]": "default unset (secret)",
+        "PHONEBIND_ACTIVE_AUDIT_KEY": "default unset",
     }
-    assert "PHONEBIND_AUDIT_KEY[_FILE]" in help_of("audit", "verify")
+    assert {
+        "PHONEBIND_AUDIT_KEY[_FILE]",
+        "PHONEBIND_AUDIT_KEYS[_FILE]",
+        "PHONEBIND_ACTIVE_AUDIT_KEY",
+    } <= set(help_of("audit", "verify"))
     rotate = help_of("rotate-keys")
-    assert {"PHONEBIND_SEAL_KEYS[_FILE]", "PHONEBIND_ACTIVE_SEAL_KEY"} <= set(rotate)
+    assert {
+        "PHONEBIND_SEAL_KEYS[_FILE]",
+        "PHONEBIND_ACTIVE_SEAL_KEY",
+        "PHONEBIND_INDEX_KEYS[_FILE]",
+        "PHONEBIND_ACTIVE_INDEX_KEY",
+    } <= set(rotate)
 
 
 # -- the health port -----------------------------------------------------------------------

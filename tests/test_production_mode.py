@@ -225,12 +225,17 @@ WEAK_KEYS = {
         "PHONEBIND_AUDIT_KEY",
         "PHONEBIND_SEAL_KEYS",
         "PHONEBIND_SMS_HTTP_SECRET",
+        "PHONEBIND_INDEX_KEYS",
+        "PHONEBIND_CODE_KEYS",
+        "PHONEBIND_AUDIT_KEYS",
     ],
 )
 @pytest.mark.parametrize("weak", sorted(WEAK_KEYS))
 def test_production_refuses_a_trivially_weak_key_naming_its_setting(safe, variable, weak):
     encoded = base64.b64encode(WEAK_KEYS[weak]).decode()
     prefix = {"PHONEBIND_SEAL_KEYS": "k1:", "PHONEBIND_SMS_HTTP_SECRET": "whsec_"}
+    # A key with an id beside a strong one, as during a rotation.
+    prefix.update({f"PHONEBIND_{p}_KEYS": "k2:" for p in ("INDEX", "CODE", "AUDIT")})
     value = prefix.get(variable, "") + encoded
     with pytest.raises(ConfigError) as caught:
         load(env={**safe, variable: value})
@@ -245,11 +250,19 @@ def test_production_refuses_a_trivially_weak_key_naming_its_setting(safe, variab
         ("PHONEBIND_INDEX_KEY", "PHONEBIND_AUDIT_KEY"),
         ("PHONEBIND_CODE_KEY", "PHONEBIND_AUDIT_KEY"),
         ("PHONEBIND_AUDIT_KEY", "PHONEBIND_SMS_HTTP_SECRET"),
+        ("PHONEBIND_INDEX_KEY", "PHONEBIND_CODE_KEYS"),
+        ("PHONEBIND_CODE_KEY", "PHONEBIND_AUDIT_KEYS"),
+        # A rotation to the key already in use rotates nothing.
+        ("PHONEBIND_INDEX_KEY", "PHONEBIND_INDEX_KEYS"),
     ],
 )
 def test_production_refuses_one_key_in_two_settings_naming_both(safe, first, second):
-    # The webhook secret is the same base64 key behind its whsec_ prefix.
-    value = ("whsec_" if second == "PHONEBIND_SMS_HTTP_SECRET" else "") + safe[first]
+    # The webhook secret is the same base64 key behind its whsec_ prefix; a
+    # further key by id behind its id.
+    prefix = {"PHONEBIND_SMS_HTTP_SECRET": "whsec_"}.get(second, "")
+    if second.endswith("_KEYS"):
+        prefix = "k2:"
+    value = prefix + safe[first]
     with pytest.raises(ConfigError) as caught:
         load(env={**safe, second: value})
     names = [v.removeprefix("PHONEBIND_").lower() for v in (first, second)]
@@ -270,3 +283,29 @@ def test_random_keys_are_never_judged_weak():
     from phonebind_server.config import weak_key
 
     assert not any(weak_key(os.urandom(32)) for _ in range(2000))
+
+
+def test_index_code_and_audit_keys_take_further_keys_by_id(safe):
+    other = key()
+    loaded = load(env={**safe, "PHONEBIND_INDEX_KEYS": f"k2:{other}"}).keys()
+    # Adding a key makes nothing with it until it is named active.
+    assert loaded.active_index_key == "k1"
+    assert set(loaded.index_keys) == {"k1", "k2"}
+    rotated = load(
+        env={**safe, "PHONEBIND_INDEX_KEYS": f"k2:{other}", "PHONEBIND_ACTIVE_INDEX_KEY": "k2"}
+    ).keys()
+    assert rotated.index_key == base64.b64decode(other)
+    # Once the old key is dropped, the keys with ids alone suffice.
+    alone = {k: v for k, v in safe.items() if k != "PHONEBIND_AUDIT_KEY"}
+    assert load(env={**alone, "PHONEBIND_AUDIT_KEYS": f"k2:{other}"}).keys().audit_keys == {
+        "k2": base64.b64decode(other)
+    }
+    for env, message in [
+        ({"PHONEBIND_CODE_KEYS": f"k1:{other}"}, "code_keys: the id k1 is code_key's"),
+        ({"PHONEBIND_CODE_KEYS": other}, "code_keys: write each key as ID:BASE64"),
+        ({"PHONEBIND_ACTIVE_AUDIT_KEY": "k9"}, "active_audit_key 'k9' is not one of"),
+        ({"PHONEBIND_INDEX_KEYS": f"k2:{other},k2:{key()}"}, "the id 'k2' is given twice"),
+    ]:
+        with pytest.raises(ConfigError) as caught:
+            load(env={**safe, **env})
+        assert message in str(caught.value)

@@ -26,6 +26,6 @@ def upgrade(db, dialect: str) -> None:
         if dialect == "postgresql":  # SQLite does not enforce a VARCHAR's length
             # A longer VARCHAR rewrites neither the table nor its indexes.
             db.execute_sql(f"ALTER TABLE {table} ALTER COLUMN {column} TYPE VARCHAR({WIDTH})")
-        db.execute_sql(  # nosec B608 - names from the list above
-            f"UPDATE {table} SET {column} = 'k1:' || {column} WHERE {column} <> ''"  # noqa: S608
-        )
+        # Table and column names from the list above.
+        update = f"UPDATE {table} SET {column} = 'k1:' || {column} WHERE {column} <> ''"  # noqa: S608  # nosec B608
+        db.execute_sql(update)
