@@ -278,3 +278,30 @@ def test_audit_events_verify_under_the_key_they_name(database_url, tmp_path, clo
     missing = cli("audit", "verify", "--dev", env=as_env(without_old, database_url))
     assert missing.returncode == 1, missing.stdout + missing.stderr
     assert "audit key 'k1', which is not configured" in missing.stdout
+
+
+def test_rotate_keys_rederives_indexes_only_under_the_servers_index_key(
+    database_url, tmp_path, clock, secrets_seen, index_keys
+):
+    bound_before_rotation(database_url, tmp_path, clock, secrets_seen, index_keys)
+    before = {name: rows(database_url, f"SELECT * FROM {name}") for name in INDEX_COLUMNS}
+    env = as_env(index_keys["during"], database_url)
+
+    # No server has started with k2: it may be mistyped here, so nothing is re-derived.
+    unknown = cli("rotate-keys", "--dev", env=env)
+    assert unknown.returncode == 1, unknown.stdout + unknown.stderr
+    assert "index key 'k2' (active_index_key) has no recorded check value" in unknown.stderr
+    assert {name: rows(database_url, f"SELECT * FROM {name}") for name in INDEX_COLUMNS} == before
+
+    start_server(
+        database_url, phase(tmp_path, "with-k2"), clock, secrets_seen, **index_keys["during"]
+    ).stop()
+    # A server recorded k2's check value: another key under that id is refused.
+    mistyped = cli("rotate-keys", "--dev", env={**env, "PHONEBIND_INDEX_KEYS": f"k2:{key()}"})
+    assert mistyped.returncode == 2, mistyped.stdout + mistyped.stderr
+    assert "index_keys (key id k2) does not match the key" in mistyped.stderr
+    assert {name: rows(database_url, f"SELECT * FROM {name}") for name in INDEX_COLUMNS} == before
+
+    right = cli("rotate-keys", "--dev", env=env)
+    assert right.returncode == 0, right.stderr
+    assert set().union(*index_key_ids(database_url).values()) == {"k2"}
