@@ -558,11 +558,11 @@ def _check_sms(settings: Settings) -> None:
 
 # Settings that hold several keys, as "id:base64,…".
 _KEY_LIST_SETTINGS = ("seal_keys", *(f"{purpose}_keys" for purpose in ROTATING_KEYS))
+# The further keys by id, set only while a key rotates (deployments hand them
+# over as files then, like the other keys).
+ROTATION_KEY_SETTINGS: tuple[str, ...] = tuple(f"{purpose}_keys" for purpose in ROTATING_KEYS)
 # Settings that hold a secret: never printed, only said to be set.
-SECRET_SETTINGS: tuple[str, ...] = (
-    *DEV_KEYS,
-    *(f"{purpose}_keys" for purpose in ROTATING_KEYS),
-)
+SECRET_SETTINGS: tuple[str, ...] = (*DEV_KEYS, *ROTATION_KEY_SETTINGS)
 # Settings that may also be given as a file holding the value, as Kubernetes
 # Secrets and systemd credentials provide them: the variable PHONEBIND_NAME_FILE
 # or the key `name_file` of the file's [server] table. The database URL may
