@@ -12,6 +12,7 @@ import base64
 import os
 import subprocess
 import sys
+from datetime import timedelta
 
 import grpc
 import pytest
@@ -305,3 +306,39 @@ def test_rotate_keys_rederives_indexes_only_under_the_servers_index_key(
     right = cli("rotate-keys", "--dev", env=env)
     assert right.returncode == 0, right.stderr
     assert set().union(*index_key_ids(database_url).values()) == {"k2"}
+
+
+def test_codes_sent_to_a_number_count_against_its_cap_under_every_index_key(
+    database_url, tmp_path, clock, secrets_seen, index_keys
+):
+    cap = {"PHONEBIND_POLICY_SENDS_PER_NUMBER_HOUR": "2"}
+    running = start_server(
+        database_url, phase(tmp_path, "k1"), clock, secrets_seen, env=cap, **index_keys["before"]
+    )
+    try:
+        pb = running.api
+        pb.register("cap-1", PHONE_A)
+        rebind = pb.start("cap-1", PHONE_B)
+        pb.identity("cap-1", rebind.rebind_id)
+        pb.send("cap-1", rebind.rebind_id, NEW)
+        clock.advance(timedelta(seconds=61))
+        pb.send("cap-1", rebind.rebind_id, NEW)
+        running.snapshot()
+    finally:
+        running.stop()
+
+    running = start_server(
+        database_url, phase(tmp_path, "k2"), clock, secrets_seen, env=cap, **index_keys["during"]
+    )
+    try:
+        pb = running.api
+        # A new rebind indexes PHONE_B under k2; its two codes went out under k1.
+        rebind = pb.start("cap-1", PHONE_B)
+        pb.identity("cap-1", rebind.rebind_id)
+        assert refused_reason(lambda: pb.send("cap-1", rebind.rebind_id, NEW)) == "RATE_LIMITED"
+    finally:
+        running.stop()
+    [(new_index,)] = rows(
+        database_url, "SELECT new_phone_index FROM rebinds WHERE rebind_id = ?", rebind.rebind_id
+    )
+    assert new_index.startswith("k2:")
